@@ -1,0 +1,188 @@
+//! `doctor`: what this machine has for each engine and backend, and how to get what is missing.
+//! It only looks; it changes nothing.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+use serde::Serialize;
+
+use crate::cgroup::{CgroupLayout, Version};
+use crate::engine::{install_command, EngineKind};
+use crate::envfile::Vars;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+    /// What to run or change when not ok.
+    pub fix: Option<String>,
+}
+
+pub fn run(vars: &Vars) -> Vec<Check> {
+    let mut checks: Vec<Check> = EngineKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let engine = kind.engine();
+            match engine.locate(vars) {
+                Ok(b) => Check {
+                    name: kind.to_string(),
+                    ok: true,
+                    detail: format!("{} {}", b.server.display(), b.version),
+                    fix: None,
+                },
+                Err(detail) => Check {
+                    name: kind.to_string(),
+                    ok: false,
+                    detail,
+                    fix: Some(
+                        install_command(engine)
+                            .unwrap_or_else(|| format!("install {kind} with your package manager")),
+                    ),
+                },
+            }
+        })
+        .collect();
+    checks.push(docker(vars));
+    checks.push(namespaces());
+    checks.push(cgroups());
+    checks.push(ssh());
+    checks
+}
+
+fn docker(vars: &Vars) -> Check {
+    let host = vars
+        .get("DOCKER_HOST")
+        .unwrap_or("unix:///var/run/docker.sock");
+    let answer = match host.strip_prefix("unix://") {
+        Some(path) => UnixStream::connect(path).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok(reply)
+        }),
+        None => Err(std::io::Error::other(format!(
+            "only unix:// hosts are checked here, DOCKER_HOST={host}"
+        ))),
+    };
+    match answer {
+        Ok(reply) if reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200") => Check {
+            name: "docker".into(),
+            ok: true,
+            detail: format!("daemon answers at {host}"),
+            fix: None,
+        },
+        other => Check {
+            name: "docker".into(),
+            ok: false,
+            detail: format!(
+                "no daemon at {host}: {}",
+                other.map_or_else(|e| e.to_string(), |r| r.lines().next().unwrap_or_default().to_owned())
+            ),
+            fix: Some("start the Docker daemon (e.g. `systemctl start docker` or `dockerd &`), or set DOCKER_HOST".into()),
+        },
+    }
+}
+
+/// Really creates the namespaces the sandbox uses, in a throwaway child.
+fn namespaces() -> Check {
+    let root = nix::unistd::geteuid().is_root();
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    if !root {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    let mut cmd = Command::new("true");
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: unshare is a plain syscall; the child execs right after.
+    unsafe {
+        cmd.pre_exec(move || nix::sched::unshare(flags).map_err(std::io::Error::from));
+    }
+    let result = cmd.status();
+    let ok = matches!(result, Ok(s) if s.success());
+    Check {
+        name: "namespaces".into(),
+        ok,
+        detail: match (&result, ok) {
+            (_, true) if root => "mount, pid, net, ipc, uts and cgroup namespaces can be created (root)".into(),
+            (_, true) => "namespaces can be created through a user namespace (rootless)".into(),
+            (Err(e), _) => format!("cannot test: {e}"),
+            (Ok(_), false) => "unshare was refused".into(),
+        },
+        fix: (!ok).then(|| {
+            if root {
+                "run on a kernel with namespaces enabled (in a container: --privileged or a seccomp profile allowing unshare)".into()
+            } else {
+                "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 or user.max_user_namespaces>0), or run as root".into()
+            }
+        }),
+    }
+}
+
+fn cgroups() -> Check {
+    match CgroupLayout::detect() {
+        Ok(layout) => {
+            let version = match layout.version {
+                Version::V1 => "v1",
+                Version::Hybrid => "hybrid (v1 controllers + cgroup2)",
+                Version::V2 => "v2",
+                Version::None => "none",
+            };
+            let controllers = layout.controllers().join(",");
+            let ok = layout.version != Version::None;
+            Check {
+                name: "cgroups".into(),
+                ok,
+                detail: if controllers.is_empty() {
+                    version.to_string()
+                } else {
+                    format!("{version}; v1 controllers: {controllers}")
+                },
+                fix: (!ok)
+                    .then(|| "mount cgroups (memory, cpu, pids) to enforce sandbox limits".into()),
+            }
+        }
+        Err(e) => Check {
+            name: "cgroups".into(),
+            ok: false,
+            detail: format!("cannot read /proc/self/mountinfo: {e}"),
+            fix: Some("run on Linux with /proc mounted".into()),
+        },
+    }
+}
+
+fn ssh() -> Check {
+    match which::which("ssh") {
+        Ok(path) => {
+            let version = Command::new(&path)
+                .arg("-V")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+                .unwrap_or_default();
+            Check {
+                name: "ssh".into(),
+                ok: true,
+                detail: format!("{} {version}", path.display()),
+                fix: None,
+            }
+        }
+        Err(_) => Check {
+            name: "ssh".into(),
+            ok: false,
+            detail: "ssh client not found (needed for the development VM tunnel)".into(),
+            fix: Some(crate::engine::PackageManager::detect().map_or_else(
+                || "install an OpenSSH client".into(),
+                |pm| pm.install_command("openssh-client"),
+            )),
+        },
+    }
+}

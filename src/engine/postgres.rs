@@ -1,0 +1,184 @@
+//! PostgreSQL: `initdb` once per version (cached), the `postgres` binary launched directly,
+//! readiness by a real login over the private Unix socket.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::{
+    find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind, PackageManager,
+    Probe,
+};
+use crate::envfile::Vars;
+use crate::process::{Launch, ServiceUser};
+use crate::secret::{write_private, Secret};
+use crate::state::Layout;
+
+pub struct Postgres;
+
+const SUPERUSER: &str = "postgres";
+
+impl Engine for Postgres {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Postgres
+    }
+
+    fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
+        let dir = find_together(
+            "ISOENV_POSTGRES_BIN_DIR",
+            vars,
+            &["postgres", "initdb"],
+            &[
+                "/usr/lib/postgresql/*/bin",
+                "/usr/pgsql-*/bin",
+                "/usr/local/pgsql/bin",
+                "/opt/homebrew/opt/postgresql@*/bin",
+                "/usr/local/opt/postgresql@*/bin",
+            ],
+        )?;
+        let server = dir.join("postgres");
+        // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+        let version = version_of(&server, |t| t.split_whitespace().nth(2).map(str::to_owned))?;
+        Ok(Binaries {
+            server,
+            init: Some(dir.join("initdb")),
+            version,
+        })
+    }
+
+    fn credentials(&self, password: Secret) -> Credentials {
+        Credentials {
+            user: SUPERUSER.into(),
+            password,
+            database: "postgres".into(),
+        }
+    }
+
+    /// Local (Unix socket) logins are trusted: the socket lives in the environment's private
+    /// `run/` directory (0700, the service user's). TCP demands the password, which is set per
+    /// environment after the first start, so the cached cluster holds no secret.
+    fn init(&self, bins: &Binaries, data: &Path) -> Option<Launch> {
+        let initdb = bins.init.as_ref()?;
+        Some(
+            Launch::new(initdb)
+                .arg("-D")
+                .arg(data)
+                .arg(format!("--username={SUPERUSER}"))
+                .arg("--auth-local=trust")
+                .arg("--auth-host=scram-sha-256")
+                .arg("--encoding=UTF8")
+                .arg("--locale=C.UTF-8")
+                .arg("--no-sync")
+                .arg("--no-instructions"),
+        )
+    }
+
+    fn configure(
+        &self,
+        layout: &Layout,
+        port: u16,
+        creds: &Credentials,
+        _user: &ServiceUser,
+    ) -> io::Result<()> {
+        let pw = creds.password.expose();
+        let lines = format!(
+            "127.0.0.1:{port}:*:{}:{pw}\nlocalhost:{port}:*:{}:{pw}\n",
+            creds.user, creds.user
+        );
+        write_private(&pgpass(layout), lines.as_bytes())
+    }
+
+    fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch {
+        Launch::new(&bins.server)
+            .arg("-D")
+            .arg(&layout.data)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-c")
+            .arg("listen_addresses=127.0.0.1")
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", layout.run.display()))
+    }
+
+    fn probe(&self, endpoint: &Endpoint, _creds: &Credentials) -> Probe {
+        match connect(endpoint) {
+            Ok(mut client) => match client.simple_query("SELECT 1") {
+                Ok(_) => Probe::Ready,
+                Err(e) => Probe::NotYet(e.to_string()),
+            },
+            Err(e) => match e.code() {
+                Some(code) if *code == postgres::error::SqlState::CANNOT_CONNECT_NOW => {
+                    Probe::NotYet(e.to_string())
+                }
+                Some(_) => Probe::Failed(e.to_string()),
+                None => Probe::NotYet(e.to_string()),
+            },
+        }
+    }
+
+    fn after_create(&self, endpoint: &Endpoint, creds: &Credentials) -> Result<(), String> {
+        let mut client = connect(endpoint).map_err(|e| e.to_string())?;
+        // Generated passwords are alphanumeric, so the literal needs no escaping.
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE {} PASSWORD '{}'",
+                creds.user,
+                creds.password.expose()
+            ))
+            .map_err(|e| format!("cannot set the password: {e}"))
+    }
+
+    fn stale_files(&self, layout: &Layout, port: u16) -> Vec<PathBuf> {
+        vec![
+            layout.data.join("postmaster.pid"),
+            layout.run.join(format!(".s.PGSQL.{port}.lock")),
+        ]
+    }
+
+    /// SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, checkpoint, exit.
+    fn stop_signal(&self) -> Signal {
+        Signal::SIGINT
+    }
+
+    fn native_exports(
+        &self,
+        endpoint: &Endpoint,
+        creds: &Credentials,
+        layout: &Layout,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("PGHOST", endpoint.host.clone()),
+            ("PGPORT", endpoint.port.to_string()),
+            ("PGUSER", creds.user.clone()),
+            ("PGDATABASE", creds.database.clone()),
+            ("PGPASSFILE", pgpass(layout).display().to_string()),
+        ]
+    }
+
+    fn packages(&self) -> &'static [(PackageManager, &'static str)] {
+        &[
+            (PackageManager::Apt, "postgresql"),
+            (PackageManager::Dnf, "postgresql-server"),
+            (PackageManager::Apk, "postgresql"),
+            (PackageManager::Pacman, "postgresql"),
+            (PackageManager::Brew, "postgresql@16"),
+        ]
+    }
+}
+
+fn pgpass(layout: &Layout) -> PathBuf {
+    layout.dir.join("pgpass")
+}
+
+/// A superuser session over the environment's Unix socket (trusted; see [`Postgres::init`]).
+fn connect(endpoint: &Endpoint) -> Result<postgres::Client, postgres::Error> {
+    postgres::Config::new()
+        .host_path(&endpoint.socket_dir)
+        .port(endpoint.port)
+        .user(SUPERUSER)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2))
+        .connect(postgres::NoTls)
+}

@@ -1,0 +1,134 @@
+//! Redis: no initialization, a private config file with `requirepass`, readiness by
+//! `AUTH` + `PING`.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{
+    find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind, PackageManager,
+    Probe,
+};
+use crate::envfile::Vars;
+use crate::process::{Launch, ServiceUser};
+use crate::secret::{write_private, Secret};
+use crate::state::Layout;
+
+pub struct Redis;
+
+impl Engine for Redis {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Redis
+    }
+
+    fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
+        let dir = find_together(
+            "ISOENV_REDIS_BIN_DIR",
+            vars,
+            &["redis-server"],
+            &["/usr/sbin", "/usr/local/bin", "/opt/homebrew/bin"],
+        )?;
+        let server = dir.join("redis-server");
+        // "Redis server v=7.0.15 sha=..."
+        let version = version_of(&server, |t| {
+            t.split_whitespace()
+                .find_map(|w| w.strip_prefix("v="))
+                .map(str::to_owned)
+        })?;
+        Ok(Binaries {
+            server,
+            init: None,
+            version,
+        })
+    }
+
+    fn credentials(&self, password: Secret) -> Credentials {
+        Credentials {
+            user: "default".into(),
+            password,
+            database: "0".into(),
+        }
+    }
+
+    fn init(&self, _bins: &Binaries, _data: &Path) -> Option<Launch> {
+        None
+    }
+
+    /// Clients forwarded to loopback would all pass protected mode, so a password is always set.
+    fn configure(
+        &self,
+        layout: &Layout,
+        port: u16,
+        creds: &Credentials,
+        user: &ServiceUser,
+    ) -> io::Result<()> {
+        let conf = format!(
+            "bind 127.0.0.1\nport {port}\nprotected-mode yes\nrequirepass {}\n\
+             dir {}\ndbfilename dump.rdb\nsave 3600 1 300 100 60 10000\nappendonly no\n\
+             unixsocket {}\nunixsocketperm 700\ndaemonize no\nlogfile \"\"\n",
+            creds.password.expose(),
+            layout.data.display(),
+            socket(layout).display(),
+        );
+        let path = config(layout);
+        write_private(&path, conf.as_bytes())?;
+        user.chown(&path)
+    }
+
+    fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch {
+        Launch::new(&bins.server)
+            .arg(config(layout))
+            .arg("--port")
+            .arg(port.to_string())
+    }
+
+    fn probe(&self, endpoint: &Endpoint, creds: &Credentials) -> Probe {
+        let stream = match TcpStream::connect((endpoint.host.as_str(), endpoint.port)) {
+            Ok(s) => s,
+            Err(e) => return Probe::NotYet(e.to_string()),
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut writer = &stream;
+        let request = format!("AUTH {}\r\nPING\r\n", creds.password.expose());
+        if let Err(e) = writer.write_all(request.as_bytes()) {
+            return Probe::NotYet(e.to_string());
+        }
+        let mut lines = BufReader::new(&stream).lines();
+        let mut next = || lines.next().and_then(Result::ok).unwrap_or_default();
+        match (next().as_str(), next().as_str()) {
+            ("+OK", "+PONG") => Probe::Ready,
+            (auth, _) if auth.starts_with("-LOADING") => Probe::NotYet(auth.to_owned()),
+            ("+OK", ping) if ping.starts_with("-LOADING") => Probe::NotYet(ping.to_owned()),
+            (auth, _) if auth.starts_with('-') => Probe::Failed(auth.to_owned()),
+            (auth, ping) => Probe::NotYet(format!("unexpected reply `{auth}` `{ping}`")),
+        }
+    }
+
+    fn native_exports(
+        &self,
+        _endpoint: &Endpoint,
+        creds: &Credentials,
+        _layout: &Layout,
+    ) -> Vec<(&'static str, String)> {
+        vec![("REDISCLI_AUTH", creds.password.expose().to_owned())]
+    }
+
+    fn packages(&self) -> &'static [(PackageManager, &'static str)] {
+        &[
+            (PackageManager::Apt, "redis-server"),
+            (PackageManager::Dnf, "redis"),
+            (PackageManager::Apk, "redis"),
+            (PackageManager::Pacman, "redis"),
+            (PackageManager::Brew, "redis"),
+        ]
+    }
+}
+
+fn config(layout: &Layout) -> PathBuf {
+    layout.dir.join("redis.conf")
+}
+
+fn socket(layout: &Layout) -> PathBuf {
+    layout.run.join("redis.sock")
+}

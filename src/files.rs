@@ -1,0 +1,85 @@
+//! File-tree helpers: copying an initialized data directory and handing trees to the service
+//! user.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+
+use crate::process::ServiceUser;
+
+/// Copies `src` to `dst` (which must not exist) keeping modes and symlinks, owned by `owner`.
+pub fn copy_tree(src: &Path, dst: &Path, owner: &ServiceUser) -> io::Result<()> {
+    let meta = fs::symlink_metadata(src)?;
+    if meta.file_type().is_symlink() {
+        symlink(fs::read_link(src)?, dst)?;
+    } else if meta.is_dir() {
+        fs::create_dir(dst)?;
+        for entry in fs::read_dir(src)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &dst.join(entry.file_name()), owner)?;
+        }
+        fs::set_permissions(dst, fs::Permissions::from_mode(meta.permissions().mode()))?;
+    } else {
+        fs::copy(src, dst)?;
+    }
+    owner.chown(dst)
+}
+
+/// Changes the owner of every entry under `path` (symlinks themselves, not their targets).
+pub fn chown_tree(path: &Path, owner: &ServiceUser) -> io::Result<()> {
+    if !owner.switch {
+        return Ok(());
+    }
+    owner.chown(path)?;
+    if fs::symlink_metadata(path)?.is_dir() {
+        for entry in fs::read_dir(path)? {
+            chown_tree(&entry?.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// Removes a tree if present.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_keeps_modes_and_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("sub/f"), "data").unwrap();
+        set_mode(&src.join("sub"), 0o700).unwrap();
+        symlink("sub/f", src.join("link")).unwrap();
+        let me = ServiceUser {
+            name: "me".into(),
+            uid: 0,
+            gid: 0,
+            switch: false,
+        };
+        copy_tree(&src, &tmp.path().join("dst"), &me).unwrap();
+        let dst = tmp.path().join("dst");
+        assert_eq!(fs::read_to_string(dst.join("link")).unwrap(), "data");
+        assert!(fs::symlink_metadata(dst.join("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            fs::metadata(dst.join("sub")).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! isoenv: isolated, real databases (PostgreSQL, MariaDB/MySQL, Redis) on demand for a
+//! repository, driven by one `.env`.
+//!
+//! - [`config`]: the environment configuration (development, staging, production).
+//! - [`engine`]: what each database needs to be initialized, started, probed and stopped.
+//! - [`backend`]: how a server is isolated.
+//! - [`state`]: what is recorded about each environment.
+//! - [`workflow`]: create/start/stop/destroy/list and `up`/`down`, composed from the above.
+
+pub mod activate;
+pub mod backend;
+pub mod cgroup;
+pub mod config;
+pub mod doctor;
+pub mod engine;
+pub mod envfile;
+pub mod error;
+pub mod files;
+pub mod net;
+pub mod process;
+pub mod secret;
+pub mod shell;
+pub mod state;
+pub mod workflow;
+
+pub use config::{DatabaseConfig, Environment, EnvironmentConfig, Problem};
+pub use envfile::{EnvFile, Vars};
+pub use error::{Error, Result};

@@ -1,0 +1,282 @@
+//! Server processes: the unprivileged user they run as, detached spawning, identity that survives
+//! pid reuse, and graceful stop.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::{Pid, User};
+use serde::{Deserialize, Serialize};
+
+/// The user a server runs as. As root it is never root (PostgreSQL refuses it, and a database
+/// needs no privileges): `ISOENV_SERVICE_USER`, else the invoking `SUDO_USER`, else `nobody`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Whether processes must switch to this user (we are root).
+    pub switch: bool,
+}
+
+impl ServiceUser {
+    pub fn resolve(requested: Option<&str>) -> Result<Self, String> {
+        let euid = nix::unistd::geteuid();
+        if !euid.is_root() {
+            let user = User::from_uid(euid).ok().flatten();
+            return Ok(ServiceUser {
+                name: user.map_or_else(|| euid.to_string(), |u| u.name),
+                uid: euid.as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+                switch: false,
+            });
+        }
+        let name = requested
+            .map(str::to_owned)
+            .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
+            .unwrap_or_else(|| "nobody".into());
+        match User::from_name(&name) {
+            Ok(Some(u)) if !u.uid.is_root() => Ok(ServiceUser {
+                name,
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+                switch: true,
+            }),
+            Ok(Some(_)) => Err(format!(
+                "service user `{name}` is root; servers must run unprivileged (set ISOENV_SERVICE_USER to another user)"
+            )),
+            _ => Err(format!(
+                "service user `{name}` does not exist (create it, or set ISOENV_SERVICE_USER to an existing unprivileged user)"
+            )),
+        }
+    }
+
+    /// Makes `cmd` run as this user (with no supplementary groups, as std does when root).
+    pub fn apply(&self, cmd: &mut Command) {
+        if self.switch {
+            cmd.uid(self.uid).gid(self.gid);
+        }
+    }
+
+    pub fn chown(&self, path: &Path) -> io::Result<()> {
+        if self.switch {
+            std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))?;
+        }
+        Ok(())
+    }
+}
+
+/// A program with arguments, kept as data so that decisions about it are testable and so that
+/// each backend can run it its own way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl Launch {
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Launch {
+            program: program.into(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        cmd
+    }
+
+    /// Runs to completion as `user`; on failure the error carries the output's tail.
+    pub fn run(&self, user: &ServiceUser, cwd: &Path) -> Result<(), String> {
+        let mut cmd = self.command();
+        user.apply(&mut cmd);
+        let out = cmd
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .env_remove("PGPASSWORD")
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.program.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stdout));
+        Err(format!(
+            "{} failed ({}):\n{}",
+            self.program.display(),
+            out.status,
+            tail(&text, 20)
+        ))
+    }
+
+    /// Starts the program in its own session (so a terminal's Ctrl-C does not reach it) with
+    /// output appended to `log`, and returns without waiting: the server outlives this process.
+    pub fn spawn_detached(
+        &self,
+        user: &ServiceUser,
+        cwd: &Path,
+        log: &Path,
+    ) -> io::Result<ProcessId> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let mut cmd = self.command();
+        user.apply(&mut cmd);
+        cmd.current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: setsid is async-signal-safe and touches no state of the parent.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
+        let child = cmd.spawn()?;
+        ProcessId::of(child.id() as i32)
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A process identified by pid and kernel start time, so a recycled pid is never mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: i32,
+    /// Field 22 of `/proc/PID/stat`: clock ticks after boot.
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    pub fn of(pid: i32) -> io::Result<Self> {
+        let stat =
+            read_stat(pid)?.ok_or_else(|| io::Error::other(format!("process {pid} vanished")))?;
+        Ok(ProcessId {
+            pid,
+            start_time: stat.start_time,
+        })
+    }
+
+    /// Alive and still the same process (a zombie counts as dead).
+    pub fn is_alive(&self) -> bool {
+        reap(self.pid);
+        matches!(read_stat(self.pid), Ok(Some(s)) if s.start_time == self.start_time && s.state != 'Z')
+    }
+
+    pub fn signal(&self, signal: Signal) -> bool {
+        self.is_alive() && kill(Pid::from_raw(self.pid), signal).is_ok()
+    }
+
+    /// Sends `signal`, waits up to `grace` for exit, then SIGKILLs. Returns whether it needed
+    /// SIGKILL.
+    pub fn stop(&self, signal: Signal, grace: Duration) -> bool {
+        if !self.signal(signal) {
+            return false;
+        }
+        if self.wait_exit(grace) {
+            return false;
+        }
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(10));
+        true
+    }
+
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.is_alive() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            sleep(Duration::from_millis(2));
+        }
+        true
+    }
+}
+
+/// Collects the exit status if `pid` is our own child (a no-op otherwise), so that a server we
+/// spawned in this process does not linger as a zombie.
+fn reap(pid: i32) {
+    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}
+
+struct Stat {
+    state: char,
+    start_time: u64,
+}
+
+fn read_stat(pid: i32) -> io::Result<Option<Stat>> {
+    let text = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(parse_stat(&text))
+}
+
+/// The command name (field 2) may contain spaces and parentheses, so fields are counted after
+/// the last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing_survives_odd_command_names() {
+        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 777 1000 10";
+        let s = parse_stat(line).unwrap();
+        assert_eq!((s.state, s.start_time), ('S', 777));
+    }
+
+    #[test]
+    fn identity_detects_exit_and_pid_reuse() {
+        let me = ProcessId::of(std::process::id() as i32).unwrap();
+        assert!(me.is_alive());
+        let recycled = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!recycled.is_alive());
+
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let id = ProcessId::of(child.id() as i32).unwrap();
+        assert!(id.is_alive());
+        assert!(!id.stop(Signal::SIGTERM, Duration::from_secs(5)));
+        assert!(!id.is_alive());
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn stop_escalates_to_sigkill() {
+        let mut child = Command::new("bash")
+            .args(["-c", "trap '' TERM; sleep 30"])
+            .spawn()
+            .unwrap();
+        let id = ProcessId::of(child.id() as i32).unwrap();
+        sleep(Duration::from_millis(100));
+        assert!(id.stop(Signal::SIGTERM, Duration::from_millis(200)));
+        assert!(!id.is_alive());
+        let _ = child.wait();
+    }
+}

@@ -1,0 +1,908 @@
+//! Workflows: create, start, stop, destroy, list and `up`/`down`, composed from engines
+//! (what runs), backends (where it runs) and state (what is recorded). The decisions (which plan,
+//! what is allowed where, what a status means) are pure functions tested on their own.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::activate;
+use crate::backend::BackendKind;
+use crate::config::{
+    ConfigSource, DatabaseConfig, Environment, EnvironmentConfig, SslMode, ACTIVE_ENGINE,
+    ACTIVE_MARKER,
+};
+use crate::engine::{self, Binaries, Credentials, Endpoint, Engine, EngineKind, Probe};
+use crate::envfile::Vars;
+use crate::error::{Error, IoContext, Result};
+use crate::files::{chown_tree, copy_tree, remove_tree, set_mode};
+use crate::net;
+use crate::process::{tail, ProcessId, ServiceUser};
+use crate::secret::{write_private, Secret};
+use crate::state::{validate_name, EnvState, Layout, Lock, LockError, Status, SCHEMA};
+
+/// How long a server may take to accept connections before `create`/`start` give up.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a graceful stop may take before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// The environment `cargo xtask db up` brings up in development.
+pub const DEFAULT_ENV: &str = "dev";
+
+/// What a command does to environments, for the production guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Read,
+    Create,
+    Start,
+    Stop,
+    Destroy,
+}
+
+/// Production is guarded: isoenv only ever reads there.
+pub fn allowed(environment: Environment, action: Action) -> bool {
+    environment != Environment::Production || action == Action::Read
+}
+
+/// What `db up` does in each environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpPlan {
+    /// The embedded default: a local server in the default environment.
+    Local {
+        name: &'static str,
+        engine: EngineKind,
+        backend: BackendKind,
+    },
+    /// Development with `DB_VM_SSH_ENABLED=true`: a tunnel to the VM's database.
+    Tunnel,
+    /// Staging: per-run containers.
+    Containers,
+    /// Production: verify the configured database, change nothing.
+    VerifyProduction,
+}
+
+pub fn plan_up(config: &EnvironmentConfig) -> UpPlan {
+    match config.environment() {
+        Environment::Development if config.database_config().ssh_tunnel.is_some() => UpPlan::Tunnel,
+        Environment::Development => UpPlan::Local {
+            name: DEFAULT_ENV,
+            engine: EngineKind::Postgres,
+            backend: BackendKind::Lightweight,
+        },
+        Environment::Staging => UpPlan::Containers,
+        Environment::Production => UpPlan::VerifyProduction,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub name: String,
+    pub engine: EngineKind,
+    pub backend: BackendKind,
+    pub port: Option<u16>,
+    /// Run the real server (false: env-only, variables and activate script only).
+    pub service: bool,
+    /// Install a missing engine with the system package manager.
+    pub install: bool,
+}
+
+/// One environment as commands show it. No secrets.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvInfo {
+    pub name: String,
+    pub engine: EngineKind,
+    pub backend: BackendKind,
+    pub status: Status,
+    pub host: String,
+    pub port: u16,
+    pub pid: Option<i32>,
+    pub dir: PathBuf,
+    pub version: String,
+    /// The connection URL without the password.
+    pub url: String,
+    pub activate: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum UpOutcome {
+    Created(EnvInfo),
+    Started(EnvInfo),
+    AlreadyUp(EnvInfo),
+}
+
+/// The stored login of an environment (0600).
+#[derive(Serialize, Deserialize)]
+struct StoredCredentials {
+    user: String,
+    password: String,
+    database: String,
+}
+
+/// A state root and what is needed to act on it.
+pub struct Workspace {
+    root: PathBuf,
+    cache: PathBuf,
+    environment: Environment,
+    vars: Vars,
+    user: std::result::Result<ServiceUser, String>,
+}
+
+impl Workspace {
+    pub fn new(config: &EnvironmentConfig, vars: Vars) -> Self {
+        let root = config.sandbox().dir.clone();
+        let cache = vars
+            .get("ISOENV_CACHE_DIR")
+            .map_or_else(|| root.join(".cache"), PathBuf::from);
+        let user = ServiceUser::resolve(vars.get("ISOENV_SERVICE_USER"));
+        Workspace {
+            root,
+            cache,
+            environment: config.environment(),
+            vars,
+            user,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn layout(&self, name: &str) -> Layout {
+        Layout::new(self.root.join(name))
+    }
+
+    fn user(&self) -> Result<&ServiceUser> {
+        self.user
+            .as_ref()
+            .map_err(|e| Error::Unsupported(e.clone()))
+    }
+
+    fn guard(&self, action: Action, what: &str) -> Result<()> {
+        if allowed(self.environment, action) {
+            Ok(())
+        } else {
+            Err(Error::Production {
+                action: what.into(),
+                environment: self.environment,
+            })
+        }
+    }
+
+    fn lock(&self, name: &str) -> Result<Lock> {
+        Lock::try_acquire(self.root.join(".locks").join(format!("{name}.lock"))).map_err(
+            |e| match e {
+                LockError::Busy => Error::Busy { name: name.into() },
+                LockError::Io(source) => Error::Io {
+                    context: format!(
+                        "cannot lock environment `{name}` in {}",
+                        self.root.display()
+                    ),
+                    source,
+                },
+            },
+        )
+    }
+
+    /// Validates the name, takes the lock and loads the record of an existing environment.
+    fn open_locked(&self, name: &str) -> Result<(Layout, Lock, EnvState)> {
+        check_name(name)?;
+        let layout = self.layout(name);
+        let lock = self.lock(name)?;
+        let state = self.load(name, &layout)?;
+        Ok((layout, lock, state))
+    }
+
+    fn load(&self, name: &str, layout: &Layout) -> Result<EnvState> {
+        EnvState::load(layout)
+            .context(|| format!("cannot read the state of environment `{name}`"))?
+            .ok_or_else(|| Error::NotFound {
+                name: name.into(),
+                root: self.root.clone(),
+            })
+    }
+
+    pub fn create(&self, opts: &CreateOptions, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
+        self.guard(Action::Create, "create an environment")?;
+        check_name(&opts.name)?;
+        let layout = self.layout(&opts.name);
+        let env_err = |message: String| Error::Env {
+            name: opts.name.clone(),
+            message,
+        };
+        layout.check_socket_room().map_err(env_err)?;
+        let user = self.user()?;
+        self.make_root(user)?;
+        let _lock = self.lock(&opts.name)?;
+        if fs::symlink_metadata(&layout.dir).is_ok() {
+            return Err(Error::Exists {
+                name: opts.name.clone(),
+                dir: layout.dir.clone(),
+            });
+        }
+        let engine = opts.engine.engine();
+        let port = match opts.port {
+            Some(p) if net::is_taken(p) => return Err(Error::PortTaken { port: p }),
+            Some(p) => p,
+            None => net::free_port().context(|| "cannot find a free port on 127.0.0.1".into())?,
+        };
+        let bins = match opts.service {
+            true => Some(self.binaries(engine, opts.install, progress)?),
+            false => None,
+        };
+        let template = match &bins {
+            Some(b) => self.template(engine, b, progress)?,
+            None => None,
+        };
+
+        // From here on, anything that fails removes what was made.
+        let mut cleanup = Cleanup {
+            dir: Some(layout.dir.clone()),
+            process: None,
+        };
+        let creds = engine.credentials(Secret::generate());
+        self.build(&layout, template.as_deref(), engine, port, &creds, user)
+            .context(|| {
+                format!(
+                    "cannot set up environment `{}` in {}",
+                    opts.name,
+                    layout.dir.display()
+                )
+            })?;
+        let mut state = EnvState {
+            schema: SCHEMA,
+            name: opts.name.clone(),
+            engine: opts.engine,
+            backend: opts.backend,
+            engine_version: bins.as_ref().map(|b| b.version.clone()).unwrap_or_default(),
+            host: net::LOOPBACK.to_string(),
+            port,
+            service: opts.service,
+            process: None,
+            created_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        if let Some(bins) = &bins {
+            progress(&format!(
+                "starting {} {} on 127.0.0.1:{port}",
+                engine.kind(),
+                bins.version
+            ));
+            let pid = self.run_server(&state, bins, &layout, &creds)?;
+            cleanup.process = Some((pid, engine.stop_signal()));
+            state.process = Some(pid);
+            engine
+                .after_create(&endpoint(&state, &layout), &creds)
+                .map_err(env_err)?;
+        }
+        state
+            .save(&layout)
+            .context(|| format!("cannot write {}", layout.state_file().display()))?;
+        cleanup.disarm();
+        Ok(self.info(&state, &layout))
+    }
+
+    /// Makes the environment's files: data (from the cached template), run, log, config,
+    /// credentials and the activate script.
+    fn build(
+        &self,
+        layout: &Layout,
+        template: Option<&Path>,
+        engine: &dyn Engine,
+        port: u16,
+        creds: &Credentials,
+        user: &ServiceUser,
+    ) -> std::io::Result<()> {
+        fs::create_dir(&layout.dir)?;
+        for dir in [&layout.bin, layout.log.parent().unwrap_or(&layout.dir)] {
+            fs::create_dir_all(dir)?;
+        }
+        match template {
+            Some(t) => copy_tree(t, &layout.data, user)?,
+            None => {
+                fs::create_dir(&layout.data)?;
+                set_mode(&layout.data, 0o700)?;
+                user.chown(&layout.data)?;
+            }
+        }
+        fs::create_dir(&layout.run)?;
+        set_mode(&layout.run, 0o700)?;
+        user.chown(&layout.run)?;
+        engine.configure(layout, port, creds, user)?;
+        let stored = StoredCredentials {
+            user: creds.user.clone(),
+            password: creds.password.expose().to_owned(),
+            database: creds.database.clone(),
+        };
+        write_private(&layout.credentials_file(), &serde_json::to_vec(&stored)?)?;
+        let name = layout.dir.file_name().unwrap_or_default().to_string_lossy();
+        let exports = exports(&name, engine, port, creds, layout);
+        write_private(
+            &layout.activate(),
+            activate::script(&name, &exports).as_bytes(),
+        )
+    }
+
+    pub fn start(&self, name: &str, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
+        self.guard(Action::Start, "start an environment")?;
+        let (layout, _lock, mut state) = self.open_locked(name)?;
+        match state.status(ProcessId::is_alive) {
+            Status::Running => return Ok(self.info(&state, &layout)),
+            Status::EnvOnly => {
+                return Err(Error::Env {
+                    name: name.into(),
+                    message: "it is env-only (created with --no-service): there is no server to start; destroy and create it without --no-service".into(),
+                })
+            }
+            Status::Stopped | Status::Crashed => {}
+        }
+        if net::is_taken(state.port) {
+            return Err(Error::Env {
+                name: name.into(),
+                message: format!("its port {} on 127.0.0.1 is now used by another program; stop that program, or destroy and recreate the environment", state.port),
+            });
+        }
+        let engine = state.engine.engine();
+        let bins = self.binaries(engine, false, progress)?;
+        // The recorded server is dead, so what it left behind is stale.
+        for stale in engine.stale_files(&layout, state.port) {
+            let _ = fs::remove_file(stale);
+        }
+        progress(&format!(
+            "starting {} {} on 127.0.0.1:{}",
+            engine.kind(),
+            bins.version,
+            state.port
+        ));
+        let creds = read_credentials(&layout)?;
+        let pid = self.run_server(&state, &bins, &layout, &creds)?;
+        state.process = Some(pid);
+        state
+            .save(&layout)
+            .context(|| format!("cannot write {}", layout.state_file().display()))?;
+        Ok(self.info(&state, &layout))
+    }
+
+    /// Spawns the server through the environment's backend and waits until it answers. On
+    /// failure the process is gone and the error carries the log's tail.
+    fn run_server(
+        &self,
+        state: &EnvState,
+        bins: &Binaries,
+        layout: &Layout,
+        creds: &Credentials,
+    ) -> Result<ProcessId> {
+        let engine = state.engine.engine();
+        let launch = engine.launch(bins, layout, state.port);
+        let pid = state
+            .backend
+            .backend()
+            .spawn(&launch, layout, self.user()?)
+            .context(|| format!("cannot start {}", launch.program.display()))?;
+        let ep = endpoint(state, layout);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let failure = loop {
+            match engine.probe(&ep, creds) {
+                Probe::Ready => return Ok(pid),
+                Probe::Failed(m) => {
+                    break format!("{} answered but is not usable: {m}", engine.kind())
+                }
+                Probe::NotYet(m) if !pid.is_alive() => {
+                    break format!("{} exited during start-up ({m})", engine.kind())
+                }
+                Probe::NotYet(m) if Instant::now() > deadline => {
+                    break format!(
+                        "{} did not accept connections within {}s ({m})",
+                        engine.kind(),
+                        READY_TIMEOUT.as_secs()
+                    )
+                }
+                Probe::NotYet(_) => sleep(Duration::from_millis(3)),
+            }
+        };
+        pid.stop(Signal::SIGKILL, Duration::from_secs(5));
+        let log = fs::read_to_string(&layout.log).unwrap_or_default();
+        Err(Error::Env {
+            name: state.name.clone(),
+            message: format!(
+                "{failure}\n--- last lines of {} ---\n{}",
+                layout.log.display(),
+                tail(&log, 15)
+            ),
+        })
+    }
+
+    pub fn stop(&self, name: &str) -> Result<EnvInfo> {
+        self.guard(Action::Stop, "stop an environment")?;
+        let (layout, _lock, mut state) = self.open_locked(name)?;
+        if let Some(pid) = state.process.take() {
+            pid.stop(state.engine.engine().stop_signal(), STOP_GRACE);
+            state
+                .save(&layout)
+                .context(|| format!("cannot write {}", layout.state_file().display()))?;
+        }
+        Ok(self.info(&state, &layout))
+    }
+
+    /// Stops the server and removes the environment's directory. Only a directory isoenv made
+    /// (a real directory holding a readable `state.json`) is ever removed.
+    pub fn destroy(&self, name: &str) -> Result<()> {
+        self.guard(Action::Destroy, "destroy an environment")?;
+        check_name(name)?;
+        let layout = self.layout(name);
+        if fs::symlink_metadata(&layout.dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Env {
+                name: name.into(),
+                message: format!(
+                    "{} is a symbolic link; isoenv removes only directories it made",
+                    layout.dir.display()
+                ),
+            });
+        }
+        let (layout, _lock, state) = self.open_locked(name)?;
+        if let Some(pid) = state.process {
+            pid.stop(state.engine.engine().stop_signal(), STOP_GRACE);
+        }
+        remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
+    }
+
+    pub fn list(&self) -> Result<Vec<EnvInfo>> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(Error::Io {
+                    context: format!("cannot read {}", self.root.display()),
+                    source,
+                })
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let layout = Layout::new(entry.path());
+            // A directory without a record is not (or not yet) an environment.
+            if let Ok(Some(state)) = EnvState::load(&layout) {
+                out.push(self.info(&state, &layout));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<EnvInfo> {
+        check_name(name)?;
+        let layout = self.layout(name);
+        let state = self.load(name, &layout)?;
+        Ok(self.info(&state, &layout))
+    }
+
+    /// The full connection URL, password included: only for callers that asked for it.
+    pub fn url(&self, name: &str) -> Result<String> {
+        check_name(name)?;
+        let layout = self.layout(name);
+        let state = self.load(name, &layout)?;
+        Ok(database(&state, &read_credentials(&layout)?).url())
+    }
+
+    pub fn log_file(&self, name: &str) -> Result<PathBuf> {
+        let layout = self.layout(name);
+        self.inspect(name)?;
+        Ok(layout.log)
+    }
+
+    pub fn up(
+        &self,
+        config: &EnvironmentConfig,
+        install: bool,
+        progress: &dyn Fn(&str),
+    ) -> Result<UpOutcome> {
+        let (name, engine, backend) = self.local_plan(config)?;
+        let layout = self.layout(name);
+        match EnvState::load(&layout) {
+            Ok(Some(state)) => match state.status(ProcessId::is_alive) {
+                Status::Running | Status::EnvOnly => {
+                    Ok(UpOutcome::AlreadyUp(self.info(&state, &layout)))
+                }
+                Status::Stopped | Status::Crashed => {
+                    self.start(name, progress).map(UpOutcome::Started)
+                }
+            },
+            _ => {
+                let opts = CreateOptions {
+                    name: name.into(),
+                    engine,
+                    backend,
+                    port: None,
+                    service: true,
+                    install,
+                };
+                self.create(&opts, progress).map(UpOutcome::Created)
+            }
+        }
+    }
+
+    pub fn down(&self, config: &EnvironmentConfig) -> Result<Option<EnvInfo>> {
+        let (name, _, _) = self.local_plan(config)?;
+        match self.stop(name) {
+            Err(Error::NotFound { .. }) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    fn local_plan(
+        &self,
+        config: &EnvironmentConfig,
+    ) -> Result<(&'static str, EngineKind, BackendKind)> {
+        match plan_up(config) {
+            UpPlan::Local { name, engine, backend } => Ok((name, engine, backend)),
+            UpPlan::Tunnel => Err(Error::Unsupported(
+                "DB_VM_SSH_ENABLED=true asks for an SSH tunnel to the VM database, which this version cannot open yet; set DB_VM_SSH_ENABLED=false to use the local embedded default".into(),
+            )),
+            UpPlan::Containers => Err(Error::Unsupported(
+                "ENVIRONMENT=staging runs per-run containers (the docker backend), which this version does not have yet; use ENVIRONMENT=development for a local database".into(),
+            )),
+            UpPlan::VerifyProduction => Err(Error::Unsupported(
+                "ENVIRONMENT=production: verifying the production connection is not available in this version, and isoenv never provisions anything there".into(),
+            )),
+        }
+    }
+
+    fn info(&self, state: &EnvState, layout: &Layout) -> EnvInfo {
+        let status = state.status(ProcessId::is_alive);
+        let creds = state.engine.engine().credentials(Secret::default());
+        EnvInfo {
+            name: state.name.clone(),
+            engine: state.engine,
+            backend: state.backend,
+            status,
+            host: state.host.clone(),
+            port: state.port,
+            pid: state
+                .process
+                .filter(|_| status == Status::Running)
+                .map(|p| p.pid),
+            dir: layout.dir.clone(),
+            version: state.engine_version.clone(),
+            url: database(state, &creds).redacted_url(),
+            activate: layout.activate(),
+        }
+    }
+
+    fn make_root(&self, user: &ServiceUser) -> Result<()> {
+        for dir in [&self.root, &self.cache] {
+            fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+        }
+        if user.switch {
+            reachable(&self.root, user).map_err(Error::Unsupported)?;
+        }
+        Ok(())
+    }
+
+    /// The engine's binaries, installing them first when asked to.
+    fn binaries(
+        &self,
+        engine: &dyn Engine,
+        install: bool,
+        progress: &dyn Fn(&str),
+    ) -> Result<Binaries> {
+        let detail = match engine.locate(&self.vars) {
+            Ok(b) => return Ok(b),
+            Err(detail) => detail,
+        };
+        let command = engine::install_command(engine);
+        let auto = install || self.vars.get("ISOENV_AUTO_INSTALL") == Some("1");
+        if let (true, Some(cmd)) = (auto, &command) {
+            progress(&format!("installing {}: {cmd}", engine.kind()));
+            // The installer's chatter goes to stderr: stdout is for data.
+            let stderr = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned();
+            let status = stderr.and_then(|fd| {
+                std::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .stdout(fd)
+                    .status()
+            });
+            if matches!(status, Ok(s) if s.success()) {
+                if let Ok(b) = engine.locate(&self.vars) {
+                    return Ok(b);
+                }
+            }
+        }
+        Err(Error::EngineMissing {
+            engine: engine.kind().to_string(),
+            detail,
+            install: command.unwrap_or_else(|| {
+                format!(
+                    "install {} with your system's package manager",
+                    engine.kind()
+                )
+            }),
+        })
+    }
+
+    /// The cached, initialized data directory for this engine, version and init command,
+    /// made once (under a lock, so concurrent creates share one initialization).
+    fn template(
+        &self,
+        engine: &dyn Engine,
+        bins: &Binaries,
+        progress: &dyn Fn(&str),
+    ) -> Result<Option<PathBuf>> {
+        let Some(probe) = engine.init(bins, Path::new("data")) else {
+            return Ok(None);
+        };
+        let key = format!(
+            "{}-{}-{:016x}",
+            engine.kind(),
+            sanitize(&bins.version),
+            fnv1a(&format!("{probe:?}"))
+        );
+        let dir = self.cache.join(&key);
+        let data = dir.join("data");
+        if data.is_dir() {
+            return Ok(Some(data));
+        }
+        let _lock = Lock::wait(self.cache.join(format!(".{key}.lock")))
+            .map_err(|_| Error::Busy { name: key.clone() })?;
+        if data.is_dir() {
+            return Ok(Some(data));
+        }
+        progress(&format!(
+            "initializing a {} {} data directory (once; cached in {})",
+            engine.kind(),
+            bins.version,
+            self.cache.display()
+        ));
+        let user = self.user()?;
+        let tmp = self
+            .cache
+            .join(format!(".tmp-{key}-{}", std::process::id()));
+        let made = (|| -> Result<()> {
+            remove_tree(&tmp).context(|| format!("cannot clear {}", tmp.display()))?;
+            fs::create_dir_all(&tmp).context(|| format!("cannot create {}", tmp.display()))?;
+            chown_tree(&tmp, user)
+                .context(|| format!("cannot hand {} to {}", tmp.display(), user.name))?;
+            let init = engine
+                .init(bins, &tmp.join("data"))
+                .expect("init is Some for this engine");
+            init.run(user, &tmp).map_err(|message| Error::Env {
+                name: format!("(cache {key})"),
+                message,
+            })?;
+            fs::rename(&tmp, &dir).context(|| format!("cannot move {} into place", tmp.display()))
+        })();
+        if made.is_err() {
+            let _ = remove_tree(&tmp);
+        }
+        made.map(|()| Some(data))
+    }
+}
+
+/// The service user must be able to traverse every directory down to the state root.
+fn reachable(path: &Path, user: &ServiceUser) -> std::result::Result<(), String> {
+    let abs =
+        fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    for dir in abs.ancestors() {
+        let Ok(meta) = fs::metadata(dir) else {
+            continue;
+        };
+        let bit = if meta.uid() == user.uid {
+            0o100
+        } else if meta.gid() == user.gid {
+            0o010
+        } else {
+            0o001
+        };
+        if meta.mode() & bit == 0 {
+            return Err(format!(
+                "servers run as `{}`, which cannot enter {} (mode {:o}), so it cannot reach {}; set WASI_SANDBOX_DIR to a directory it can reach, or ISOENV_SERVICE_USER to a user that can",
+                user.name,
+                dir.display(),
+                meta.mode() & 0o777,
+                abs.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<()> {
+    validate_name(name).map_err(|reason| Error::InvalidName {
+        name: name.into(),
+        reason,
+    })
+}
+
+fn read_credentials(layout: &Layout) -> Result<Credentials> {
+    let path = layout.credentials_file();
+    let bytes = fs::read(&path).context(|| format!("cannot read {}", path.display()))?;
+    let c: StoredCredentials = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+        context: format!("cannot parse {}", path.display()),
+        source: e.into(),
+    })?;
+    Ok(Credentials {
+        user: c.user,
+        password: Secret::new(c.password),
+        database: c.database,
+    })
+}
+
+fn endpoint(state: &EnvState, layout: &Layout) -> Endpoint {
+    Endpoint {
+        host: state.host.clone(),
+        port: state.port,
+        socket_dir: layout.run.clone(),
+    }
+}
+
+/// The environment as the configuration layer sees an active environment.
+fn database(state: &EnvState, creds: &Credentials) -> DatabaseConfig {
+    DatabaseConfig {
+        engine: state.engine,
+        host: state.host.clone(),
+        port: state.port,
+        name: creds.database.clone(),
+        user: creds.user.clone(),
+        password: creds.password.clone(),
+        use_vm: false,
+        ssl_mode: SslMode::Disable,
+        ssl_root_cert: None,
+        ssh_tunnel: None,
+        source: ConfigSource::Active {
+            name: state.name.clone(),
+        },
+    }
+}
+
+/// What the activate script exports: the URL, `DB_*` (read back by the environment config as an
+/// active environment), the marker, and the engine's native variables.
+fn exports(
+    name: &str,
+    engine: &dyn Engine,
+    port: u16,
+    creds: &Credentials,
+    layout: &Layout,
+) -> Vec<(String, String)> {
+    let state_like = EnvState {
+        schema: SCHEMA,
+        name: name.into(),
+        engine: engine.kind(),
+        backend: BackendKind::Lightweight,
+        engine_version: String::new(),
+        host: net::LOOPBACK.to_string(),
+        port,
+        service: true,
+        process: None,
+        created_at: 0,
+    };
+    let db = database(&state_like, creds);
+    let url_var = if engine.kind() == EngineKind::Redis {
+        "REDIS_URL"
+    } else {
+        "DATABASE_URL"
+    };
+    let mut out: Vec<(String, String)> = vec![
+        (url_var.into(), db.url()),
+        ("DB_HOST".into(), db.host.clone()),
+        ("DB_PORT".into(), port.to_string()),
+        ("DB_NAME".into(), db.name.clone()),
+        ("DB_USER".into(), db.user.clone()),
+        ("DB_PASSWORD".into(), creds.password.expose().to_owned()),
+        (ACTIVE_MARKER.into(), name.into()),
+        (ACTIVE_ENGINE.into(), engine.kind().to_string()),
+    ];
+    let ep = endpoint(&state_like, layout);
+    out.extend(
+        engine
+            .native_exports(&ep, creds, layout)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v)),
+    );
+    out
+}
+
+/// Removes a half-made environment (and stops its server) unless disarmed.
+struct Cleanup {
+    dir: Option<PathBuf>,
+    process: Option<(ProcessId, Signal)>,
+}
+
+impl Cleanup {
+    fn disarm(&mut self) {
+        self.dir = None;
+        self.process = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some((pid, signal)) = self.process.take() {
+            pid.stop(signal, Duration::from_secs(10));
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = remove_tree(&dir);
+        }
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A stable hash for cache keys (std's hasher may change between Rust releases).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> EnvironmentConfig {
+        EnvironmentConfig::from_vars(&Vars::from_pairs(pairs.iter().copied()), Path::new("/p"))
+            .unwrap()
+    }
+
+    #[test]
+    fn production_only_reads() {
+        for action in [Action::Create, Action::Start, Action::Stop, Action::Destroy] {
+            assert!(!allowed(Environment::Production, action));
+            assert!(allowed(Environment::Development, action));
+            assert!(allowed(Environment::Staging, action));
+        }
+        assert!(allowed(Environment::Production, Action::Read));
+    }
+
+    #[test]
+    fn up_plans() {
+        assert_eq!(
+            plan_up(&config(&[])),
+            UpPlan::Local {
+                name: "dev",
+                engine: EngineKind::Postgres,
+                backend: BackendKind::Lightweight
+            }
+        );
+        assert_eq!(
+            plan_up(&config(&[("DB_VM_SSH_ENABLED", "true")])),
+            UpPlan::Tunnel
+        );
+        assert_eq!(
+            plan_up(&config(&[("ENVIRONMENT", "staging")])),
+            UpPlan::Containers
+        );
+        let prod = [
+            ("ENVIRONMENT", "production"),
+            ("DB_PROD_HOST", "h"),
+            ("DB_PROD_NAME", "n"),
+            ("DB_PROD_USER", "u"),
+            ("DB_PROD_PASSWORD", "p"),
+        ];
+        assert_eq!(plan_up(&config(&prod)), UpPlan::VerifyProduction);
+    }
+
+    #[test]
+    fn cache_keys_are_stable() {
+        assert_eq!(fnv1a(""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a("a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(sanitize("10.11.19-MariaDB"), "10.11.19_MariaDB");
+    }
+}

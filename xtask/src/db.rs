@@ -1,0 +1,238 @@
+//! `db ...`: environment lifecycle commands.
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::Subcommand;
+use isoenv::backend::BackendKind;
+use isoenv::engine::EngineKind;
+use isoenv::workflow::{CreateOptions, EnvInfo, UpOutcome, Workspace};
+
+use crate::Context;
+
+#[derive(Subcommand)]
+pub enum DbCommand {
+    /// Bring up this ENVIRONMENT's database (development: the local `dev` PostgreSQL).
+    Up {
+        /// Install a missing engine with the system package manager.
+        #[arg(long)]
+        install: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop what `up` started.
+    Down,
+    /// Create an environment (and start its server unless --no-service).
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse::<EngineKind>)]
+        engine: EngineKind,
+        #[arg(long, default_value = "lightweight", value_parser = parse::<BackendKind>)]
+        backend: BackendKind,
+        /// Port on 127.0.0.1 (default: a free one).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Variables and activate script only; no server.
+        #[arg(long)]
+        no_service: bool,
+        /// Install a missing engine with the system package manager.
+        #[arg(long)]
+        install: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped (or crashed) environment's server.
+    Start {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an environment's server; its data stays.
+    Stop { name: String },
+    /// Stop the server and remove the environment with its data.
+    Destroy { name: String },
+    /// List environments.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one environment.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the full connection URL, password included.
+    Url { name: String },
+    /// Print the server's log.
+    Logs {
+        name: String,
+        /// Number of lines from the end.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
+    s.parse()
+}
+
+fn progress(message: &str) {
+    eprintln!("isoenv: {message}");
+}
+
+pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
+    let vars = ctx.vars()?;
+    let config = ctx.config(&vars)?;
+    let ws = Workspace::new(&config, vars);
+    match cmd {
+        DbCommand::Up { install, json } => {
+            let outcome = ws.up(&config, install, &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else {
+                let (verb, info) = match &outcome {
+                    UpOutcome::Created(i) => ("created and started", i),
+                    UpOutcome::Started(i) => ("started", i),
+                    UpOutcome::AlreadyUp(i) => ("already up", i),
+                };
+                print_usage(verb, info);
+            }
+        }
+        DbCommand::Down => match ws.down(&config)? {
+            Some(info) => println!(
+                "stopped `{}` (data kept; `cargo xtask db up` starts it again)",
+                info.name
+            ),
+            None => println!("nothing to stop: the default environment does not exist"),
+        },
+        DbCommand::Create {
+            name,
+            engine,
+            backend,
+            port,
+            no_service,
+            install,
+            json,
+        } => {
+            let opts = CreateOptions {
+                name,
+                engine,
+                backend,
+                port,
+                service: !no_service,
+                install,
+            };
+            let info = ws.create(&opts, &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_usage("created", &info);
+            }
+        }
+        DbCommand::Start { name, json } => {
+            let info = ws.start(&name, &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_usage("started", &info);
+            }
+        }
+        DbCommand::Stop { name } => {
+            ws.stop(&name)?;
+            println!("stopped `{name}`");
+        }
+        DbCommand::Destroy { name } => {
+            ws.destroy(&name)?;
+            println!("destroyed `{name}`");
+        }
+        DbCommand::List { json } => {
+            let envs = ws.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&envs)?);
+            } else {
+                print_table(&envs);
+            }
+        }
+        DbCommand::Inspect { name, json } => {
+            let info = ws.inspect(&name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_inspect(&info);
+            }
+        }
+        DbCommand::Url { name } => println!("{}", ws.url(&name)?),
+        DbCommand::Logs { name, lines } => {
+            let path = ws.log_file(&name)?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            println!("{}", isoenv::process::tail(&text, lines));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_usage(verb: &str, info: &EnvInfo) {
+    println!(
+        "{verb} `{}`: {} {} ({}), {}",
+        info.name,
+        info.engine,
+        info.version,
+        info.backend,
+        info.status.as_str()
+    );
+    println!("  url:      {}", info.url);
+    println!("  activate: source {}", info.activate.display());
+    println!(
+        "  password: `cargo xtask db url {}` prints the full URL",
+        info.name
+    );
+}
+
+fn print_table(envs: &[EnvInfo]) {
+    if envs.is_empty() {
+        println!("no environments (create one with `cargo xtask db up` or `cargo xtask db create NAME --engine postgres`)");
+        return;
+    }
+    println!(
+        "{:<20} {:<9} {:<12} {:<9} {:<22} {:<8} VERSION",
+        "NAME", "ENGINE", "BACKEND", "STATUS", "ADDRESS", "PID"
+    );
+    for e in envs {
+        let pid = e.pid.map_or_else(|| "-".into(), |p| p.to_string());
+        println!(
+            "{:<20} {:<9} {:<12} {:<9} {:<22} {:<8} {}",
+            e.name,
+            e.engine.as_str(),
+            e.backend.as_str(),
+            e.status.as_str(),
+            format!("{}:{}", e.host, e.port),
+            pid,
+            e.version
+        );
+    }
+}
+
+fn print_inspect(e: &EnvInfo) {
+    let pid = e.pid.map_or_else(|| "-".into(), |p| p.to_string());
+    println!(
+        "name:     {}\nengine:   {} {}\nbackend:  {}\nstatus:   {}",
+        e.name,
+        e.engine,
+        e.version,
+        e.backend,
+        e.status.as_str()
+    );
+    println!(
+        "address:  {}:{}\npid:      {pid}\ndir:      {}",
+        e.host,
+        e.port,
+        e.dir.display()
+    );
+    println!(
+        "url:      {}\nactivate: source {}",
+        e.url,
+        e.activate.display()
+    );
+}
