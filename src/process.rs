@@ -171,10 +171,17 @@ impl ProcessId {
         })
     }
 
-    /// Alive and still the same process (a zombie counts as dead).
+    /// Alive and still the same process. A zombie counts as dead only once all its threads are
+    /// gone: a multi-threaded server's leader turns zombie while other threads still exit and
+    /// still hold its sockets.
     pub fn is_alive(&self) -> bool {
         reap(self.pid);
-        matches!(read_stat(self.pid), Ok(Some(s)) if s.start_time == self.start_time && s.state != 'Z')
+        match read_stat(self.pid) {
+            Ok(Some(s)) if s.start_time == self.start_time => {
+                s.state != 'Z' || threads_left(self.pid)
+            }
+            _ => false,
+        }
     }
 
     pub fn signal(&self, signal: Signal) -> bool {
@@ -211,6 +218,17 @@ impl ProcessId {
 /// spawned in this process does not linger as a zombie.
 fn reap(pid: i32) {
     let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}
+
+/// Whether a zombie leader still has threads that have not finished exiting.
+fn threads_left(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .any(|t| t.file_name().to_str() != Some(&pid.to_string()))
+        })
+        .unwrap_or(false)
 }
 
 struct Stat {
