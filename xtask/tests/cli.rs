@@ -1,0 +1,520 @@
+//! The real `cargo xtask` binary: configuration resolution, `env check`, `doctor`, the `db`
+//! commands, the activate script in a real bash, and that no output ever shows a password.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A project directory with its own `.env` and state root.
+struct Project {
+    dir: TempDir,
+}
+
+impl Project {
+    fn new(env: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("isoenv-cli-")
+            .tempdir()
+            .unwrap();
+        // Servers run as an unprivileged user, which must be able to reach the state root.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let p = Project { dir };
+        p.write_env(env);
+        p
+    }
+
+    fn env_file(&self) -> PathBuf {
+        self.dir.path().join(".env")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn write_env(&self, env: &str) {
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache");
+        let text = format!(
+            "WASI_SANDBOX_DIR={}\nISOENV_CACHE_DIR={}\n{env}",
+            self.state().display(),
+            cache.display()
+        );
+        fs::write(self.env_file(), text).unwrap();
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        cmd.arg("--env-file").arg(self.env_file()).args(args);
+        for var in [
+            "ENVIRONMENT",
+            "ISOENV_ACTIVE",
+            "ISOENV_ENGINE",
+            "DB_HOST",
+            "DB_PORT",
+            "DB_PASSWORD",
+            "WASI_SANDBOX_DIR",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?} failed:\n{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "{args:?} succeeded:\n{}", text(&out));
+        text(&out)
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        // Never leave a server behind, whatever the test did.
+        if let Ok(entries) = fs::read_dir(self.state()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') {
+                    let _ = self.run(&["db", "destroy", &name]);
+                }
+            }
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+const PROD: &str = "ENVIRONMENT=production\nDB_PROD_HOST=db.internal\nDB_PROD_NAME=app\nDB_PROD_USER=app\nDB_PROD_PASSWORD=Pr0d-S3cret-Value\n";
+
+#[test]
+fn env_json_resolves_each_environment() {
+    let dev = Project::new("DB_VM_HOST=vm.local\nDB_VM_PORT=6543\nDB_VM_SSH_ENABLED=true\nDB_VM_SSH_HOST=bastion\nDB_VM_SSH_USER=dev\n");
+    let j = dev.json(&["env", "--json"]);
+    assert_eq!(j["environment"], "development");
+    assert_eq!(j["database"]["host"], "vm.local");
+    assert_eq!(j["database"]["port"], 6543);
+    assert_eq!(j["database"]["use_vm"], true);
+    assert_eq!(j["database"]["ssh_tunnel"]["host"], "bastion");
+    assert_eq!(j["database"]["ssh_tunnel"]["user"], "dev");
+    assert_eq!(j["sandbox"]["memory_limit_bytes"], 512u64 << 20);
+    assert_eq!(j["sandbox"]["dir"], dev.state().display().to_string());
+
+    let staging = Project::new(
+        "ENVIRONMENT=staging\nDB_STAGING_HOST=st\nDB_STAGING_NAME=s\nWASI_MEMORY_LIMIT=1G\n",
+    );
+    let j = staging.json(&["env", "--json"]);
+    assert_eq!(
+        (j["environment"].as_str(), j["database"]["host"].as_str()),
+        (Some("staging"), Some("st"))
+    );
+    assert_eq!(j["database"]["use_vm"], false);
+    assert_eq!(j["database"]["ssh_tunnel"], Value::Null);
+    assert_eq!(j["sandbox"]["memory_limit_bytes"], 1u64 << 30);
+
+    let prod = Project::new(PROD);
+    let j = prod.json(&["env", "--json"]);
+    assert_eq!(j["environment"], "production");
+    assert_eq!(j["database"]["ssl_mode"], "require");
+    assert_eq!(j["database"]["name"], "app");
+}
+
+#[test]
+fn process_environment_beats_the_file() {
+    let p = Project::new("ENVIRONMENT=staging\nDB_STAGING_PORT=1111\n");
+    let out = p
+        .cmd(&["env", "--json"])
+        .env("DB_STAGING_PORT", "2222")
+        .output()
+        .unwrap();
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["database"]["port"], 2222);
+}
+
+#[test]
+fn an_active_environment_takes_precedence() {
+    let p = Project::new("DB_VM_HOST=vm\n");
+    let out = p
+        .cmd(&["env", "--json"])
+        .envs([
+            ("ISOENV_ACTIVE", "dev"),
+            ("DB_HOST", "127.0.0.1"),
+            ("DB_PORT", "40123"),
+            ("DB_NAME", "x"),
+            ("DB_USER", "u"),
+        ])
+        .output()
+        .unwrap();
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            j["database"]["port"].as_u64(),
+            j["database"]["use_vm"].as_bool()
+        ),
+        (Some(40123), Some(false))
+    );
+    assert_eq!(j["database"]["source"]["name"], "dev");
+}
+
+#[test]
+fn bad_configuration_is_reported_whole_and_clearly() {
+    let p = Project::new("ENVIRONMENT=qa\nDB_VM_PORT=abc\nWASI_MEMORY_LIMIT=12Q\n");
+    let err = p.fails(&["env"]);
+    assert!(err.contains("development, staging, production"), "{err}");
+    assert!(
+        err.contains("WASI_MEMORY_LIMIT") && err.contains(".env"),
+        "{err}"
+    );
+
+    let p = Project::new("DB_VM_PORT=99999\n");
+    assert!(p
+        .fails(&["env"])
+        .contains("DB_VM_PORT: `99999` is not a port"));
+
+    let p = Project::new("ENVIRONMENT=production\n");
+    let err = p.fails(&["env", "--json"]);
+    for var in [
+        "DB_PROD_HOST",
+        "DB_PROD_NAME",
+        "DB_PROD_USER",
+        "DB_PROD_PASSWORD",
+    ] {
+        assert!(err.contains(var), "{var} missing from: {err}");
+    }
+
+    let p = Project::new("A=1\nthis line is wrong\n");
+    let err = p.fails(&["env"]);
+    assert!(
+        err.contains(&format!("{}:4:", p.env_file().display())),
+        "{err}"
+    );
+
+    let missing = p.dir.path().join("nope.env");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("--env-file")
+        .arg(&missing)
+        .arg("env")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("does not exist"), "{}", text(&out));
+}
+
+#[test]
+fn env_check_finds_each_divergence_with_its_line() {
+    let p = Project::new("");
+    let body =
+        "OK=1\nSPACED = 1\nUNBRACED=$HOME/x\nDUP=1\nDUP=2\nCRLF=1\r\nMETA=a;b\nCMD=$(whoami)\n";
+    fs::write(p.env_file(), body).unwrap();
+    let out = p.run(&["env", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&out);
+    let file = p.env_file().display().to_string();
+    for (line, what) in [
+        (2, "spaces around"),
+        (3, "unbraced"),
+        (5, "set again"),
+        (6, "CRLF"),
+        (7, "metacharacter"),
+        (8, "command substitution"),
+    ] {
+        assert!(
+            report.contains(&format!("{file}:{line}: error:")) && report.contains(what),
+            "line {line} ({what}) missing:\n{report}"
+        );
+    }
+    assert!(!report.contains(&format!("{file}:1:")), "{report}");
+
+    let clean = Project::new("ENVIRONMENT=development\nDB_VM_PASSWORD='x y'\n");
+    assert!(clean.ok(&["env", "check"]).contains("ok"));
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.env.example");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("--env-file")
+        .arg(example)
+        .args(["env", "check"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn no_output_shows_a_configured_password_unless_asked() {
+    let p = Project::new(PROD);
+    let secret = "Pr0d-S3cret-Value";
+    for args in [
+        &["env"][..],
+        &["env", "--json"],
+        &["env", "--shell"],
+        &["env", "check"],
+        &["doctor"],
+        &["doctor", "--json"],
+        &["db", "list"],
+    ] {
+        let out = text(&p.run(args));
+        assert!(
+            !out.contains(secret),
+            "{args:?} printed the password:\n{out}"
+        );
+    }
+    assert!(p
+        .ok(&["env", "--shell", "--with-password"])
+        .contains(secret));
+}
+
+#[test]
+fn env_shell_output_evals_in_bash() {
+    let p = Project::new("DB_VM_NAME='we ird;$(touch /tmp/isoenv-pwned)'\n");
+    let exports = p.ok(&["env", "--shell"]);
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("{exports}\nprintf %s \"$DB_NAME|$ENVIRONMENT\""))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "we ird;$(touch /tmp/isoenv-pwned)|development"
+    );
+    assert!(!Path::new("/tmp/isoenv-pwned").exists());
+}
+
+#[test]
+fn doctor_finds_every_engine_and_writes_nothing() {
+    let p = Project::new("");
+    let checks = p.json(&["doctor", "--json"]);
+    let checks = checks.as_array().unwrap();
+    for name in [
+        "postgres",
+        "mysql",
+        "redis",
+        "docker",
+        "namespaces",
+        "cgroups",
+        "ssh",
+    ] {
+        let c = checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check"));
+        // CI installs every engine: a missing one is a broken machine, not a skip.
+        if ["postgres", "mysql", "redis"].contains(&name) {
+            assert_eq!(c["ok"], true, "{c}");
+        }
+    }
+    p.ok(&["env"]);
+    assert!(!p.state().exists(), "env/doctor created the state root");
+}
+
+#[test]
+fn db_up_is_idempotent_and_down_stops() {
+    let p = Project::new("");
+    let up = p.json(&["db", "up", "--json"]);
+    assert_eq!(up["outcome"], "created");
+    assert_eq!(
+        (
+            up["name"].as_str(),
+            up["engine"].as_str(),
+            up["status"].as_str()
+        ),
+        (Some("dev"), Some("postgres"), Some("running"))
+    );
+    let again = p.json(&["db", "up", "--json"]);
+    assert_eq!(again["outcome"], "already-up");
+
+    let url = p.ok(&["db", "url", "dev"]);
+    let mut client = postgres::Client::connect(url.trim(), postgres::NoTls).unwrap();
+    assert_eq!(
+        client
+            .query_one("SELECT 40 + 2", &[])
+            .unwrap()
+            .get::<_, i32>(0),
+        42
+    );
+    drop(client);
+
+    let human = p.ok(&["db", "up"]);
+    assert!(
+        human.contains("already up") && human.contains("source ") && human.contains("bin/activate"),
+        "{human}"
+    );
+    assert!(p.ok(&["db", "down"]).contains("stopped"));
+    let list = p.json(&["db", "list", "--json"]);
+    assert_eq!(list[0]["status"], "stopped");
+    assert_eq!(p.json(&["db", "up", "--json"])["outcome"], "started");
+}
+
+#[test]
+fn staging_and_production_up_say_what_they_need() {
+    let staging = Project::new("ENVIRONMENT=staging\n");
+    assert!(staging.fails(&["db", "up"]).contains("docker backend"));
+    let prod = Project::new(PROD);
+    assert!(prod.fails(&["db", "destroy", "dev"]).contains("production"));
+    assert!(prod
+        .fails(&["db", "create", "x", "--engine", "postgres"])
+        .contains("production"));
+    assert!(!prod.state().exists());
+}
+
+#[test]
+fn list_inspect_and_up_never_show_the_environment_password() {
+    let p = Project::new("");
+    let created = p.ok(&["db", "create", "pw", "--engine", "redis"]);
+    let creds: Value =
+        serde_json::from_slice(&fs::read(p.state().join("pw/credentials")).unwrap()).unwrap();
+    let password = creds["password"].as_str().unwrap().to_owned();
+    assert_eq!(password.len(), 32);
+    let mut shown = created;
+    for args in [
+        &["db", "list"][..],
+        &["db", "list", "--json"],
+        &["db", "inspect", "pw"],
+        &["db", "inspect", "pw", "--json"],
+        &["db", "start", "pw"],
+    ] {
+        shown.push_str(&text(&p.run(args)));
+    }
+    assert!(!shown.contains(&password), "password printed:\n{shown}");
+    assert!(
+        p.ok(&["db", "url", "pw"]).contains(&password),
+        "url must print it when asked"
+    );
+}
+
+#[test]
+fn list_and_inspect_json_fields() {
+    let p = Project::new("");
+    p.ok(&["db", "create", "m", "--engine", "mysql"]);
+    p.ok(&["db", "create", "e", "--engine", "postgres", "--no-service"]);
+    let list = p.json(&["db", "list", "--json"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    for e in list {
+        for key in [
+            "name", "engine", "backend", "status", "host", "port", "pid", "dir",
+        ] {
+            assert!(e.get(key).is_some(), "{key} missing in {e}");
+        }
+    }
+    let m = p.json(&["db", "inspect", "m", "--json"]);
+    assert_eq!(
+        (
+            m["engine"].as_str(),
+            m["status"].as_str(),
+            m["backend"].as_str()
+        ),
+        (Some("mysql"), Some("running"), Some("lightweight"))
+    );
+    assert!(m["pid"].as_i64().unwrap() > 0);
+    assert_eq!(
+        p.json(&["db", "inspect", "e", "--json"])["status"],
+        "env-only"
+    );
+    assert!(p.ok(&["db", "logs", "m"]).contains("ready for connections"));
+    let table = p.ok(&["db", "list"]);
+    assert!(table.lines().next().unwrap().starts_with("NAME"), "{table}");
+}
+
+#[test]
+fn activate_and_deactivate_in_a_real_bash() {
+    let p = Project::new("");
+    p.ok(&["db", "create", "act", "--engine", "postgres"]);
+    let activate = p.state().join("act/bin/activate");
+    let script = format!(
+        "export PGHOST=before; unset DATABASE_URL\n\
+         source {}\n\
+         psql -tAc 'select 7*6'\n\
+         echo \"url-set:${{DATABASE_URL:+yes}} active:$ISOENV_ACTIVE\"\n\
+         deactivate\n\
+         echo \"after:$PGHOST:${{DATABASE_URL-unset}}:${{ISOENV_ACTIVE-unset}}\"",
+        activate.display()
+    );
+    let out = Command::new("bash").arg("-c").arg(script).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "42\nurl-set:yes active:act\nafter:before:unset:unset\n",
+        "{}",
+        text(&out)
+    );
+
+    // The activated variables are what the environment configuration reads as active.
+    let script = format!(
+        "source {}\n{} --env-file {} env --json",
+        activate.display(),
+        env!("CARGO_BIN_EXE_xtask"),
+        p.env_file().display()
+    );
+    let out = Command::new("bash").arg("-c").arg(script).output().unwrap();
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["database"]["source"]["name"], "act", "{}", text(&out));
+}
+
+#[test]
+fn ten_concurrent_cli_creates_exactly_one_wins() {
+    let p = Project::new("");
+    let children: Vec<_> = (0..10)
+        .map(|_| {
+            p.cmd(&["db", "create", "same", "--engine", "redis"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let wins = outputs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(wins, 1);
+    for o in outputs.iter().filter(|o| !o.status.success()) {
+        let err = text(o);
+        assert!(
+            err.contains("already exists") || err.contains("another isoenv command"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_creates_nothing() {
+    let p = Project::new("");
+    assert!(p
+        .fails(&["db", "create", "a/b", "--engine", "postgres"])
+        .contains("invalid environment name"));
+    assert!(p
+        .fails(&["db", "create", "ok", "--engine", "oracle"])
+        .contains("valid engines: postgres, mysql, redis"));
+    assert!(p
+        .fails(&["db", "create", "ok", "--engine", "redis", "--backend", "vm"])
+        .contains("valid backends"));
+    assert!(p
+        .fails(&["db", "destroy", "ghost"])
+        .contains("no environment `ghost`"));
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    assert!(p
+        .fails(&["db", "create", "ok", "--engine", "redis", "--port", &port])
+        .contains("already in use"));
+    assert!(!p.state().join("ok").exists());
+    assert!(!p.state().join("a").exists());
+}
