@@ -72,20 +72,17 @@ fn lifecycle(engine: EngineKind) {
     );
 }
 
-#[test]
-fn postgres_lifecycle() {
-    lifecycle(EngineKind::Postgres);
+/// One `#[test]` per engine for a scenario, so a failure names the engine.
+macro_rules! per_engine {
+    ($scenario:ident: $($test:ident => $engine:ident),+) => {
+        $(#[test]
+        fn $test() {
+            $scenario(EngineKind::$engine);
+        })+
+    };
 }
 
-#[test]
-fn mysql_lifecycle() {
-    lifecycle(EngineKind::Mysql);
-}
-
-#[test]
-fn redis_lifecycle() {
-    lifecycle(EngineKind::Redis);
-}
+per_engine!(lifecycle: postgres_lifecycle => Postgres, mysql_lifecycle => Mysql, redis_lifecycle => Redis);
 
 fn crash_and_recover(engine: EngineKind) {
     let sb = sandbox(&[]);
@@ -118,20 +115,7 @@ fn crash_and_recover(engine: EngineKind) {
     sb.ws.destroy("crashy").unwrap();
 }
 
-#[test]
-fn postgres_crash_recovery() {
-    crash_and_recover(EngineKind::Postgres);
-}
-
-#[test]
-fn mysql_crash_recovery() {
-    crash_and_recover(EngineKind::Mysql);
-}
-
-#[test]
-fn redis_crash_recovery() {
-    crash_and_recover(EngineKind::Redis);
-}
+per_engine!(crash_and_recover: postgres_crash_recovery => Postgres, mysql_crash_recovery => Mysql, redis_crash_recovery => Redis);
 
 #[test]
 fn ten_concurrent_creates_of_one_name_exactly_one_wins() {
