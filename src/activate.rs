@@ -93,6 +93,18 @@ typeset -f deactivate >/dev/null 2>&1 && echo still-defined || echo gone"#,
     }
 
     #[test]
+    fn zsh_reads_the_same_script() {
+        // CI installs zsh: its absence is a broken machine, not a skip.
+        let out = run(
+            "zsh",
+            r#"echo "$DB_HOST|$DB_PASSWORD|$ISOENV_ACTIVE"
+deactivate
+echo "$DB_HOST|${DB_PASSWORD-unset}|${ISOENV_ACTIVE-unset}|$PS1""#,
+        );
+        assert_eq!(out, "127.0.0.1|it's $(secret)|dev\nold|unset|unset|$ \n");
+    }
+
+    #[test]
     fn prompt_marker_can_be_disabled() {
         let out = run("bash", "echo \"$PS1\"");
         assert_eq!(out, "(isoenv:dev) $ \n");

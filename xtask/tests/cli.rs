@@ -352,7 +352,14 @@ fn db_up_is_idempotent_and_down_stops() {
     );
     drop(client);
 
+    let creds: Value =
+        serde_json::from_slice(&fs::read(p.state().join("dev/credentials")).unwrap()).unwrap();
+    let password = creds["password"].as_str().unwrap();
     let human = p.ok(&["db", "up"]);
+    assert!(
+        !human.contains(password) && !up.to_string().contains(password),
+        "db up printed the password"
+    );
     assert!(
         human.contains("already up") && human.contains("source ") && human.contains("bin/activate"),
         "{human}"
