@@ -273,16 +273,13 @@ impl Workspace {
                 engine.kind(),
                 bins.version
             ));
-            let pid = self.run_server(&state, bins, &layout, &creds)?;
-            cleanup.process = Some((pid, engine.stop_signal()));
-            state.process = Some(pid);
+            self.run_server(&mut state, bins, &layout, &creds)?;
+            cleanup.process = state.process.map(|pid| (pid, engine.stop_signal()));
             engine
                 .after_create(&endpoint(&state, &layout), &creds)
                 .map_err(env_err)?;
         }
-        state
-            .save(&layout)
-            .context(|| format!("cannot write {}", layout.state_file().display()))?;
+        save(&state, &layout)?;
         cleanup.disarm();
         Ok(self.info(&state, &layout))
     }
@@ -360,23 +357,21 @@ impl Workspace {
             state.port
         ));
         let creds = read_credentials(&layout)?;
-        let pid = self.run_server(&state, &bins, &layout, &creds)?;
-        state.process = Some(pid);
-        state
-            .save(&layout)
-            .context(|| format!("cannot write {}", layout.state_file().display()))?;
+        self.run_server(&mut state, &bins, &layout, &creds)?;
         Ok(self.info(&state, &layout))
     }
 
-    /// Spawns the server through the environment's backend and waits until it answers. On
-    /// failure the process is gone and the error carries the log's tail.
+    /// Spawns the server through the environment's backend, records it at once (so that even
+    /// if isoenv is killed while waiting, `list` and `destroy` still find the process), and
+    /// waits until it answers. On failure the process is gone, the record says so, and the
+    /// error carries the log's tail.
     fn run_server(
         &self,
-        state: &EnvState,
+        state: &mut EnvState,
         bins: &Binaries,
         layout: &Layout,
         creds: &Credentials,
-    ) -> Result<ProcessId> {
+    ) -> Result<()> {
         let engine = state.engine.engine();
         let launch = engine.launch(bins, layout, state.port);
         let pid = state
@@ -384,11 +379,16 @@ impl Workspace {
             .backend()
             .spawn(&launch, layout, self.user()?)
             .context(|| format!("cannot start {}", launch.program.display()))?;
+        state.process = Some(pid);
+        if let Err(e) = save(state, layout) {
+            pid.stop(Signal::SIGKILL, Duration::from_secs(5));
+            return Err(e);
+        }
         let ep = endpoint(state, layout);
         let deadline = Instant::now() + READY_TIMEOUT;
         let failure = loop {
             match engine.probe(&ep, creds) {
-                Probe::Ready => return Ok(pid),
+                Probe::Ready => return Ok(()),
                 Probe::Failed(m) => {
                     break format!("{} answered but is not usable: {m}", engine.kind())
                 }
@@ -406,6 +406,8 @@ impl Workspace {
             }
         };
         pid.stop(Signal::SIGKILL, Duration::from_secs(5));
+        state.process = None;
+        let _ = save(state, layout);
         let log = fs::read_to_string(&layout.log).unwrap_or_default();
         Err(Error::Env {
             name: state.name.clone(),
@@ -422,9 +424,7 @@ impl Workspace {
         let (layout, _lock, mut state) = self.open_locked(name)?;
         if let Some(pid) = state.process.take() {
             pid.stop(state.engine.engine().stop_signal(), STOP_GRACE);
-            state
-                .save(&layout)
-                .context(|| format!("cannot write {}", layout.state_file().display()))?;
+            save(&state, &layout)?;
         }
         Ok(self.info(&state, &layout))
     }
@@ -712,6 +712,12 @@ fn reachable(path: &Path, user: &ServiceUser) -> std::result::Result<(), String>
         }
     }
     Ok(())
+}
+
+fn save(state: &EnvState, layout: &Layout) -> Result<()> {
+    state
+        .save(layout)
+        .context(|| format!("cannot write {}", layout.state_file().display()))
 }
 
 fn check_name(name: &str) -> Result<()> {
