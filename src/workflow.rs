@@ -244,15 +244,6 @@ impl Workspace {
             dir: Some(layout.dir.clone()),
             process: None,
         };
-        let creds = engine.credentials(Secret::generate());
-        self.build(&layout, template.as_deref(), engine, port, &creds, user)
-            .context(|| {
-                format!(
-                    "cannot set up environment `{}` in {}",
-                    opts.name,
-                    layout.dir.display()
-                )
-            })?;
         let mut state = EnvState {
             schema: SCHEMA,
             name: opts.name.clone(),
@@ -267,6 +258,15 @@ impl Workspace {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
+        let creds = engine.credentials(Secret::generate());
+        self.build(&state, &layout, template.as_deref(), &creds, user)
+            .context(|| {
+                format!(
+                    "cannot set up environment `{}` in {}",
+                    opts.name,
+                    layout.dir.display()
+                )
+            })?;
         if let Some(bins) = &bins {
             progress(&format!(
                 "starting {} {} on 127.0.0.1:{port}",
@@ -288,13 +288,13 @@ impl Workspace {
     /// credentials and the activate script.
     fn build(
         &self,
+        state: &EnvState,
         layout: &Layout,
         template: Option<&Path>,
-        engine: &dyn Engine,
-        port: u16,
         creds: &Credentials,
         user: &ServiceUser,
     ) -> std::io::Result<()> {
+        let engine = state.engine.engine();
         fs::create_dir(&layout.dir)?;
         for dir in [&layout.bin, layout.log.parent().unwrap_or(&layout.dir)] {
             fs::create_dir_all(dir)?;
@@ -310,18 +310,17 @@ impl Workspace {
         fs::create_dir(&layout.run)?;
         set_mode(&layout.run, 0o700)?;
         user.chown(&layout.run)?;
-        engine.configure(layout, port, creds, user)?;
+        engine.configure(layout, state.port, creds, user)?;
         let stored = StoredCredentials {
             user: creds.user.clone(),
             password: creds.password.expose().to_owned(),
             database: creds.database.clone(),
         };
         write_private(&layout.credentials_file(), &serde_json::to_vec(&stored)?)?;
-        let name = layout.dir.file_name().unwrap_or_default().to_string_lossy();
-        let exports = exports(&name, engine, port, creds, layout);
+        let exports = exports(state, creds, layout);
         write_private(
             &layout.activate(),
-            activate::script(&name, &exports).as_bytes(),
+            activate::script(&state.name, &exports).as_bytes(),
         )
     }
 
@@ -770,26 +769,9 @@ fn database(state: &EnvState, creds: &Credentials) -> DatabaseConfig {
 
 /// What the activate script exports: the URL, `DB_*` (read back by the environment config as an
 /// active environment), the marker, and the engine's native variables.
-fn exports(
-    name: &str,
-    engine: &dyn Engine,
-    port: u16,
-    creds: &Credentials,
-    layout: &Layout,
-) -> Vec<(String, String)> {
-    let state_like = EnvState {
-        schema: SCHEMA,
-        name: name.into(),
-        engine: engine.kind(),
-        backend: BackendKind::Lightweight,
-        engine_version: String::new(),
-        host: net::LOOPBACK.to_string(),
-        port,
-        service: true,
-        process: None,
-        created_at: 0,
-    };
-    let db = database(&state_like, creds);
+fn exports(state: &EnvState, creds: &Credentials, layout: &Layout) -> Vec<(String, String)> {
+    let engine = state.engine.engine();
+    let db = database(state, creds);
     let url_var = if engine.kind() == EngineKind::Redis {
         "REDIS_URL"
     } else {
@@ -798,17 +780,16 @@ fn exports(
     let mut out: Vec<(String, String)> = vec![
         (url_var.into(), db.url()),
         ("DB_HOST".into(), db.host.clone()),
-        ("DB_PORT".into(), port.to_string()),
+        ("DB_PORT".into(), db.port.to_string()),
         ("DB_NAME".into(), db.name.clone()),
         ("DB_USER".into(), db.user.clone()),
         ("DB_PASSWORD".into(), creds.password.expose().to_owned()),
-        (ACTIVE_MARKER.into(), name.into()),
+        (ACTIVE_MARKER.into(), state.name.clone()),
         (ACTIVE_ENGINE.into(), engine.kind().to_string()),
     ];
-    let ep = endpoint(&state_like, layout);
     out.extend(
         engine
-            .native_exports(&ep, creds, layout)
+            .native_exports(&endpoint(state, layout), creds, layout)
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v)),
     );
