@@ -95,15 +95,6 @@ impl Vars {
             .map(String::as_str)
             .filter(|v| !v.is_empty())
     }
-
-    pub fn with(mut self, key: &str, value: &str) -> Self {
-        self.values.insert(key.into(), value.into());
-        self
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
-    }
 }
 
 fn parse(path: &Path, text: &str) -> Result<Vec<(String, String)>, EnvFileError> {

@@ -148,10 +148,6 @@ impl Workspace {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn layout(&self, name: &str) -> Layout {
         Layout::new(self.root.join(name))
     }
