@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineKind;
 use crate::envfile::Vars;
@@ -61,7 +61,7 @@ impl FromStr for Environment {
 }
 
 /// libpq's `sslmode` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SslMode {
     Disable,
@@ -115,6 +115,10 @@ pub struct SshTunnel {
     pub port: u16,
     pub user: String,
     pub key: Option<PathBuf>,
+    /// Where host keys are checked and learnt (default: `known_hosts` in the state root).
+    pub known_hosts: Option<PathBuf>,
+    /// Refuse a host whose key is not already known (default: learn it on first use).
+    pub strict_host_keys: bool,
 }
 
 /// Where a [`DatabaseConfig`] came from, for messages.
@@ -466,6 +470,8 @@ impl Reader<'_> {
                     port: self.port("DB_VM_SSH_PORT", 22),
                     user: self.string("DB_VM_SSH_USER", "vagrant"),
                     key: self.path("DB_VM_SSH_KEY"),
+                    known_hosts: self.path("DB_VM_SSH_KNOWN_HOSTS"),
+                    strict_host_keys: self.bool("DB_VM_SSH_STRICT_HOST_KEYS", false),
                 });
                 DatabaseConfig {
                     use_vm: true,

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use crate::config::{ConfigError, Environment};
 use crate::envfile::EnvFileError;
+use crate::remote::CheckError;
+use crate::tunnel::Hop;
 
 /// Library errors. Each says what went wrong, where, and how to fix it; none holds a password.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,20 @@ pub enum Error {
     Io {
         context: String,
         source: std::io::Error,
+    },
+    #[error("ssh tunnel {route} failed at the {hop} hop: {detail}\n  fix: {advice}")]
+    Tunnel {
+        route: String,
+        hop: Hop,
+        detail: String,
+        advice: String,
+    },
+    #[error("{target}: {source}\n  fix: {advice}")]
+    Database {
+        /// The database, as a URL without the password.
+        target: String,
+        source: CheckError,
+        advice: String,
     },
     #[error("{0}")]
     Unsupported(String),

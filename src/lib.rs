@@ -18,9 +18,11 @@ pub mod error;
 pub mod files;
 pub mod net;
 pub mod process;
+pub mod remote;
 pub mod secret;
 pub mod shell;
 pub mod state;
+pub mod tunnel;
 pub mod workflow;
 
 pub use config::{DatabaseConfig, Environment, EnvironmentConfig, Problem};

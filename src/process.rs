@@ -28,15 +28,8 @@ pub struct ServiceUser {
 
 impl ServiceUser {
     pub fn resolve(requested: Option<&str>) -> Result<Self, String> {
-        let euid = nix::unistd::geteuid();
-        if !euid.is_root() {
-            let user = User::from_uid(euid).ok().flatten();
-            return Ok(ServiceUser {
-                name: user.map_or_else(|| euid.to_string(), |u| u.name),
-                uid: euid.as_raw(),
-                gid: nix::unistd::getegid().as_raw(),
-                switch: false,
-            });
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(Self::invoker());
         }
         let name = requested
             .map(str::to_owned)
@@ -55,6 +48,18 @@ impl ServiceUser {
             _ => Err(format!(
                 "service user `{name}` does not exist (create it, or set ISOENV_SERVICE_USER to an existing unprivileged user)"
             )),
+        }
+    }
+
+    /// Whoever runs isoenv: for processes that act with the user's own credentials (ssh).
+    pub fn invoker() -> Self {
+        let euid = nix::unistd::geteuid();
+        let user = User::from_uid(euid).ok().flatten();
+        ServiceUser {
+            name: user.map_or_else(|| euid.to_string(), |u| u.name),
+            uid: euid.as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            switch: false,
         }
     }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::BackendKind;
 use crate::engine::EngineKind;
 use crate::process::ProcessId;
+use crate::tunnel::TunnelSpec;
 
 pub const SCHEMA: u32 = 1;
 const MAX_NAME: usize = 48;
@@ -108,6 +109,9 @@ pub struct EnvState {
     /// The server while it runs (or until isoenv notices it died).
     pub process: Option<ProcessId>,
     pub created_at: u64,
+    /// For the ssh-tunnel backend: the route the tunnel was opened with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -259,6 +263,7 @@ mod tests {
             service: true,
             process: Some(p),
             created_at: 0,
+            tunnel: None,
         };
         assert_eq!(s.status(|_| true), Status::Running);
         assert_eq!(s.status(|_| false), Status::Crashed);

@@ -23,8 +23,10 @@ use crate::error::{Error, IoContext, Result};
 use crate::files::{chown_tree, copy_tree, remove_tree, set_mode};
 use crate::net;
 use crate::process::{tail, ProcessId, ServiceUser};
+use crate::remote::{self, ServerReport};
 use crate::secret::{write_private, Secret};
 use crate::state::{validate_name, EnvState, Layout, Lock, LockError, Status, SCHEMA};
+use crate::tunnel::{self, TunnelSpec};
 
 /// How long a server may take to accept connections before `create`/`start` give up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,6 +34,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// The environment `cargo xtask db up` brings up in development.
 pub const DEFAULT_ENV: &str = "dev";
+/// The environment that records the development VM tunnel.
+pub const TUNNEL_ENV: &str = "vm";
 
 /// What a command does to environments, for the production guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +117,34 @@ pub enum UpOutcome {
     Created(EnvInfo),
     Started(EnvInfo),
     AlreadyUp(EnvInfo),
+    /// Production: the configured database answered; nothing was created or changed.
+    Verified {
+        /// The database, as a URL without the password.
+        target: String,
+        report: ServerReport,
+    },
+}
+
+/// What `db status` found: one line per thing that must work.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub environment: Environment,
+    /// The environment `up` manages, if it exists (none in production).
+    pub env: Option<EnvInfo>,
+    pub checks: Vec<Check>,
+}
+
+impl StatusReport {
+    pub fn healthy(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub ok: bool,
+    pub detail: String,
 }
 
 /// The stored login of an environment (0600).
@@ -128,6 +160,8 @@ pub struct Workspace {
     root: PathBuf,
     cache: PathBuf,
     environment: Environment,
+    /// The configured database (`DB_VM_*`, `DB_STAGING_*`, `DB_PROD_*` or the active one).
+    database: DatabaseConfig,
     vars: Vars,
     user: std::result::Result<ServiceUser, String>,
 }
@@ -143,6 +177,7 @@ impl Workspace {
             root,
             cache,
             environment: config.environment(),
+            database: config.database_config().clone(),
             vars,
             user,
         }
@@ -250,9 +285,8 @@ impl Workspace {
             port,
             service: opts.service,
             process: None,
-            created_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created_at: now(),
+            tunnel: None,
         };
         let creds = engine.credentials(Secret::generate());
         self.build(&state, &layout, template.as_deref(), &creds, user)
@@ -270,7 +304,7 @@ impl Workspace {
                 bins.version
             ));
             self.run_server(&mut state, bins, &layout, &creds)?;
-            cleanup.process = state.process.map(|pid| (pid, engine.stop_signal()));
+            cleanup.process = state.process.map(|pid| (pid, stop_signal(&state)));
             engine
                 .after_create(&endpoint(&state, &layout), &creds)
                 .map_err(env_err)?;
@@ -290,7 +324,6 @@ impl Workspace {
         creds: &Credentials,
         user: &ServiceUser,
     ) -> std::io::Result<()> {
-        let engine = state.engine.engine();
         fs::create_dir(&layout.dir)?;
         for dir in [&layout.bin, layout.log.parent().unwrap_or(&layout.dir)] {
             fs::create_dir_all(dir)?;
@@ -306,22 +339,15 @@ impl Workspace {
         fs::create_dir(&layout.run)?;
         set_mode(&layout.run, 0o700)?;
         user.chown(&layout.run)?;
-        engine.configure(layout, state.port, creds, user)?;
-        let stored = StoredCredentials {
-            user: creds.user.clone(),
-            password: creds.password.expose().to_owned(),
-            database: creds.database.clone(),
-        };
-        write_private(&layout.credentials_file(), &serde_json::to_vec(&stored)?)?;
-        let exports = exports(state, creds, layout);
-        write_private(
-            &layout.activate(),
-            activate::script(&state.name, &exports).as_bytes(),
-        )
+        write_client_files(state, layout, creds, user)
     }
 
     pub fn start(&self, name: &str, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
         self.guard(Action::Start, "start an environment")?;
+        check_name(name)?;
+        if self.load(name, &self.layout(name))?.backend == BackendKind::SshTunnel {
+            return self.tunnel_up(progress).map(UpOutcome::into_info);
+        }
         let (layout, _lock, mut state) = self.open_locked(name)?;
         match state.status(ProcessId::is_alive) {
             Status::Running => return Ok(self.info(&state, &layout)),
@@ -418,7 +444,7 @@ impl Workspace {
         self.guard(Action::Stop, "stop an environment")?;
         let (layout, _lock, mut state) = self.open_locked(name)?;
         if let Some(pid) = state.process.take() {
-            pid.stop(state.engine.engine().stop_signal(), STOP_GRACE);
+            pid.stop(stop_signal(&state), STOP_GRACE);
             save(&state, &layout)?;
         }
         Ok(self.info(&state, &layout))
@@ -441,7 +467,7 @@ impl Workspace {
         }
         let (layout, _lock, state) = self.open_locked(name)?;
         if let Some(pid) = state.process {
-            pid.stop(state.engine.engine().stop_signal(), STOP_GRACE);
+            pid.stop(stop_signal(&state), STOP_GRACE);
         }
         remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
     }
@@ -494,13 +520,41 @@ impl Workspace {
         Ok(layout.log)
     }
 
+    /// Brings up what this ENVIRONMENT uses: the local default, the VM tunnel, or (production)
+    /// a read-only check of the configured database.
     pub fn up(
         &self,
         config: &EnvironmentConfig,
         install: bool,
         progress: &dyn Fn(&str),
     ) -> Result<UpOutcome> {
-        let (name, engine, backend) = self.local_plan(config)?;
+        match plan_up(config) {
+            UpPlan::Local {
+                name,
+                engine,
+                backend,
+            } => self.local_up(name, engine, backend, install, progress),
+            UpPlan::Tunnel => self.tunnel_up(progress),
+            UpPlan::Containers => Err(staging_unsupported()),
+            UpPlan::VerifyProduction => {
+                let db = &self.database;
+                let report = self.check_remote(db, &db.host, db.port)?;
+                Ok(UpOutcome::Verified {
+                    target: db.redacted_url(),
+                    report,
+                })
+            }
+        }
+    }
+
+    fn local_up(
+        &self,
+        name: &str,
+        engine: EngineKind,
+        backend: BackendKind,
+        install: bool,
+        progress: &dyn Fn(&str),
+    ) -> Result<UpOutcome> {
         let layout = self.layout(name);
         match EnvState::load(&layout) {
             Ok(Some(state)) => match state.status(ProcessId::is_alive) {
@@ -525,30 +579,227 @@ impl Workspace {
         }
     }
 
+    /// Stops what `up` started (the local server or the tunnel); data is kept.
     pub fn down(&self, config: &EnvironmentConfig) -> Result<Option<EnvInfo>> {
-        let (name, _, _) = self.local_plan(config)?;
+        self.guard(Action::Stop, "bring anything down")?;
+        let name = match plan_up(config) {
+            UpPlan::Local { name, .. } => name,
+            UpPlan::Tunnel => TUNNEL_ENV,
+            UpPlan::Containers => return Err(staging_unsupported()),
+            UpPlan::VerifyProduction => unreachable!("guarded above"),
+        };
         match self.stop(name) {
             Err(Error::NotFound { .. }) => Ok(None),
             other => other.map(Some),
         }
     }
 
-    fn local_plan(
-        &self,
-        config: &EnvironmentConfig,
-    ) -> Result<(&'static str, EngineKind, BackendKind)> {
-        match plan_up(config) {
-            UpPlan::Local { name, engine, backend } => Ok((name, engine, backend)),
-            UpPlan::Tunnel => Err(Error::Unsupported(
-                "DB_VM_SSH_ENABLED=true asks for an SSH tunnel to the VM database, which this version cannot open yet; set DB_VM_SSH_ENABLED=false to use the local embedded default".into(),
-            )),
-            UpPlan::Containers => Err(Error::Unsupported(
-                "ENVIRONMENT=staging runs per-run containers (the docker backend), which this version does not have yet; use ENVIRONMENT=development for a local database".into(),
-            )),
-            UpPlan::VerifyProduction => Err(Error::Unsupported(
-                "ENVIRONMENT=production: verifying the production connection is not available in this version, and isoenv never provisions anything there".into(),
-            )),
+    /// Whether what `up` manages is running and its database answers. Never changes anything.
+    pub fn status(&self, config: &EnvironmentConfig) -> Result<StatusReport> {
+        let db = &self.database;
+        let mut checks = Vec::new();
+        let name = match plan_up(config) {
+            UpPlan::Local { name, .. } => name,
+            UpPlan::Tunnel => TUNNEL_ENV,
+            UpPlan::Containers => return Err(staging_unsupported()),
+            UpPlan::VerifyProduction => {
+                checks.push(remote_check(
+                    "production database",
+                    db,
+                    self.check_remote(db, &db.host, db.port),
+                ));
+                return Ok(StatusReport {
+                    environment: self.environment,
+                    env: None,
+                    checks,
+                });
+            }
+        };
+        let layout = self.layout(name);
+        let Some(state) = EnvState::load(&layout)
+            .context(|| format!("cannot read the state of environment `{name}`"))?
+        else {
+            checks.push(Check {
+                what: format!("environment `{name}`"),
+                ok: false,
+                detail: "does not exist; `cargo xtask db up` creates it".into(),
+            });
+            return Ok(StatusReport {
+                environment: self.environment,
+                env: None,
+                checks,
+            });
+        };
+        let info = self.info(&state, &layout);
+        let process = match state.backend {
+            BackendKind::SshTunnel => "ssh tunnel",
+            _ => "server",
+        };
+        checks.push(Check {
+            what: process.into(),
+            ok: info.status == Status::Running,
+            detail: match info.pid {
+                Some(pid) => format!("{} (pid {pid})", info.status.as_str()),
+                None => format!("{}; `cargo xtask db up` starts it", info.status.as_str()),
+            },
+        });
+        if info.status == Status::Running {
+            let what = format!("database at {}:{}", state.host, state.port);
+            checks.push(match &state.tunnel {
+                Some(_) => remote_check(&what, db, self.check_remote(db, &state.host, state.port)),
+                None => {
+                    let creds = read_credentials(&layout)?;
+                    let probe = state
+                        .engine
+                        .engine()
+                        .probe(&endpoint(&state, &layout), &creds);
+                    Check {
+                        what,
+                        ok: probe == Probe::Ready,
+                        detail: match probe {
+                            Probe::Ready => {
+                                format!("answers ({} {})", state.engine, state.engine_version)
+                            }
+                            Probe::NotYet(m) | Probe::Failed(m) => m,
+                        },
+                    }
+                }
+            });
         }
+        Ok(StatusReport {
+            environment: self.environment,
+            env: Some(info),
+            checks,
+        })
+    }
+
+    /// Connects to a database isoenv does not run; the error says what to fix.
+    fn check_remote(&self, db: &DatabaseConfig, host: &str, port: u16) -> Result<ServerReport> {
+        remote::check(db, host, port).map_err(|source| Error::Database {
+            target: db.redacted_url(),
+            advice: source.advice(match &db.source {
+                ConfigSource::Variables { prefix } => prefix,
+                ConfigSource::Active { .. } => "DB_",
+            }),
+            source,
+        })
+    }
+
+    /// Opens (or repairs) the development tunnel and records it as the `vm` environment, so
+    /// that `list`, `url`, `env` and the activate script work as for any other.
+    fn tunnel_up(&self, progress: &dyn Fn(&str)) -> Result<UpOutcome> {
+        self.guard(Action::Start, "open a tunnel")?;
+        let db = &self.database;
+        let Some(ssh_config) = &db.ssh_tunnel else {
+            return Err(Error::Unsupported(format!(
+                "environment `{TUNNEL_ENV}` is an SSH tunnel, but DB_VM_SSH_ENABLED is not true in this configuration; enable it, or `cargo xtask db destroy {TUNNEL_ENV}`"
+            )));
+        };
+        let ssh = which::which("ssh").map_err(|e| Error::EngineMissing {
+            engine: "ssh (the OpenSSH client)".into(),
+            detail: e.to_string(),
+            install: "apt-get install openssh-client (or your system's OpenSSH client package)"
+                .into(),
+        })?;
+        fs::create_dir_all(&self.root)
+            .context(|| format!("cannot create {}", self.root.display()))?;
+        let name = TUNNEL_ENV;
+        let layout = self.layout(name);
+        let _lock = self.lock(name)?;
+        let spec = TunnelSpec::new(db, ssh_config, &self.root);
+        let creds = Credentials {
+            user: db.user.clone(),
+            password: db.password.clone(),
+            database: db.name.clone(),
+        };
+        let mut cleanup = Cleanup {
+            dir: None,
+            process: None,
+        };
+        let existing = EnvState::load(&layout)
+            .context(|| format!("cannot read the state of environment `{name}`"))?;
+        let (mut state, fresh) = match existing {
+            Some(state) if state.backend != BackendKind::SshTunnel => {
+                return Err(Error::Env {
+                    name: name.into(),
+                    message: format!("it is a {} environment, not the VM tunnel; destroy it first (`cargo xtask db destroy {name}`)", state.backend),
+                })
+            }
+            Some(mut state) => {
+                if let Some(pid) = state.process.filter(ProcessId::is_alive) {
+                    let same = state.tunnel.as_ref() == Some(&spec);
+                    if same && remote::check(db, &state.host, state.port).is_ok() {
+                        return Ok(UpOutcome::AlreadyUp(self.info(&state, &layout)));
+                    }
+                    progress(if same {
+                        "the tunnel no longer answers; reopening it"
+                    } else {
+                        "the tunnel settings changed; reopening it"
+                    });
+                    pid.stop(Signal::SIGTERM, STOP_GRACE);
+                }
+                state.process = None;
+                if net::is_taken(state.port) {
+                    state.port = net::free_port()
+                        .context(|| "cannot find a free port on 127.0.0.1".into())?;
+                }
+                (state, false)
+            }
+            None => {
+                let port =
+                    net::free_port().context(|| "cannot find a free port on 127.0.0.1".into())?;
+                fs::create_dir(&layout.dir)
+                    .and_then(|()| fs::create_dir_all(&layout.bin))
+                    .and_then(|()| fs::create_dir_all(layout.log.parent().unwrap_or(&layout.dir)))
+                    .context(|| format!("cannot create {}", layout.dir.display()))?;
+                cleanup.dir = Some(layout.dir.clone());
+                let state = EnvState {
+                    schema: SCHEMA,
+                    name: name.into(),
+                    engine: EngineKind::Postgres,
+                    backend: BackendKind::SshTunnel,
+                    engine_version: String::new(),
+                    host: net::LOOPBACK.to_string(),
+                    port,
+                    service: true,
+                    process: None,
+                    created_at: now(),
+                    tunnel: None,
+                };
+                (state, true)
+            }
+        };
+        progress(&format!(
+            "opening an ssh tunnel 127.0.0.1:{} -> {}",
+            state.port,
+            spec.route()
+        ));
+        let starting = tunnel::spawn(&ssh, &spec, state.port, &layout)?;
+        state.process = Some(starting.process);
+        state.tunnel = Some(spec.clone());
+        cleanup.process = Some((starting.process, Signal::SIGTERM));
+        save(&state, &layout)?;
+        let report = match starting.wait(db) {
+            Ok(report) => report,
+            Err(e) => {
+                state.process = None;
+                if !fresh {
+                    save(&state, &layout)?;
+                }
+                return Err(e);
+            }
+        };
+        state.engine_version = report.version.clone();
+        write_client_files(&state, &layout, &creds, &ServiceUser::invoker())
+            .context(|| format!("cannot write the client files in {}", layout.dir.display()))?;
+        save(&state, &layout)?;
+        cleanup.disarm();
+        let info = self.info(&state, &layout);
+        Ok(if fresh {
+            UpOutcome::Created(info)
+        } else {
+            UpOutcome::Started(info)
+        })
     }
 
     fn info(&self, state: &EnvState, layout: &Layout) -> EnvInfo {
@@ -681,6 +932,36 @@ impl Workspace {
     }
 }
 
+impl UpOutcome {
+    fn into_info(self) -> EnvInfo {
+        match self {
+            UpOutcome::Created(i) | UpOutcome::Started(i) | UpOutcome::AlreadyUp(i) => i,
+            UpOutcome::Verified { .. } => unreachable!("production has no environments"),
+        }
+    }
+}
+
+fn staging_unsupported() -> Error {
+    Error::Unsupported(
+        "ENVIRONMENT=staging runs per-run containers (the docker backend), which this version does not have yet; use ENVIRONMENT=development for a local database".into(),
+    )
+}
+
+fn remote_check(what: &str, db: &DatabaseConfig, result: Result<ServerReport>) -> Check {
+    match result {
+        Ok(report) => Check {
+            what: what.into(),
+            ok: true,
+            detail: format!("{} answers: {report}", db.redacted_url()),
+        },
+        Err(e) => Check {
+            what: what.into(),
+            ok: false,
+            detail: e.to_string(),
+        },
+    }
+}
+
 /// The service user must be able to traverse every directory down to the state root.
 fn reachable(path: &Path, user: &ServiceUser) -> std::result::Result<(), String> {
     let abs =
@@ -713,6 +994,41 @@ fn save(state: &EnvState, layout: &Layout) -> Result<()> {
     state
         .save(layout)
         .context(|| format!("cannot write {}", layout.state_file().display()))
+}
+
+/// What clients use: the engine's client files, the stored login (0600) and the activate
+/// script.
+fn write_client_files(
+    state: &EnvState,
+    layout: &Layout,
+    creds: &Credentials,
+    user: &ServiceUser,
+) -> std::io::Result<()> {
+    state
+        .engine
+        .engine()
+        .configure(layout, state.port, creds, user)?;
+    let stored = StoredCredentials {
+        user: creds.user.clone(),
+        password: creds.password.expose().to_owned(),
+        database: creds.database.clone(),
+    };
+    write_private(&layout.credentials_file(), &serde_json::to_vec(&stored)?)?;
+    let exports = exports(state, creds, layout);
+    write_private(
+        &layout.activate(),
+        activate::script(&state.name, &exports).as_bytes(),
+    )
+}
+
+fn stop_signal(state: &EnvState) -> Signal {
+    state.backend.backend().stop_signal(state.engine.engine())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -754,7 +1070,11 @@ fn database(state: &EnvState, creds: &Credentials) -> DatabaseConfig {
         user: creds.user.clone(),
         password: creds.password.clone(),
         use_vm: false,
-        ssl_mode: SslMode::Disable,
+        // Through a tunnel clients use TLS if the VM's server offers it.
+        ssl_mode: match state.tunnel {
+            Some(_) => SslMode::Prefer,
+            None => SslMode::Disable,
+        },
         ssl_root_cert: None,
         ssh_tunnel: None,
         source: ConfigSource::Active {

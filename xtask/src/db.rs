@@ -12,7 +12,8 @@ use crate::Context;
 
 #[derive(Subcommand)]
 pub enum DbCommand {
-    /// Bring up this ENVIRONMENT's database (development: the local `dev` PostgreSQL).
+    /// Bring up this ENVIRONMENT's database: development, the local `dev` PostgreSQL (or the
+    /// VM through an SSH tunnel); production, a read-only check of the configured database.
     Up {
         /// Install a missing engine with the system package manager.
         #[arg(long)]
@@ -20,8 +21,13 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Stop what `up` started.
+    /// Stop what `up` started (the local server, or the development tunnel).
     Down,
+    /// Whether what `up` brings up is running and its database answers (exit 1 if not).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Create an environment (and start its server unless --no-service).
     Create {
         name: String,
@@ -95,17 +101,37 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                     UpOutcome::Created(i) => ("created and started", i),
                     UpOutcome::Started(i) => ("started", i),
                     UpOutcome::AlreadyUp(i) => ("already up", i),
+                    UpOutcome::Verified { target, report } => {
+                        println!("production database {target} verified (read-only; nothing was created or changed)");
+                        println!("  {report}");
+                        return Ok(ExitCode::SUCCESS);
+                    }
                 };
                 print_usage(verb, info);
             }
         }
         DbCommand::Down => match ws.down(&config)? {
             Some(info) => println!(
-                "stopped `{}` (data kept; `cargo xtask db up` starts it again)",
+                "stopped `{}` (kept; `cargo xtask db up` starts it again)",
                 info.name
             ),
-            None => println!("nothing to stop: the default environment does not exist"),
+            None => println!("nothing to stop: `cargo xtask db up` has not created anything"),
         },
+        DbCommand::Status { json } => {
+            let report = ws.status(&config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("ENVIRONMENT={}", report.environment);
+                for check in &report.checks {
+                    let mark = if check.ok { "ok  " } else { "FAIL" };
+                    println!("  {mark} {}: {}", check.what, check.detail);
+                }
+            }
+            if !report.healthy() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         DbCommand::Create {
             name,
             engine,

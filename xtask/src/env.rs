@@ -82,11 +82,18 @@ fn human(c: &EnvironmentConfig) -> String {
              port,
              user,
              key,
+             strict_host_keys,
+             ..
          }| {
             let key = key
                 .as_ref()
                 .map_or_else(|| "default".into(), |k| k.display().to_string());
-            format!("{user}@{host}:{port} (key: {key})")
+            let keys = if *strict_host_keys {
+                "strict"
+            } else {
+                "accept-new"
+            };
+            format!("{user}@{host}:{port} (key: {key}, host keys: {keys})")
         },
     );
     format!(

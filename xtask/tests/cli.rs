@@ -2,109 +2,13 @@
 //! commands, the activate script in a real bash, and that no output ever shows a password.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use tempfile::TempDir;
 
-/// A project directory with its own `.env` and state root.
-struct Project {
-    dir: TempDir,
-}
-
-impl Project {
-    fn new(env: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("isoenv-cli-")
-            .tempdir()
-            .unwrap();
-        // Servers run as an unprivileged user, which must be able to reach the state root.
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let p = Project { dir };
-        p.write_env(env);
-        p
-    }
-
-    fn env_file(&self) -> PathBuf {
-        self.dir.path().join(".env")
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn write_env(&self, env: &str) {
-        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache");
-        let text = format!(
-            "WASI_SANDBOX_DIR={}\nISOENV_CACHE_DIR={}\n{env}",
-            self.state().display(),
-            cache.display()
-        );
-        fs::write(self.env_file(), text).unwrap();
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-        cmd.arg("--env-file").arg(self.env_file()).args(args);
-        for var in [
-            "ENVIRONMENT",
-            "ISOENV_ACTIVE",
-            "ISOENV_ENGINE",
-            "DB_HOST",
-            "DB_PORT",
-            "DB_PASSWORD",
-            "WASI_SANDBOX_DIR",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    /// Runs, asserts success, returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "{args:?} failed:\n{}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "{args:?} succeeded:\n{}", text(&out));
-        text(&out)
-    }
-}
-
-impl Drop for Project {
-    fn drop(&mut self) {
-        // Never leave a server behind, whatever the test did.
-        if let Ok(entries) = fs::read_dir(self.state()) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') {
-                    let _ = self.run(&["db", "destroy", &name]);
-                }
-            }
-        }
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+mod support;
+use support::{text, Project};
 
 const PROD: &str = "ENVIRONMENT=production\nDB_PROD_HOST=db.internal\nDB_PROD_NAME=app\nDB_PROD_USER=app\nDB_PROD_PASSWORD=Pr0d-S3cret-Value\n";
 

@@ -1,0 +1,109 @@
+//! Shared by the CLI test files: a project directory with its own `.env` and state root, driven
+//! through the real `cargo xtask` binary.
+
+#![allow(dead_code)] // Each test file uses its own part of this module.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A project directory with its own `.env` and state root.
+pub struct Project {
+    pub dir: TempDir,
+}
+
+impl Project {
+    pub fn new(env: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("isoenv-cli-")
+            .tempdir()
+            .unwrap();
+        // Servers run as an unprivileged user, which must be able to reach the state root.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let p = Project { dir };
+        p.write_env(env);
+        p
+    }
+
+    pub fn env_file(&self) -> PathBuf {
+        self.dir.path().join(".env")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn write_env(&self, env: &str) {
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache");
+        let text = format!(
+            "WASI_SANDBOX_DIR={}\nISOENV_CACHE_DIR={}\n{env}",
+            self.state().display(),
+            cache.display()
+        );
+        fs::write(self.env_file(), text).unwrap();
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        cmd.arg("--env-file").arg(self.env_file()).args(args);
+        for var in [
+            "ENVIRONMENT",
+            "ISOENV_ACTIVE",
+            "ISOENV_ENGINE",
+            "DB_HOST",
+            "DB_PORT",
+            "DB_PASSWORD",
+            "WASI_SANDBOX_DIR",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?} failed:\n{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "{args:?} succeeded:\n{}", text(&out));
+        text(&out)
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        // Never leave a server behind, whatever the test did.
+        if let Ok(entries) = fs::read_dir(self.state()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') {
+                    let _ = self.run(&["db", "destroy", &name]);
+                }
+            }
+        }
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
