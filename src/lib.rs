@@ -22,6 +22,9 @@ pub mod remote;
 pub mod secret;
 pub mod shell;
 pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod testrun;
 pub mod tunnel;
 pub mod workflow;
 

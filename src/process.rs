@@ -84,6 +84,9 @@ impl ServiceUser {
 pub struct Launch {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// The signal the process gets when the thread that spawned it ends (`PR_SET_PDEATHSIG`),
+    /// for servers that must not outlive their owner.
+    pub parent_death: Option<Signal>,
 }
 
 impl Launch {
@@ -91,11 +94,17 @@ impl Launch {
         Launch {
             program: program.into(),
             args: Vec::new(),
+            parent_death: None,
         }
     }
 
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());
+        self
+    }
+
+    pub fn die_with_parent(mut self, signal: Signal) -> Self {
+        self.parent_death = Some(signal);
         self
     }
 
@@ -143,9 +152,17 @@ impl Launch {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // SAFETY: setsid is async-signal-safe and touches no state of the parent.
+        let parent_death = self.parent_death;
+        // SAFETY: setsid and prctl are async-signal-safe and touch no state of the parent. They
+        // run after the switch to the service user, which would clear the death signal.
         unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+            cmd.pre_exec(move || {
+                nix::unistd::setsid()?;
+                if let Some(sig) = parent_death {
+                    nix::sys::prctl::set_pdeathsig(sig)?;
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn()?;
         ProcessId::of(child.id() as i32)

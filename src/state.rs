@@ -56,6 +56,23 @@ impl Layout {
         self.bin.join("activate")
     }
 
+    /// Present while `create` builds the environment: if it is there and nobody holds the
+    /// lock, the creator died half-way and the directory is garbage.
+    pub fn creating_marker(&self) -> PathBuf {
+        self.dir.join(".creating")
+    }
+
+    /// Makes the environment's directory, marked as being created.
+    pub fn make_dir(&self) -> io::Result<()> {
+        fs::create_dir(&self.dir)?;
+        File::create(self.creating_marker()).map(drop)
+    }
+
+    /// The environment is complete: removes the marker.
+    pub fn finish(&self) -> io::Result<()> {
+        fs::remove_file(self.creating_marker())
+    }
+
     /// The longest socket path an engine creates in `run/` (PostgreSQL's `.s.PGSQL.NNNNN.lock`).
     pub fn check_socket_room(&self) -> Result<(), String> {
         let longest = self.run.join(".s.PGSQL.65535.lock");
@@ -109,6 +126,10 @@ pub struct EnvState {
     /// The server while it runs (or until isoenv notices it died).
     pub process: Option<ProcessId>,
     pub created_at: u64,
+    /// The process this environment lives for (e.g. a `test --isolated` run): once it is gone,
+    /// the environment is garbage that `db gc` (and the next isoenv command) removes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<ProcessId>,
     /// For the ssh-tunnel backend: the route the tunnel was opened with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelSpec>,
@@ -143,6 +164,11 @@ impl EnvState {
             (Some(p), true) if alive(p) => Status::Running,
             (Some(_), true) => Status::Crashed,
         }
+    }
+
+    /// Whether this is an ephemeral environment whose owner has gone: a pure decision.
+    pub fn orphaned(&self, alive: impl Fn(&ProcessId) -> bool) -> bool {
+        self.owner.as_ref().is_some_and(|o| !alive(o))
     }
 
     pub fn load(layout: &Layout) -> io::Result<Option<Self>> {
@@ -263,6 +289,7 @@ mod tests {
             service: true,
             process: Some(p),
             created_at: 0,
+            owner: None,
             tunnel: None,
         };
         assert_eq!(s.status(|_| true), Status::Running);
@@ -271,6 +298,13 @@ mod tests {
         assert_eq!(s.status(|_| true), Status::Stopped);
         s.service = false;
         assert_eq!(s.status(|_| true), Status::EnvOnly);
+        assert!(
+            !s.orphaned(|_| false),
+            "an environment without owner is kept"
+        );
+        s.owner = Some(p);
+        assert!(!s.orphaned(|_| true));
+        assert!(s.orphaned(|_| false));
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub struct CreateOptions {
     pub service: bool,
     /// Install a missing engine with the system package manager.
     pub install: bool,
+    /// The process the environment lives for; when it is gone, `gc` removes it.
+    pub owner: Option<ProcessId>,
 }
 
 /// One environment as commands show it. No secrets.
@@ -286,6 +288,7 @@ impl Workspace {
             service: opts.service,
             process: None,
             created_at: now(),
+            owner: opts.owner,
             tunnel: None,
         };
         let creds = engine.credentials(Secret::generate());
@@ -310,6 +313,7 @@ impl Workspace {
                 .map_err(env_err)?;
         }
         save(&state, &layout)?;
+        finish(&layout)?;
         cleanup.disarm();
         Ok(self.info(&state, &layout))
     }
@@ -324,7 +328,7 @@ impl Workspace {
         creds: &Credentials,
         user: &ServiceUser,
     ) -> std::io::Result<()> {
-        fs::create_dir(&layout.dir)?;
+        layout.make_dir()?;
         for dir in [&layout.bin, layout.log.parent().unwrap_or(&layout.dir)] {
             fs::create_dir_all(dir)?;
         }
@@ -394,7 +398,11 @@ impl Workspace {
         creds: &Credentials,
     ) -> Result<()> {
         let engine = state.engine.engine();
-        let launch = engine.launch(bins, layout, state.port);
+        let mut launch = engine.launch(bins, layout, state.port);
+        // An environment owned by this process (a test run) must not outlive it.
+        if state.owner.is_some() && state.owner == ProcessId::of(std::process::id() as i32).ok() {
+            launch = launch.die_with_parent(stop_signal(state));
+        }
         let pid = state
             .backend
             .backend()
@@ -472,6 +480,55 @@ impl Workspace {
         remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
     }
 
+    /// Removes what dead owners left: environments whose owner process is gone (a `test
+    /// --isolated` run killed with SIGKILL), and directories a killed `create` left without a
+    /// record. Returns the names removed. Live and unowned environments are never touched.
+    pub fn gc(&self) -> Result<Vec<String>> {
+        self.guard(Action::Destroy, "collect environments")?;
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(Error::Io {
+                    context: format!("cannot read {}", self.root.display()),
+                    source,
+                })
+            }
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if name.starts_with('.') || !is_dir || validate_name(&name).is_err() {
+                continue;
+            }
+            // A create or destroy in progress holds the lock: leave it alone.
+            let Ok(_lock) = self.lock(&name) else {
+                continue;
+            };
+            let layout = self.layout(&name);
+            // Unlocked but still marked: a create that was killed before it finished.
+            let half_made = layout.creating_marker().exists();
+            let garbage = match EnvState::load(&layout) {
+                Ok(Some(state)) if half_made || state.orphaned(ProcessId::is_alive) => {
+                    if let Some(pid) = state.process {
+                        pid.stop(stop_signal(&state), STOP_GRACE);
+                    }
+                    true
+                }
+                Ok(Some(_)) | Err(_) => false,
+                Ok(None) => half_made,
+            };
+            if garbage {
+                remove_tree(&layout.dir)
+                    .context(|| format!("cannot remove {}", layout.dir.display()))?;
+                removed.push(name);
+            }
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
     pub fn list(&self) -> Result<Vec<EnvInfo>> {
         let entries = match fs::read_dir(&self.root) {
             Ok(e) => e,
@@ -512,6 +569,21 @@ impl Workspace {
         let layout = self.layout(name);
         let state = self.load(name, &layout)?;
         Ok(database(&state, &read_credentials(&layout)?).url())
+    }
+
+    /// What the environment's activate script exports, password included.
+    pub fn exports(&self, name: &str) -> Result<Vec<(String, String)>> {
+        check_name(name)?;
+        let layout = self.layout(name);
+        let state = self.load(name, &layout)?;
+        Ok(exports(&state, &read_credentials(&layout)?, &layout))
+    }
+
+    /// Makes an owned (ephemeral) environment permanent: `gc` will leave it alone.
+    pub fn disown(&self, name: &str) -> Result<()> {
+        let (layout, _lock, mut state) = self.open_locked(name)?;
+        state.owner = None;
+        save(&state, &layout)
     }
 
     pub fn log_file(&self, name: &str) -> Result<PathBuf> {
@@ -573,6 +645,7 @@ impl Workspace {
                     port: None,
                     service: true,
                     install,
+                    owner: None,
                 };
                 self.create(&opts, progress).map(UpOutcome::Created)
             }
@@ -748,7 +821,8 @@ impl Workspace {
             None => {
                 let port =
                     net::free_port().context(|| "cannot find a free port on 127.0.0.1".into())?;
-                fs::create_dir(&layout.dir)
+                layout
+                    .make_dir()
                     .and_then(|()| fs::create_dir_all(&layout.bin))
                     .and_then(|()| fs::create_dir_all(layout.log.parent().unwrap_or(&layout.dir)))
                     .context(|| format!("cannot create {}", layout.dir.display()))?;
@@ -764,6 +838,7 @@ impl Workspace {
                     service: true,
                     process: None,
                     created_at: now(),
+                    owner: None,
                     tunnel: None,
                 };
                 (state, true)
@@ -793,6 +868,9 @@ impl Workspace {
         write_client_files(&state, &layout, &creds, &ServiceUser::invoker())
             .context(|| format!("cannot write the client files in {}", layout.dir.display()))?;
         save(&state, &layout)?;
+        if fresh {
+            finish(&layout)?;
+        }
         cleanup.disarm();
         let info = self.info(&state, &layout);
         Ok(if fresh {
@@ -1029,6 +1107,12 @@ fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+fn finish(layout: &Layout) -> Result<()> {
+    layout
+        .finish()
+        .context(|| format!("cannot complete {}", layout.dir.display()))
 }
 
 fn check_name(name: &str) -> Result<()> {

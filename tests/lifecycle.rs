@@ -21,6 +21,7 @@ fn opts(name: &str, engine: EngineKind) -> CreateOptions {
         port: None,
         service: true,
         install: false,
+        owner: None,
     }
 }
 
@@ -305,4 +306,56 @@ fn production_refuses_every_change() {
         assert!(matches!(r, Err(Error::Production { .. })), "{r:?}");
     }
     assert!(!sb.root().exists());
+}
+
+/// `gc` removes environments whose owner died (and their servers) and what a killed create
+/// left; it never touches unowned environments or directories isoenv did not make.
+#[test]
+fn gc_collects_only_what_dead_owners_left() {
+    let sb = sandbox(&[]);
+    let mut owner = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let owner_id = isoenv::process::ProcessId::of(owner.id() as i32).unwrap();
+    let owned = sb
+        .ws
+        .create(
+            &CreateOptions {
+                owner: Some(owner_id),
+                ..opts("owned", EngineKind::Redis)
+            },
+            &|_| {},
+        )
+        .unwrap();
+    let kept = sb
+        .ws
+        .create(&opts("kept", EngineKind::Redis), &|_| {})
+        .unwrap();
+    assert_eq!(
+        sb.ws.gc().unwrap(),
+        Vec::<String>::new(),
+        "the owner is alive"
+    );
+
+    let half = sb.root().join("half");
+    fs::create_dir(&half).unwrap();
+    fs::write(half.join(".creating"), "").unwrap();
+    let foreign = sb.root().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("precious"), "data").unwrap();
+
+    owner.kill().unwrap();
+    owner.wait().unwrap();
+    assert_eq!(sb.ws.gc().unwrap(), ["half", "owned"]);
+    assert!(
+        !pid_alive(owned.pid.unwrap()),
+        "the orphan's server was stopped"
+    );
+    assert!(pid_alive(kept.pid.unwrap()));
+    assert!(
+        foreign.join("precious").exists(),
+        "a directory isoenv did not make is kept"
+    );
+    sb.ws.destroy("kept").unwrap();
 }

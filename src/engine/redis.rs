@@ -66,6 +66,7 @@ impl Engine for Redis {
         let conf = format!(
             "bind 127.0.0.1\nport {port}\nprotected-mode yes\nrequirepass {}\n\
              dir {}\ndbfilename dump.rdb\nsave 3600 1 300 100 60 10000\nappendonly no\n\
+             databases 256\n\
              unixsocket {}\nunixsocketperm 700\ndaemonize no\nlogfile \"\"\n",
             creds.password.expose(),
             layout.data.display(),

@@ -1,11 +1,12 @@
-//! `ci`: the whole pipeline, as `.ci/run` and the README run it.
+//! `ci`: the whole pipeline, as `.ci/run` and the README run it: fmt, clippy, `env check` on
+//! `.env.example`, then the whole test suite through `test --isolated` on every engine.
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 use xshell::{cmd, Shell};
 
-pub fn run() -> Result<ExitCode> {
+pub fn run(ctx: &crate::Context) -> Result<ExitCode> {
     let sh = Shell::new()?;
     sh.change_dir(crate::project_root());
     cmd!(sh, "cargo fmt --all -- --check").run()?;
@@ -15,6 +16,5 @@ pub fn run() -> Result<ExitCode> {
     )
     .run()?;
     cmd!(sh, "cargo xtask env check --env-file .env.example").run()?;
-    cmd!(sh, "cargo test --workspace").run()?;
-    Ok(ExitCode::SUCCESS)
+    crate::test::run(ctx, crate::test::TestArgs::ci())
 }

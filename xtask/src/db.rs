@@ -68,6 +68,9 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove environments whose owner (e.g. a killed `test --isolated`) is gone, and what a
+    /// killed `create` left half-made.
+    Gc,
     /// Print the full connection URL, password included.
     Url { name: String },
     /// Print the server's log.
@@ -79,7 +82,7 @@ pub enum DbCommand {
     },
 }
 
-fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
+pub fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
     s.parse()
 }
 
@@ -91,6 +94,12 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
     let vars = ctx.vars()?;
     let config = ctx.config(&vars)?;
     let ws = Workspace::new(&config, vars);
+    if !matches!(cmd, DbCommand::Gc) && !config.is_prod() {
+        // What a killed run left behind goes first, so names and ports are free again.
+        for name in ws.gc()? {
+            progress(&format!("removed `{name}`: its owner is gone"));
+        }
+    }
     match cmd {
         DbCommand::Up { install, json } => {
             let outcome = ws.up(&config, install, &progress)?;
@@ -148,6 +157,7 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 port,
                 service: !no_service,
                 install,
+                owner: None,
             };
             let info = ws.create(&opts, &progress)?;
             if json {
@@ -186,6 +196,15 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 print_inspect(&info);
+            }
+        }
+        DbCommand::Gc => {
+            let removed = ws.gc()?;
+            if removed.is_empty() {
+                println!("nothing to collect");
+            }
+            for name in removed {
+                println!("removed `{name}` (its owner is gone)");
             }
         }
         DbCommand::Url { name } => println!("{}", ws.url(&name)?),

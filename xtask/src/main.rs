@@ -4,6 +4,7 @@
 mod ci;
 mod db;
 mod env;
+mod test;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,7 +39,9 @@ enum Command {
     /// Create, run and remove isolated database environments.
     #[command(subcommand)]
     Db(db::DbCommand),
-    /// The full pipeline CI runs: fmt, clippy, env check, all tests.
+    /// Run the test suite; with --isolated, against databases provisioned for this run.
+    Test(test::TestArgs),
+    /// The full pipeline CI runs: fmt, clippy, env check, all tests (isolated).
     Ci,
 }
 
@@ -64,7 +67,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Env(args) => env::run(&ctx, args),
         Command::Doctor { json } => env::doctor(&ctx, json),
         Command::Db(cmd) => db::run(&ctx, cmd),
-        Command::Ci => ci::run(),
+        Command::Test(args) => test::run(&ctx, args),
+        Command::Ci => ci::run(&ctx),
     }
 }
 

@@ -1,0 +1,144 @@
+//! `cargo xtask test --isolated`: what a test run provisions and what its test command sees.
+//! Pure decisions; the xtask spawns, waits and tears down.
+
+use crate::backend::BackendKind;
+use crate::config::Environment;
+use crate::engine::EngineKind;
+
+/// What one isolated test run provisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestPlan {
+    pub backend: BackendKind,
+    /// One environment per engine, named uniquely for this run.
+    pub envs: Vec<(EngineKind, String)>,
+}
+
+/// Chooses the backend and names the environments. `run_id` makes names unique per run, so
+/// parallel runs never collide.
+pub fn plan(
+    environment: Environment,
+    backend: Option<BackendKind>,
+    engines: &[EngineKind],
+    run_id: &str,
+) -> Result<TestPlan, String> {
+    let backend = match (environment, backend) {
+        (Environment::Production, _) => return Err(
+            "refusing to provision test databases with ENVIRONMENT=production: run the tests in development or staging".into(),
+        ),
+        (_, Some(BackendKind::SshTunnel)) => {
+            return Err("tests need their own databases; the ssh-tunnel backend only reaches the VM's".into())
+        }
+        (_, Some(b)) => b,
+        // The sandbox backend will be the development default once it exists.
+        (Environment::Development, None) => BackendKind::Lightweight,
+        (Environment::Staging, None) => return Err(
+            "ENVIRONMENT=staging runs tests in containers (the docker backend), which this version does not have yet; pass --backend lightweight".into(),
+        ),
+    };
+    let mut engines = engines.to_vec();
+    if engines.is_empty() {
+        engines.push(EngineKind::Postgres);
+    }
+    engines.dedup();
+    Ok(TestPlan {
+        backend,
+        envs: engines
+            .into_iter()
+            .map(|e| (e, format!("test-{run_id}-{e}")))
+            .collect(),
+    })
+}
+
+/// The variable through which `isoenv::testing` finds a test run's server for `engine`.
+pub fn url_var(engine: EngineKind) -> String {
+    format!("ISOENV_{}_URL", engine.as_str().to_ascii_uppercase())
+}
+
+/// The test command's variables: the first environment's exports (what its activate script
+/// sets: `DATABASE_URL`, `DB_*`, ...) plus every environment's URL under [`url_var`].
+pub fn child_env(envs: &[(EngineKind, Vec<(String, String)>)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = envs.first().map(|(_, e)| e.clone()).unwrap_or_default();
+    for (engine, exports) in envs {
+        let url = exports
+            .iter()
+            .find(|(k, _)| k == "DATABASE_URL" || k == "REDIS_URL")
+            .map(|(_, v)| v.clone());
+        if let Some(url) = url {
+            out.push((url_var(*engine), url));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_follows_the_environment() {
+        let p = plan(Environment::Development, None, &[], "r1").unwrap();
+        assert_eq!(p.backend, BackendKind::Lightweight);
+        assert_eq!(
+            p.envs,
+            vec![(EngineKind::Postgres, "test-r1-postgres".to_owned())]
+        );
+        assert!(plan(Environment::Production, None, &[], "r").is_err());
+        assert!(plan(
+            Environment::Production,
+            Some(BackendKind::Lightweight),
+            &[],
+            "r"
+        )
+        .is_err());
+        assert!(plan(Environment::Staging, None, &[], "r")
+            .unwrap_err()
+            .contains("--backend"));
+        let s = plan(
+            Environment::Staging,
+            Some(BackendKind::Lightweight),
+            &[],
+            "r",
+        )
+        .unwrap();
+        assert_eq!(s.backend, BackendKind::Lightweight);
+        assert!(plan(
+            Environment::Development,
+            Some(BackendKind::SshTunnel),
+            &[],
+            "r"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn names_are_unique_per_run_and_engine() {
+        let engines = [EngineKind::Postgres, EngineKind::Redis];
+        let a = plan(Environment::Development, None, &engines, "a").unwrap();
+        let b = plan(Environment::Development, None, &engines, "b").unwrap();
+        let names: Vec<_> = a.envs.iter().chain(&b.envs).map(|(_, n)| n).collect();
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(names.len(), unique.len());
+    }
+
+    #[test]
+    fn the_child_sees_the_first_environment_and_every_url() {
+        let pg = vec![
+            ("DATABASE_URL".to_owned(), "postgres://a".to_owned()),
+            ("DB_PORT".to_owned(), "1".to_owned()),
+        ];
+        let redis = vec![("REDIS_URL".to_owned(), "redis://b".to_owned())];
+        let env = child_env(&[(EngineKind::Postgres, pg), (EngineKind::Redis, redis)]);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("DATABASE_URL"), Some("postgres://a"));
+        assert_eq!(get("DB_PORT"), Some("1"));
+        assert_eq!(get("ISOENV_POSTGRES_URL"), Some("postgres://a"));
+        assert_eq!(get("ISOENV_REDIS_URL"), Some("redis://b"));
+        assert_eq!(
+            get("REDIS_URL"),
+            None,
+            "only the first environment's own exports"
+        );
+    }
+}

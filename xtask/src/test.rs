@@ -1,0 +1,202 @@
+//! `test [--isolated]`: run the Rust test suite, with isolated databases provisioned for the run
+//! and always torn down (success, failure, panic, Ctrl-C, SIGTERM). A SIGKILLed run leaves
+//! environments whose owner is dead, which the next isoenv command collects.
+
+use std::process::{Command, ExitCode, ExitStatus};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use isoenv::backend::BackendKind;
+use isoenv::engine::EngineKind;
+use isoenv::process::ProcessId;
+use isoenv::testrun;
+use isoenv::workflow::{CreateOptions, Workspace};
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::unistd::Pid;
+
+use crate::Context;
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Provision isolated databases for this run and export them to the tests.
+    #[arg(long)]
+    isolated: bool,
+    /// Backend for the databases (default: from ENVIRONMENT).
+    #[arg(long, value_parser = crate::db::parse::<BackendKind>)]
+    backend: Option<BackendKind>,
+    /// Engines to provision (repeatable; default: postgres).
+    #[arg(long = "engine", value_parser = crate::db::parse::<EngineKind>)]
+    engines: Vec<EngineKind>,
+    /// Run `cargo nextest run` instead of `cargo test`.
+    #[arg(long)]
+    nextest: bool,
+    /// Leave the environments after the run, for debugging.
+    #[arg(long)]
+    keep: bool,
+    /// Arguments for the test command.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+impl TestArgs {
+    /// What `cargo xtask ci` runs: the whole workspace against every engine.
+    pub fn ci() -> Self {
+        TestArgs {
+            isolated: true,
+            backend: None,
+            engines: EngineKind::ALL.to_vec(),
+            nextest: false,
+            keep: false,
+            args: vec!["--workspace".into()],
+        }
+    }
+}
+
+/// The signal that asked us to stop, or 0.
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: i32) {
+    STOP.store(sig, Ordering::SeqCst);
+}
+
+pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
+    // Before anything is made: from here on, Ctrl-C and SIGTERM end in the teardown below.
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { signal::signal(sig, SigHandler::Handler(on_signal)) }
+            .context("cannot install the signal handlers")?;
+    }
+    let mut command = test_command(&args);
+    if !args.isolated {
+        return Ok(exit_code(wait(command.spawn()?)?));
+    }
+    let vars = ctx.vars()?;
+    let config = ctx.config(&vars)?;
+    let ws = Workspace::new(&config, vars);
+    for name in ws.gc()? {
+        eprintln!("isoenv: removed `{name}`: its owner is gone");
+    }
+    let me = ProcessId::of(std::process::id() as i32)?;
+    let run_id = format!("{}{:04x}", me.pid, rand_suffix());
+    let plan = testrun::plan(config.environment(), args.backend, &args.engines, &run_id)
+        .map_err(anyhow::Error::msg)?;
+
+    let mut made = Vec::new();
+    let result = (|| -> Result<ExitCode> {
+        let mut exports = Vec::new();
+        for (engine, name) in &plan.envs {
+            stopped()?;
+            let opts = CreateOptions {
+                name: name.clone(),
+                engine: *engine,
+                backend: plan.backend,
+                port: None,
+                service: true,
+                install: false,
+                owner: Some(me),
+            };
+            let info = ws.create(&opts, &|m| eprintln!("isoenv: {m}"))?;
+            made.push(name.clone());
+            eprintln!(
+                "isoenv: {} {} ready at {}:{} for this run",
+                info.engine, info.version, info.host, info.port
+            );
+            exports.push((*engine, ws.exports(name)?));
+        }
+        stopped()?;
+        command.envs(testrun::child_env(&exports));
+        Ok(exit_code(wait(
+            command.spawn().context("cannot start the test command")?,
+        )?))
+    })();
+
+    if args.keep {
+        for name in &made {
+            ws.disown(name)?;
+            let info = ws.inspect(name)?;
+            eprintln!(
+                "isoenv: kept `{name}`: source {} (remove with `cargo xtask db destroy {name}`)",
+                info.activate.display()
+            );
+        }
+    } else {
+        for name in made.iter().rev() {
+            if let Err(e) = ws.destroy(name) {
+                eprintln!("isoenv: warning: cannot remove `{name}`: {e}");
+            }
+        }
+    }
+    result
+}
+
+fn test_command(args: &TestArgs) -> Command {
+    // The cargo that runs us (rust-analyzer's xtask convention), so toolchains stay consistent.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    if args.nextest {
+        cmd.args(["nextest", "run"]);
+    } else {
+        cmd.arg("test");
+    }
+    cmd.args(&args.args).current_dir(crate::project_root());
+    // Its own process group, so that we decide how it is stopped; and if we are SIGKILLed, the
+    // kernel stops it for us.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // SAFETY: prctl is async-signal-safe and touches no state of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+        });
+    }
+    cmd
+}
+
+/// Fails when a stop was asked for, so that provisioning stops early.
+fn stopped() -> Result<()> {
+    match STOP.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        sig => anyhow::bail!("interrupted by signal {sig}; tearing down"),
+    }
+}
+
+/// Waits for the test command; a stop request is passed on to its process group (SIGINT, as a
+/// terminal would), then SIGKILL if it does not end within 10 s.
+fn wait(mut child: std::process::Child) -> Result<ExitStatus> {
+    let group = Pid::from_raw(child.id() as i32);
+    let mut asked: Option<Instant> = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        match asked {
+            None if STOP.load(Ordering::SeqCst) != 0 => {
+                let _ = signal::killpg(group, Signal::SIGINT);
+                asked = Some(Instant::now());
+            }
+            Some(t) if t.elapsed() > Duration::from_secs(10) => {
+                let _ = signal::killpg(group, Signal::SIGKILL);
+            }
+            _ => {}
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
+fn exit_code(status: ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal(), STOP.load(Ordering::SeqCst)) {
+        (_, _, sig) if sig != 0 => 128 + sig,
+        (Some(code), _, _) => code,
+        (None, Some(sig), _) => 128 + sig,
+        (None, None, _) => 1,
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn rand_suffix() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) as u16
+}

@@ -1,0 +1,187 @@
+//! `cargo xtask test --isolated` with real servers: the test command sees them, its exit code is
+//! ours, and nothing is left after success, failure, SIGINT or SIGKILL (then one more command).
+//! The test command is a stand-in runner script (through `$CARGO`, which the xtask honours), so
+//! that it can be interrupted at a known point.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+mod support;
+use support::Project;
+
+/// Writes its pid and the exported URLs, then runs until stopped (or exits with $RUNNER_EXIT).
+fn runner(dir: &Path) -> PathBuf {
+    let script = dir.join("runner.sh");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$ISOENV_POSTGRES_URL $ISOENV_REDIS_URL\" > {d}/urls.tmp\n\
+             echo $$ > {d}/runner.pid\nmv {d}/urls.tmp {d}/urls\n\
+             [ -n \"$RUNNER_EXIT\" ] && exit \"$RUNNER_EXIT\"\nexec sleep 300\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+struct Run {
+    project: Project,
+    child: Child,
+}
+
+impl Run {
+    fn start(exit: Option<&str>) -> Self {
+        let project = Project::new("");
+        let script = runner(project.dir.path());
+        let mut cmd = project.cmd(&[
+            "test",
+            "--isolated",
+            "--engine",
+            "postgres",
+            "--engine",
+            "redis",
+            "--",
+            "ARG",
+        ]);
+        cmd.env("CARGO", script);
+        if let Some(code) = exit {
+            cmd.env("RUNNER_EXIT", code);
+        }
+        let child = cmd.spawn().unwrap();
+        Run { project, child }
+    }
+
+    /// The URLs the runner received, once it has started.
+    fn urls(&mut self) -> Vec<String> {
+        let path = self.project.dir.path().join("urls");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !path.exists() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("test --isolated exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "the runner never started");
+            sleep(Duration::from_millis(20));
+        }
+        fs::read_to_string(path)
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn runner_pid(&self) -> Pid {
+        let text = fs::read_to_string(self.project.dir.path().join("runner.pid")).unwrap();
+        Pid::from_raw(text.trim().parse().unwrap())
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "test --isolated did not exit");
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// No environment directory, no server answering on the URLs' ports, no runner.
+    fn assert_nothing_left(&self, urls: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for url in urls {
+            let port: u16 = url
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                assert!(
+                    Instant::now() < deadline,
+                    "a server still answers on port {port}"
+                );
+                sleep(Duration::from_millis(20));
+            }
+        }
+        while alive(self.runner_pid()) {
+            assert!(
+                Instant::now() < deadline,
+                "the test command is still running"
+            );
+            sleep(Duration::from_millis(20));
+        }
+        let left: Vec<String> = fs::read_dir(self.project.state())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("test-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+fn alive(pid: Pid) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+}
+
+fn query(url: &str) -> i32 {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    c.query_one("SELECT 41 + 1", &[]).unwrap().get(0)
+}
+
+#[test]
+fn the_exit_code_is_the_test_commands_and_everything_is_torn_down() {
+    let mut run = Run::start(Some("3"));
+    let urls = run.urls();
+    assert_eq!(urls.len(), 2, "{urls:?}");
+    assert!(
+        urls[0].starts_with("postgres://") && urls[1].starts_with("redis://"),
+        "{urls:?}"
+    );
+    assert_eq!(run.wait().code(), Some(3));
+    run.assert_nothing_left(&urls);
+}
+
+#[test]
+fn sigint_tears_down_and_reports_the_interruption() {
+    let mut run = Run::start(None);
+    let urls = run.urls();
+    assert_eq!(query(&urls[0]), 42, "the runner's database answers");
+    kill(Pid::from_raw(run.child.id() as i32), Signal::SIGINT).unwrap();
+    assert_eq!(run.wait().code(), Some(130));
+    run.assert_nothing_left(&urls);
+}
+
+#[test]
+fn sigkill_leaves_nothing_once_another_command_runs() {
+    let mut run = Run::start(None);
+    let urls = run.urls();
+    assert_eq!(query(&urls[0]), 42);
+    run.child.kill().unwrap();
+    run.wait();
+    // The next isoenv command collects what the dead run owned.
+    let out = run.project.ok(&["db", "list"]);
+    assert!(!out.contains("test-"), "{out}");
+    run.assert_nothing_left(&urls);
+}
