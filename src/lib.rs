@@ -16,6 +16,7 @@ pub mod engine;
 pub mod envfile;
 pub mod error;
 pub mod files;
+pub mod hooks;
 pub mod net;
 pub mod process;
 pub mod remote;

@@ -399,6 +399,12 @@ impl Workspace {
     ) -> Result<()> {
         let engine = state.engine.engine();
         let mut launch = engine.launch(bins, layout, state.port);
+        if state.owner.is_some() {
+            launch = engine
+                .disposable_args()
+                .iter()
+                .fold(launch, |l, a| l.arg(a));
+        }
         // An environment owned by this process (a test run) must not outlive it.
         if state.owner.is_some() && state.owner == ProcessId::of(std::process::id() as i32).ok() {
             launch = launch.die_with_parent(stop_signal(state));

@@ -141,6 +141,12 @@ pub trait Engine: Sync {
     /// The server command line: the binary itself, never a wrapper that polls.
     fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch;
 
+    /// Extra server options for a disposable environment (one owned by a test run): its data
+    /// dies with its owner, so durability (fsync and friends) is only a cost.
+    fn disposable_args(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// One readiness check with the engine's real protocol.
     fn probe(&self, endpoint: &Endpoint, creds: &Credentials) -> Probe;
 

@@ -104,6 +104,14 @@ impl Engine for Mysql {
         user.chown(&path)
     }
 
+    fn disposable_args(&self) -> &'static [&'static str] {
+        &[
+            "--innodb-flush-log-at-trx-commit=0",
+            "--innodb-doublewrite=0",
+            "--sync-binlog=0",
+        ]
+    }
+
     fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch {
         let l = Launch::new(&bins.server)
             .arg("--no-defaults")

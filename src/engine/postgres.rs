@@ -90,6 +90,17 @@ impl Engine for Postgres {
         write_private(&pgpass(layout), lines.as_bytes())
     }
 
+    fn disposable_args(&self) -> &'static [&'static str] {
+        &[
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]
+    }
+
     fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch {
         Launch::new(&bins.server)
             .arg("-D")

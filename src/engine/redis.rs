@@ -77,6 +77,10 @@ impl Engine for Redis {
         user.chown(&path)
     }
 
+    fn disposable_args(&self) -> &'static [&'static str] {
+        &["--save", ""]
+    }
+
     fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch {
         Launch::new(&bins.server)
             .arg(config(layout))

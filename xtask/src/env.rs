@@ -149,7 +149,7 @@ fn shell_exports(c: &EnvironmentConfig, with_password: bool) -> String {
     shell::export_lines(pairs.iter().map(|(k, v)| (*k, v.as_str())))
 }
 
-fn check(ctx: &Context) -> Result<ExitCode> {
+pub fn check(ctx: &Context) -> Result<ExitCode> {
     let path = ctx.env_file.path();
     let mut errors = 0;
     match std::fs::read_to_string(path) {

@@ -4,6 +4,7 @@
 mod ci;
 mod db;
 mod env;
+mod hooks;
 mod test;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,9 @@ enum Command {
     Db(db::DbCommand),
     /// Run the test suite; with --isolated, against databases provisioned for this run.
     Test(test::TestArgs),
+    /// The opt-in git pre-commit hook.
+    #[command(subcommand)]
+    Hooks(hooks::HooksCommand),
     /// The full pipeline CI runs: fmt, clippy, env check, all tests (isolated).
     Ci,
 }
@@ -68,6 +72,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Doctor { json } => env::doctor(&ctx, json),
         Command::Db(cmd) => db::run(&ctx, cmd),
         Command::Test(args) => test::run(&ctx, args),
+        Command::Hooks(cmd) => hooks::run(&ctx, cmd),
         Command::Ci => ci::run(&ctx),
     }
 }
