@@ -61,7 +61,10 @@ mod tests {
             ("ISOENV_ACTIVE".to_owned(), "dev".to_owned()),
         ];
         std::fs::write(&path, script("dev", &exports)).unwrap();
+        // A clean environment: the test may itself run inside an activated environment.
         let out = Command::new(shell)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .arg("-c")
             .arg(format!(
                 "PS1='$ '; DB_HOST=old; export DB_HOST\n. {}\n{body}",
