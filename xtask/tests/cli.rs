@@ -351,7 +351,7 @@ fn activate_and_deactivate_in_a_real_bash() {
     p.ok(&["db", "create", "act", "--engine", "postgres"]);
     let activate = p.state().join("act/bin/activate");
     let script = format!(
-        "export PGHOST=before; unset DATABASE_URL\n\
+        "export PGHOST=before; unset DATABASE_URL ISOENV_ACTIVE\n\
          source {}\n\
          psql -tAc 'select 7*6'\n\
          echo \"url-set:${{DATABASE_URL:+yes}} active:$ISOENV_ACTIVE\"\n\
