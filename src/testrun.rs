@@ -22,9 +22,9 @@ pub fn plan(
     run_id: &str,
 ) -> Result<TestPlan, String> {
     let backend = match (environment, backend) {
-        (Environment::Production, _) => return Err(
-            "refusing to provision test databases with ENVIRONMENT=production: run the tests in development or staging".into(),
-        ),
+        (Environment::Production, _) => return Err(format!(
+            "refusing to provision test databases with ENVIRONMENT=production: run the tests in development or staging, or set {SHARED_VAR} to a shared test database"
+        )),
         (_, Some(BackendKind::SshTunnel)) => {
             return Err("tests need their own databases; the ssh-tunnel backend only reaches the VM's".into())
         }
@@ -47,6 +47,27 @@ pub fn plan(
             .map(|e| (e, format!("test-{run_id}-{e}")))
             .collect(),
     })
+}
+
+/// The variable that names a shared test database: the only way to run `test --isolated` in
+/// production, where isoenv provisions nothing.
+pub const SHARED_VAR: &str = "ISOENV_TEST_DATABASE_URL";
+
+/// The test command's variables for an explicitly configured shared test database.
+pub fn shared_env(url: &str) -> Result<Vec<(String, String)>, String> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
+    let engine: EngineKind = scheme
+        .parse()
+        .map_err(|e| format!("{SHARED_VAR}: the URL's scheme: {e}"))?;
+    let main = if engine == EngineKind::Redis {
+        "REDIS_URL"
+    } else {
+        "DATABASE_URL"
+    };
+    Ok(vec![
+        (main.to_owned(), url.to_owned()),
+        (url_var(engine), url.to_owned()),
+    ])
 }
 
 /// The variable through which `isoenv::testing` finds a test run's server for `engine`.
@@ -108,6 +129,17 @@ mod tests {
             "r"
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_shared_database_is_exported_by_its_engine() {
+        let env = shared_env("postgresql://u:p@db/test").unwrap();
+        assert_eq!(env[0].0, "DATABASE_URL");
+        assert_eq!(env[1].0, "ISOENV_POSTGRES_URL");
+        assert_eq!(shared_env("redis://h/1").unwrap()[1].0, "ISOENV_REDIS_URL");
+        assert!(shared_env("db.example.com")
+            .unwrap_err()
+            .contains(SHARED_VAR));
     }
 
     #[test]

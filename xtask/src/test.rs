@@ -75,14 +75,23 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
     }
     let vars = ctx.vars()?;
     let config = ctx.config(&vars)?;
-    let ws = Workspace::new(&config, vars);
-    for name in ws.gc()? {
-        eprintln!("isoenv: removed `{name}`: its owner is gone");
+    if let (true, Some(url)) = (config.is_prod(), vars.get(testrun::SHARED_VAR)) {
+        // Explicitly configured: isoenv provisions and removes nothing here.
+        eprintln!(
+            "isoenv: production: using the shared test database from {}",
+            testrun::SHARED_VAR
+        );
+        command.envs(testrun::shared_env(url).map_err(anyhow::Error::msg)?);
+        return Ok(exit_code(wait(command.spawn()?)?));
     }
+    let ws = Workspace::new(&config, vars);
     let me = ProcessId::of(std::process::id() as i32)?;
     let run_id = format!("{}{:04x}", me.pid, rand_suffix());
     let plan = testrun::plan(config.environment(), args.backend, &args.engines, &run_id)
         .map_err(anyhow::Error::msg)?;
+    for name in ws.gc()? {
+        eprintln!("isoenv: removed `{name}`: its owner is gone");
+    }
 
     let mut made = Vec::new();
     let result = (|| -> Result<ExitCode> {

@@ -164,6 +164,38 @@ fn the_exit_code_is_the_test_commands_and_everything_is_torn_down() {
 }
 
 #[test]
+fn production_runs_only_against_an_explicit_shared_database() {
+    let prod = "ENVIRONMENT=production\nDB_PROD_HOST=db.internal\nDB_PROD_NAME=app\nDB_PROD_USER=app\nDB_PROD_PASSWORD=Pr0d-pw-123\n";
+    let project = Project::new(prod);
+    let script = runner(project.dir.path());
+    let out = project
+        .cmd(&["test", "--isolated"])
+        .env("CARGO", &script)
+        .env("RUNNER_EXIT", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        support::text(&out).contains("ISOENV_TEST_DATABASE_URL"),
+        "{}",
+        support::text(&out)
+    );
+
+    let shared = "postgres://tester:pw@127.0.0.1:1/shared_tests";
+    project.write_env(&format!("{prod}ISOENV_TEST_DATABASE_URL={shared}\n"));
+    let out = project
+        .cmd(&["test", "--isolated"])
+        .env("CARGO", &script)
+        .env("RUNNER_EXIT", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", support::text(&out));
+    let urls = fs::read_to_string(project.dir.path().join("urls")).unwrap();
+    assert_eq!(urls.trim(), shared, "the runner got the shared database");
+    assert!(!project.state().exists(), "nothing was provisioned");
+}
+
+#[test]
 fn sigint_tears_down_and_reports_the_interruption() {
     let mut run = Run::start(None);
     let urls = run.urls();
