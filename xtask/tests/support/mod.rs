@@ -58,6 +58,12 @@ impl Project {
             "DB_PORT",
             "DB_PASSWORD",
             "WASI_SANDBOX_DIR",
+            // What an enclosing `test --isolated` run exports.
+            "DATABASE_URL",
+            "REDIS_URL",
+            "ISOENV_POSTGRES_URL",
+            "ISOENV_MYSQL_URL",
+            "ISOENV_REDIS_URL",
         ] {
             cmd.env_remove(var);
         }
