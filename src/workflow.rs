@@ -491,51 +491,45 @@ impl Workspace {
     /// record. Returns the names removed. Live and unowned environments are never touched.
     pub fn gc(&self) -> Result<Vec<String>> {
         self.guard(Action::Destroy, "collect environments")?;
-        let entries = match fs::read_dir(&self.root) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(Error::Io {
-                    context: format!("cannot read {}", self.root.display()),
-                    source,
-                })
-            }
-        };
         let mut removed = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if name.starts_with('.') || !is_dir || validate_name(&name).is_err() {
+        for name in self.names()? {
+            let layout = self.layout(&name);
+            // Decided without the lock first, so that a clean state root costs only reads.
+            if !self.is_garbage(&layout) {
                 continue;
             }
             // A create or destroy in progress holds the lock: leave it alone.
             let Ok(_lock) = self.lock(&name) else {
                 continue;
             };
-            let layout = self.layout(&name);
-            // Unlocked but still marked: a create that was killed before it finished.
-            let half_made = layout.creating_marker().exists();
-            let garbage = match EnvState::load(&layout) {
-                Ok(Some(state)) if half_made || state.orphaned(ProcessId::is_alive) => {
-                    if let Some(pid) = state.process {
-                        pid.stop(stop_signal(&state), STOP_GRACE);
-                    }
-                    true
-                }
-                Ok(Some(_)) | Err(_) => false,
-                Ok(None) => half_made,
-            };
-            if garbage {
-                remove_tree(&layout.dir)
-                    .context(|| format!("cannot remove {}", layout.dir.display()))?;
-                removed.push(name);
+            if !self.is_garbage(&layout) {
+                continue;
             }
+            if let Ok(Some(state)) = EnvState::load(&layout) {
+                if let Some(pid) = state.process {
+                    pid.stop(stop_signal(&state), STOP_GRACE);
+                }
+            }
+            remove_tree(&layout.dir)
+                .context(|| format!("cannot remove {}", layout.dir.display()))?;
+            removed.push(name);
         }
-        removed.sort();
         Ok(removed)
     }
 
-    pub fn list(&self) -> Result<Vec<EnvInfo>> {
+    /// Whether `gc` removes this directory: its owner is dead, or it still carries the marker
+    /// of a create that did not finish (only trusted while nobody holds the lock).
+    fn is_garbage(&self, layout: &Layout) -> bool {
+        let half_made = layout.creating_marker().exists();
+        match EnvState::load(layout) {
+            Ok(Some(state)) => half_made || state.orphaned(ProcessId::is_alive),
+            Ok(None) => half_made,
+            Err(_) => false,
+        }
+    }
+
+    /// The names of the directories in the state root that can be environments, sorted.
+    fn names(&self) -> Result<Vec<String>> {
         let entries = match fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -546,19 +540,25 @@ impl Workspace {
                 })
             }
         };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.') && validate_name(n).is_ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn list(&self) -> Result<Vec<EnvInfo>> {
         let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let layout = Layout::new(entry.path());
+        for name in self.names()? {
+            let layout = self.layout(&name);
             // A directory without a record is not (or not yet) an environment.
             if let Ok(Some(state)) = EnvState::load(&layout) {
                 out.push(self.info(&state, &layout));
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 

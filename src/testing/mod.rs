@@ -323,6 +323,64 @@ fn unique() -> String {
     format!("{n:016x}")
 }
 
+/// One pool per engine and process, made on first use; a failed attempt is tried again by the
+/// next caller.
+fn shared<P: Sync>(
+    slot: &'static Mutex<Option<&'static P>>,
+    make: fn() -> Result<P>,
+) -> Result<&'static P> {
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = *slot {
+        return Ok(p);
+    }
+    let p: &'static P = Box::leak(Box::new(make()?));
+    *slot = Some(p);
+    Ok(p)
+}
+
+/// What a pool's background thread is asked to do.
+enum Work {
+    /// Top the pool up to [`pool_size`].
+    Refill,
+    /// Drop a released database.
+    Drop(String),
+}
+
+/// A pool's background thread (PostgreSQL, MariaDB). Its errors cannot reach a test, so they
+/// are printed; a handout that finds the pool empty makes its database itself.
+struct Worker(Mutex<mpsc::Sender<Work>>);
+
+impl Worker {
+    fn spawn(
+        engine: EngineKind,
+        url: &str,
+        mut step: impl FnMut(Work) -> Result<()> + Send + 'static,
+    ) -> Result<Worker> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("isoenv-{engine}-pool"))
+            .spawn(move || {
+                for w in rx {
+                    if let Err(e) = step(w) {
+                        eprintln!("isoenv::testing: {e}");
+                    }
+                }
+            })
+            .map_err(|e| TestingError::Server {
+                engine,
+                server: redact(url),
+                message: format!("cannot start the pool thread: {e}"),
+            })?;
+        let worker = Worker(Mutex::new(tx));
+        worker.send(Work::Refill);
+        Ok(worker)
+    }
+
+    fn send(&self, w: Work) {
+        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).send(w);
+    }
+}
+
 /// How many databases each pool keeps made ahead of time.
 fn pool_size() -> usize {
     std::env::var("ISOENV_POOL_SIZE")

@@ -3,11 +3,14 @@
 //! LOCKED`, so every test process shares it.
 
 use std::path::PathBuf;
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 
 use mysql::prelude::Queryable;
 
-use super::{migrations, pool_size, redact, unique, with_database, Result, TestDb, TestingError};
+use super::{
+    migrations, pool_size, redact, shared, unique, with_database, Result, TestDb, TestingError,
+    Work, Worker,
+};
 use crate::engine::EngineKind;
 
 pub(super) struct Pool {
@@ -15,24 +18,13 @@ pub(super) struct Pool {
     hash: String,
     files: Vec<(PathBuf, String)>,
     idle: Mutex<Vec<mysql::Conn>>,
-    work: Mutex<mpsc::Sender<Work>>,
-}
-
-enum Work {
-    Refill,
-    Drop(String),
+    worker: Worker,
 }
 
 impl Pool {
     pub(super) fn get() -> Result<&'static Pool> {
         static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = *pool {
-            return Ok(p);
-        }
-        let p: &'static Pool = Box::leak(Box::new(Pool::new()?));
-        *pool = Some(p);
-        Ok(p)
+        shared(&POOL, Pool::new)
     }
 
     fn new() -> Result<Pool> {
@@ -45,26 +37,24 @@ impl Pool {
                  CREATE TABLE IF NOT EXISTS isoenv.pool (name varchar(64) PRIMARY KEY, schema_hash char(16) NOT NULL) ENGINE=InnoDB",
             )
             .map_err(|e| server_error(&url, e))?;
-        let (tx, rx) = mpsc::channel();
-        let pool = Pool {
+        let mut conn = connect(&url)?;
+        let (wurl, whash, wfiles) = (url.clone(), hash.clone(), files.clone());
+        let worker = Worker::spawn(EngineKind::Mysql, &url, move |w| {
+            match w {
+                Work::Drop(name) => conn
+                    .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                    .map_err(CreateError::Server),
+                Work::Refill => refill(&mut conn, &whash, &wfiles),
+            }
+            .map_err(|e| create_error(&wurl, e))
+        })?;
+        Ok(Pool {
             url,
             hash,
             files,
             idle: Mutex::new(vec![admin]),
-            work: Mutex::new(tx),
-        };
-        let worker = connect(&pool.url)?;
-        let (url, hash, files) = (pool.url.clone(), pool.hash.clone(), pool.files.clone());
-        std::thread::Builder::new()
-            .name("isoenv-mysql-pool".into())
-            .spawn(move || work(worker, &url, &hash, &files, rx))
-            .map_err(|e| TestingError::Server {
-                engine: EngineKind::Mysql,
-                server: redact(&pool.url),
-                message: format!("cannot start the pool thread: {e}"),
-            })?;
-        pool.send(Work::Refill);
-        Ok(pool)
+            worker,
+        })
     }
 
     pub(super) fn handout(&'static self) -> Result<TestDb> {
@@ -79,7 +69,7 @@ impl Pool {
             // The pool ran dry (many tests at once): make one now.
             None => {
                 let name = format!("isoenv_t_{}", unique());
-                create(&mut conn, &name, &self.files).map_err(|e| self.fail(e))?;
+                create(&mut conn, &name, &self.files).map_err(|e| create_error(&self.url, e))?;
                 name
             }
         };
@@ -87,28 +77,14 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(conn);
-        self.send(Work::Refill);
+        self.worker.send(Work::Refill);
         let dropped = name.clone();
         Ok(TestDb {
             engine: EngineKind::Mysql,
             url: with_database(&self.url, &name),
             name,
-            release: Some(Box::new(move || self.send(Work::Drop(dropped)))),
+            release: Some(Box::new(move || self.worker.send(Work::Drop(dropped)))),
         })
-    }
-
-    fn send(&self, w: Work) {
-        let _ = self.work.lock().unwrap_or_else(|e| e.into_inner()).send(w);
-    }
-
-    fn fail(&self, e: CreateError) -> TestingError {
-        match e {
-            CreateError::Server(e) => server_error(&self.url, e),
-            CreateError::Migration(file, e) => TestingError::Migration {
-                file,
-                message: e.to_string(),
-            },
-        }
     }
 }
 
@@ -153,32 +129,6 @@ fn create(
     applied
 }
 
-fn work(
-    mut conn: mysql::Conn,
-    url: &str,
-    hash: &str,
-    files: &[(PathBuf, String)],
-    rx: mpsc::Receiver<Work>,
-) {
-    for w in rx {
-        let result = match w {
-            Work::Drop(name) => conn
-                .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                .map_err(CreateError::Server),
-            Work::Refill => refill(&mut conn, hash, files),
-        };
-        match result {
-            Ok(()) => {}
-            Err(CreateError::Server(e)) => {
-                eprintln!("isoenv::testing: {}", server_error(url, e))
-            }
-            Err(CreateError::Migration(file, e)) => {
-                eprintln!("isoenv::testing: migration {}: {e}", file.display())
-            }
-        }
-    }
-}
-
 fn refill(
     conn: &mut mysql::Conn,
     hash: &str,
@@ -207,6 +157,16 @@ fn connect(url: &str) -> Result<mysql::Conn> {
         message: e.to_string(),
     })?;
     mysql::Conn::new(opts).map_err(|e| server_error(url, e))
+}
+
+fn create_error(url: &str, e: CreateError) -> TestingError {
+    match e {
+        CreateError::Server(e) => server_error(url, e),
+        CreateError::Migration(file, e) => TestingError::Migration {
+            file,
+            message: e.to_string(),
+        },
+    }
 }
 
 fn server_error(url: &str, e: mysql::Error) -> TestingError {

@@ -2,9 +2,12 @@
 //! table in the server's `postgres` database, claimed with `FOR UPDATE SKIP LOCKED`, so every
 //! test process shares it.
 
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 
-use super::{migrations, pool_size, redact, unique, with_database, Result, TestDb, TestingError};
+use super::{
+    migrations, pool_size, redact, shared, unique, with_database, Result, TestDb, TestingError,
+    Work, Worker,
+};
 use crate::engine::EngineKind;
 
 /// Serializes schema setup and template builds across processes.
@@ -19,24 +22,13 @@ pub(super) struct Pool {
     template: String,
     /// Idle admin connections: a handout takes one, so handouts do not queue behind each other.
     idle: Mutex<Vec<postgres::Client>>,
-    work: Mutex<mpsc::Sender<Work>>,
-}
-
-enum Work {
-    Refill,
-    Drop(String),
+    worker: Worker,
 }
 
 impl Pool {
     pub(super) fn get() -> Result<&'static Pool> {
         static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = *pool {
-            return Ok(p);
-        }
-        let p: &'static Pool = Box::leak(Box::new(Pool::new()?));
-        *pool = Some(p);
-        Ok(p)
+        shared(&POOL, Pool::new)
     }
 
     fn new() -> Result<Pool> {
@@ -91,29 +83,28 @@ impl Pool {
             .batch_execute(&format!("SELECT pg_advisory_unlock({SETUP_LOCK})"))
             .map_err(err)?;
 
-        let (tx, rx) = mpsc::channel();
-        let worker = connect(&url)?;
+        let mut client = connect(&url)?;
         let (wurl, wtpl) = (url.clone(), template.clone());
-        std::thread::Builder::new()
-            .name("isoenv-pg-pool".into())
-            .spawn(move || work(worker, &wurl, &wtpl, rx))
-            .map_err(|e| TestingError::Server {
-                engine: EngineKind::Postgres,
-                server: redact(&url),
-                message: format!("cannot start the pool thread: {e}"),
-            })?;
-        let _ = tx.send(Work::Refill);
+        let worker = Worker::spawn(EngineKind::Postgres, &url, move |w| {
+            match w {
+                Work::Drop(name) => {
+                    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                }
+                Work::Refill => refill(&mut client, &wtpl),
+            }
+            .map_err(|e| server_error(&wurl, e))
+        })?;
         Ok(Pool {
             url,
             template,
             idle: Mutex::new(vec![admin]),
-            work: Mutex::new(tx),
+            worker,
         })
     }
 
     pub(super) fn handout(&'static self) -> Result<TestDb> {
-        let mut client = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut client = match client.take() {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut client = match idle {
             Some(c) if !c.is_closed() => c,
             _ => connect(&self.url)?,
         };
@@ -137,33 +128,14 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(client);
-        self.send(Work::Refill);
+        self.worker.send(Work::Refill);
         let dropped = name.clone();
         Ok(TestDb {
             engine: EngineKind::Postgres,
             url: with_database(&self.url, &name),
             name,
-            release: Some(Box::new(move || self.send(Work::Drop(dropped)))),
+            release: Some(Box::new(move || self.worker.send(Work::Drop(dropped)))),
         })
-    }
-
-    fn send(&self, w: Work) {
-        let _ = self.work.lock().unwrap_or_else(|e| e.into_inner()).send(w);
-    }
-}
-
-/// The pool's background work: top the pool up, drop released databases.
-fn work(mut client: postgres::Client, url: &str, template: &str, rx: mpsc::Receiver<Work>) {
-    for w in rx {
-        let result = match w {
-            Work::Drop(name) => {
-                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            }
-            Work::Refill => refill(&mut client, template),
-        };
-        if let Err(e) = result {
-            eprintln!("isoenv::testing: {}", server_error(url, e));
-        }
     }
 }
 

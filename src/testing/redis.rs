@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use super::{redact, unique, with_database, Result, TestDb, TestingError};
+use super::{redact, shared, unique, with_database, Result, TestDb, TestingError};
 use crate::engine::EngineKind;
 
 /// A lease outlives any sane test; it only matters if a test process dies holding it.
@@ -18,13 +18,7 @@ pub(super) struct Pool {
 impl Pool {
     pub(super) fn get() -> Result<&'static Pool> {
         static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = *pool {
-            return Ok(p);
-        }
-        let p: &'static Pool = Box::leak(Box::new(Pool::new()?));
-        *pool = Some(p);
-        Ok(p)
+        shared(&POOL, Pool::new)
     }
 
     fn new() -> Result<Pool> {

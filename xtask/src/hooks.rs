@@ -115,7 +115,8 @@ fn pre_commit(ctx: &Context, sh: &Shell) -> Result<ExitCode> {
     .into_iter()
     .filter_map(|k| Some((k.to_owned(), vars.get(k)?.to_owned())))
     .collect();
-    for path in &staged {
+    // Only read the staged contents when there is a password to look for.
+    for path in staged.iter().filter(|_| !secrets.is_empty()) {
         let spec = format!(":{path}");
         let Ok(content) = cmd!(sh, "git show {spec}").quiet().ignore_stderr().read() else {
             continue; // binary or unreadable as text: nothing to match

@@ -168,12 +168,15 @@ fn production_runs_only_against_an_explicit_shared_database() {
     let prod = "ENVIRONMENT=production\nDB_PROD_HOST=db.internal\nDB_PROD_NAME=app\nDB_PROD_USER=app\nDB_PROD_PASSWORD=Pr0d-pw-123\n";
     let project = Project::new(prod);
     let script = runner(project.dir.path());
-    let out = project
-        .cmd(&["test", "--isolated"])
-        .env("CARGO", &script)
-        .env("RUNNER_EXIT", "0")
-        .output()
-        .unwrap();
+    let run = || {
+        project
+            .cmd(&["test", "--isolated"])
+            .env("CARGO", &script)
+            .env("RUNNER_EXIT", "0")
+            .output()
+            .unwrap()
+    };
+    let out = run();
     assert!(!out.status.success());
     assert!(
         support::text(&out).contains("ISOENV_TEST_DATABASE_URL"),
@@ -183,12 +186,7 @@ fn production_runs_only_against_an_explicit_shared_database() {
 
     let shared = "postgres://tester:pw@127.0.0.1:1/shared_tests";
     project.write_env(&format!("{prod}ISOENV_TEST_DATABASE_URL={shared}\n"));
-    let out = project
-        .cmd(&["test", "--isolated"])
-        .env("CARGO", &script)
-        .env("RUNNER_EXIT", "0")
-        .output()
-        .unwrap();
+    let out = run();
     assert!(out.status.success(), "{}", support::text(&out));
     let urls = fs::read_to_string(project.dir.path().join("urls")).unwrap();
     assert_eq!(urls.trim(), shared, "the runner got the shared database");
