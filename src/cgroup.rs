@@ -1,6 +1,15 @@
-//! The machine's cgroup layout, read from `/proc/self/mountinfo` (never from hard-coded paths).
+//! The machine's cgroup layout, read from `/proc/self/mountinfo` (never from hard-coded paths),
+//! and the groups that hold a sandbox's limits: v1 (and hybrid) through the v1 controllers,
+//! v2 through the unified hierarchy. What is decided (which directories, which files, which
+//! values) is pure; [`Plan::apply`] and [`Applied`] do the writing.
 
-use serde::Serialize;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,9 +89,310 @@ impl CgroupLayout {
     }
 }
 
+/// One limit and how it is (to be) enforced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    /// `memory`, `cpu` or `pids`.
+    pub limit: String,
+    /// The limit as the manifest states it, e.g. `512M`.
+    pub value: String,
+    /// The files written, in order, with their contents. Empty: cannot be enforced here.
+    pub writes: Vec<(PathBuf, String)>,
+    /// How: e.g. `cgroup v1 memory.limit_in_bytes`; or why not.
+    pub via: String,
+}
+
+/// The groups to make for one sandbox and the limits to write into them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub groups: Vec<PathBuf>,
+    pub settings: Vec<Setting>,
+}
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl CgroupLayout {
+    /// Plans groups named `name` under this process's own groups (`self_cgroup` is the text of
+    /// `/proc/self/cgroup`). v1 controllers win over v2 on hybrid machines.
+    pub fn plan(&self, self_cgroup: &str, name: &str, limits: &Limits) -> Plan {
+        let memory = limits.memory.0.to_string();
+        let quota = ((limits.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
+        let pids = limits.pids.to_string();
+        type Files = Vec<(&'static str, String)>;
+        let wanted: [(&str, String, Files, Files); 3] = [
+            (
+                "memory",
+                limits.memory.to_string(),
+                vec![
+                    ("memory.limit_in_bytes", memory.clone()),
+                    // Without it the group could swap past the limit.
+                    ("memory.memsw.limit_in_bytes", memory.clone()),
+                ],
+                vec![
+                    ("memory.max", memory.clone()),
+                    ("memory.swap.max", "0".into()),
+                ],
+            ),
+            (
+                "cpu",
+                format!("{}", limits.cpu),
+                vec![
+                    ("cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+                    ("cpu.cfs_quota_us", quota.to_string()),
+                ],
+                vec![("cpu.max", format!("{quota} {CPU_PERIOD_US}"))],
+            ),
+            (
+                "pids",
+                pids.clone(),
+                vec![("pids.max", pids.clone())],
+                vec![("pids.max", pids)],
+            ),
+        ];
+        let mut groups: Vec<PathBuf> = Vec::new();
+        let mut settings = Vec::new();
+        for (controller, value, v1_files, v2_files) in wanted {
+            let v1 = self
+                .mounts
+                .iter()
+                .find(|m| !m.v2 && m.controllers.iter().any(|c| c == controller));
+            let (dir, files, via) = match (v1, self.mounts.iter().find(|m| m.v2)) {
+                (Some(m), _) => (
+                    own_group(self_cgroup, |c| c.split(',').any(|c| c == controller))
+                        .map(|parent| join(&m.path, &parent, name)),
+                    v1_files,
+                    format!("cgroup v1 {}", v1_files_name(controller)),
+                ),
+                (None, Some(m))
+                    if self.version == Version::V2 || controller_in_v2(m, controller) =>
+                {
+                    let via = format!("cgroup v2 {}", v2_files[0].0);
+                    (
+                        own_group(self_cgroup, str::is_empty)
+                            .map(|parent| join(&m.path, &parent, name)),
+                        v2_files,
+                        via,
+                    )
+                }
+                _ => (
+                    None,
+                    Vec::new(),
+                    format!("no {controller} controller is mounted"),
+                ),
+            };
+            let Some(dir) = dir else {
+                settings.push(Setting {
+                    limit: controller.into(),
+                    value,
+                    writes: Vec::new(),
+                    via,
+                });
+                continue;
+            };
+            if !groups.contains(&dir) {
+                groups.push(dir.clone());
+            }
+            settings.push(Setting {
+                limit: controller.into(),
+                value,
+                writes: files.into_iter().map(|(f, v)| (dir.join(f), v)).collect(),
+                via,
+            });
+        }
+        Plan { groups, settings }
+    }
+}
+
+fn v1_files_name(controller: &str) -> &'static str {
+    match controller {
+        "memory" => "memory.limit_in_bytes",
+        "cpu" => "cpu.cfs_quota_us",
+        _ => "pids.max",
+    }
+}
+
+/// On v2 a controller is usable where the root lists it (`cgroup.controllers`).
+fn controller_in_v2(mount: &Mount, controller: &str) -> bool {
+    fs::read_to_string(Path::new(&mount.path).join("cgroup.controllers"))
+        .is_ok_and(|t| t.split_whitespace().any(|c| c == controller))
+}
+
+/// This process's group in the hierarchy whose controller list matches.
+fn own_group(self_cgroup: &str, matches: impl Fn(&str) -> bool) -> Option<String> {
+    self_cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        matches(controllers).then(|| path.to_owned())
+    })
+}
+
+fn join(mount: &str, parent: &str, name: &str) -> PathBuf {
+    Path::new(mount)
+        .join(parent.trim_start_matches('/'))
+        .join(name)
+}
+
+/// What [`Plan::apply`] achieved: one line per limit, true only when the kernel took the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    pub limit: String,
+    pub value: String,
+    pub via: String,
+    pub enforced: bool,
+}
+
+impl Plan {
+    /// Makes the groups and writes the limits. A limit the kernel refuses is reported as not
+    /// enforced (never silently assumed); the groups made are in the result even on error.
+    pub fn apply(&self) -> (Vec<PathBuf>, io::Result<Vec<Enforcement>>) {
+        let mut made = Vec::new();
+        for dir in &self.groups {
+            if let Some(parent) = dir.parent() {
+                // v2: the parent must delegate the controllers to its children.
+                let control = parent.join("cgroup.subtree_control");
+                if control.exists() {
+                    let _ = fs::write(&control, "+memory +cpu +pids");
+                }
+            }
+            match fs::create_dir(dir) {
+                Ok(()) => made.push(dir.clone()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => made.push(dir.clone()),
+                Err(e) => {
+                    return (
+                        made,
+                        Err(io::Error::new(
+                            e.kind(),
+                            format!("cannot create cgroup {}: {e}", dir.display()),
+                        )),
+                    )
+                }
+            }
+        }
+        let result = self
+            .settings
+            .iter()
+            .map(|s| {
+                let enforced = !s.writes.is_empty()
+                    && s.writes.iter().enumerate().all(|(i, (file, value))| {
+                        // memsw/swap files exist only with swap accounting; skipping them is safe.
+                        let optional = i > 0 && s.limit == "memory";
+                        match fs::write(file, value) {
+                            Ok(()) => true,
+                            Err(_) if optional && !file.exists() => true,
+                            Err(_) => false,
+                        }
+                    });
+                Enforcement {
+                    limit: s.limit.clone(),
+                    value: s.value.clone(),
+                    via: s.via.clone(),
+                    enforced,
+                }
+            })
+            .collect();
+        (made, Ok(result))
+    }
+
+    /// Whether the files still hold the planned values (what `inspect` reports).
+    pub fn verify(&self) -> Vec<Enforcement> {
+        self.settings
+            .iter()
+            .map(|s| Enforcement {
+                limit: s.limit.clone(),
+                value: s.value.clone(),
+                via: s.via.clone(),
+                enforced: !s.writes.is_empty()
+                    && s.writes.iter().take(1).all(|(file, value)| {
+                        fs::read_to_string(file).is_ok_and(|t| same_value(&t, value))
+                    }),
+            })
+            .collect()
+    }
+}
+
+/// v1 rounds memory limits to pages and prints `max` as a huge number; compare loosely.
+fn same_value(read: &str, written: &str) -> bool {
+    let read = read.trim();
+    read == written
+        || match (read.parse::<u64>(), written.parse::<u64>()) {
+            (Ok(r), Ok(w)) => r / 4096 == w / 4096,
+            _ => false,
+        }
+}
+
+/// Moves `pid` into each group.
+pub fn attach(groups: &[PathBuf], pid: i32) -> io::Result<()> {
+    for dir in groups {
+        fs::write(dir.join("cgroup.procs"), pid.to_string()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot move process {pid} into {}: {e}", dir.display()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes the groups once their processes are gone (the kernel refuses while any remain, so
+/// this retries for a short while after a kill).
+pub fn remove(groups: &[PathBuf]) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for dir in groups {
+        loop {
+            match fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot remove cgroup {}: {e}", dir.display()),
+                    ))
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Bytes;
+
+    #[test]
+    fn plans_v1_groups_under_our_own() {
+        let mountinfo = "\
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw shared:9 - cgroup cgroup rw,cpu,cpuacct
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+        let own = "8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/\n0::/\n";
+        let limits = Limits {
+            memory: Bytes(64 << 20),
+            cpu: 0.5,
+            pids: 32,
+        };
+        let plan = CgroupLayout::parse(mountinfo).plan(own, "isoenv-x", &limits);
+        assert_eq!(
+            plan.groups,
+            [
+                PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/isoenv-x"),
+                PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/isoenv-x"),
+                PathBuf::from("/sys/fs/cgroup/pids/isoenv-x"),
+            ]
+        );
+        let cpu = &plan.settings[1];
+        assert_eq!(cpu.writes[1].1, "50000");
+        assert_eq!(cpu.via, "cgroup v1 cpu.cfs_quota_us");
+        assert_eq!(plan.settings[0].value, "64M");
+        assert_eq!(plan.settings[0].writes[0].1, (64u64 << 20).to_string());
+        // Without a pids hierarchy the limit is reported, not pretended.
+        let no_pids = mountinfo.replace("rw,pids", "rw,freezer");
+        let plan = CgroupLayout::parse(&no_pids).plan(own, "isoenv-x", &limits);
+        assert!(plan.settings[2].writes.is_empty());
+        assert!(plan.settings[2].via.contains("no pids controller"));
+    }
 
     #[test]
     fn hybrid_v1_and_v2() {

@@ -35,10 +35,12 @@ pub enum Error {
     },
     #[error("environment `{name}`: {message}")]
     Env { name: String, message: String },
-    #[error("{context}: {source}")]
+    /// The cause is part of the message (and so not also a `source()`, which would print it
+    /// twice in a report chain).
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("ssh tunnel {route} failed at the {hop} hop: {detail}\n  fix: {advice}")]
     Tunnel {
@@ -47,11 +49,11 @@ pub enum Error {
         detail: String,
         advice: String,
     },
-    #[error("{target}: {source}\n  fix: {advice}")]
+    #[error("{target}: {cause}\n  fix: {advice}")]
     Database {
         /// The database, as a URL without the password.
         target: String,
-        source: CheckError,
+        cause: CheckError,
         advice: String,
     },
     #[error("{0}")]
@@ -67,9 +69,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|cause| Error::Io {
             context: what(),
-            source,
+            cause,
         })
     }
 }

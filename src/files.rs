@@ -52,6 +52,15 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Replaces `path` with `contents` in one step (write a sibling, then rename), so that readers
+/// never see a half-written file.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    fs::write(&tmp, contents)?;
+    fs::rename(tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -186,9 +186,7 @@ impl EnvState {
 
     /// Writes atomically (temp file + rename): a reader never sees half a record.
     pub fn save(&self, layout: &Layout) -> io::Result<()> {
-        let tmp = layout.dir.join(".state.json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        fs::rename(tmp, layout.state_file())
+        crate::files::write_atomic(&layout.state_file(), &serde_json::to_vec_pretty(self)?)
     }
 }
 

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, Spawn};
 use crate::config::{DatabaseConfig, SshTunnel};
+use crate::engine::EngineKind;
 use crate::error::{Error, Result};
 use crate::process::{tail, Launch, ProcessId, ServiceUser};
 use crate::remote::{self, FailureKind, ServerReport};
@@ -203,10 +204,16 @@ pub fn spawn<'a>(
     let launch = spec.launch(ssh, local_port);
     let process = BackendKind::SshTunnel
         .backend()
-        .spawn(&launch, layout, &ServiceUser::invoker())
+        .spawn(&Spawn {
+            launch: &launch,
+            layout,
+            user: &ServiceUser::invoker(),
+            engine: EngineKind::Postgres.engine(),
+            port: local_port,
+        })
         .map_err(|e| Error::Io {
             context: format!("cannot run {}", ssh.display()),
-            source: e,
+            cause: e,
         })?;
     Ok(Starting {
         process,

@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::activate;
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, Isolation, Prepare, Spawn};
 use crate::config::{
     ConfigSource, DatabaseConfig, Environment, EnvironmentConfig, SslMode, ACTIVE_ENGINE,
     ACTIVE_MARKER,
@@ -75,7 +75,11 @@ pub fn plan_up(config: &EnvironmentConfig) -> UpPlan {
         Environment::Development => UpPlan::Local {
             name: DEFAULT_ENV,
             engine: EngineKind::Postgres,
-            backend: BackendKind::Lightweight,
+            backend: if config.sandbox().use_namespaces {
+                BackendKind::Sandbox
+            } else {
+                BackendKind::Lightweight
+            },
         },
         Environment::Staging => UpPlan::Containers,
         Environment::Production => UpPlan::VerifyProduction,
@@ -111,6 +115,11 @@ pub struct EnvInfo {
     /// The connection URL without the password.
     pub url: String,
     pub activate: PathBuf,
+    /// The directory of the server's Unix socket, for clients that can use it (fastest path).
+    pub socket_dir: Option<PathBuf>,
+    /// What confines the server (`inspect` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,6 +175,8 @@ pub struct Workspace {
     database: DatabaseConfig,
     vars: Vars,
     user: std::result::Result<ServiceUser, String>,
+    /// The sandbox's default memory limit (`WASI_MEMORY_LIMIT`).
+    memory_limit: u64,
 }
 
 impl Workspace {
@@ -182,6 +193,7 @@ impl Workspace {
             database: config.database_config().clone(),
             vars,
             user,
+            memory_limit: config.sandbox().memory_limit_bytes,
         }
     }
 
@@ -215,7 +227,7 @@ impl Workspace {
                         "cannot lock environment `{name}` in {}",
                         self.root.display()
                     ),
-                    source,
+                    cause: source,
                 },
             },
         )
@@ -276,6 +288,7 @@ impl Workspace {
         let mut cleanup = Cleanup {
             dir: Some(layout.dir.clone()),
             process: None,
+            backend: opts.backend,
         };
         let mut state = EnvState {
             schema: SCHEMA,
@@ -301,6 +314,16 @@ impl Workspace {
                 )
             })?;
         if let Some(bins) = &bins {
+            opts.backend
+                .backend()
+                .prepare(&Prepare {
+                    layout: &layout,
+                    engine,
+                    bins,
+                    port,
+                    memory: self.memory_limit,
+                })
+                .map_err(env_err)?;
             progress(&format!(
                 "starting {} {} on 127.0.0.1:{port}",
                 engine.kind(),
@@ -412,7 +435,13 @@ impl Workspace {
         let pid = state
             .backend
             .backend()
-            .spawn(&launch, layout, self.user()?)
+            .spawn(&Spawn {
+                launch: &launch,
+                layout,
+                user: self.user()?,
+                engine,
+                port: state.port,
+            })
             .context(|| format!("cannot start {}", launch.program.display()))?;
         state.process = Some(pid);
         if let Err(e) = save(state, layout) {
@@ -441,6 +470,7 @@ impl Workspace {
             }
         };
         pid.stop(Signal::SIGKILL, Duration::from_secs(5));
+        let _ = state.backend.backend().release(&layout.dir);
         state.process = None;
         let _ = save(state, layout);
         let log = fs::read_to_string(&layout.log).unwrap_or_default();
@@ -461,6 +491,7 @@ impl Workspace {
             pid.stop(stop_signal(&state), STOP_GRACE);
             save(&state, &layout)?;
         }
+        release(&state, &layout)?;
         Ok(self.info(&state, &layout))
     }
 
@@ -483,6 +514,7 @@ impl Workspace {
         if let Some(pid) = state.process {
             pid.stop(stop_signal(&state), STOP_GRACE);
         }
+        release(&state, &layout)?;
         remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
     }
 
@@ -509,6 +541,7 @@ impl Workspace {
                 if let Some(pid) = state.process {
                     pid.stop(stop_signal(&state), STOP_GRACE);
                 }
+                release(&state, &layout)?;
             }
             remove_tree(&layout.dir)
                 .context(|| format!("cannot remove {}", layout.dir.display()))?;
@@ -536,7 +569,7 @@ impl Workspace {
             Err(source) => {
                 return Err(Error::Io {
                     context: format!("cannot read {}", self.root.display()),
-                    source,
+                    cause: source,
                 })
             }
         };
@@ -566,7 +599,9 @@ impl Workspace {
         check_name(name)?;
         let layout = self.layout(name);
         let state = self.load(name, &layout)?;
-        Ok(self.info(&state, &layout))
+        let mut info = self.info(&state, &layout);
+        info.isolation = state.backend.backend().isolation(&layout.dir);
+        Ok(info)
     }
 
     /// The full connection URL, password included: only for callers that asked for it.
@@ -760,7 +795,7 @@ impl Workspace {
                 ConfigSource::Variables { prefix } => prefix,
                 ConfigSource::Active { .. } => "DB_",
             }),
-            source,
+            cause: source,
         })
     }
 
@@ -794,6 +829,7 @@ impl Workspace {
         let mut cleanup = Cleanup {
             dir: None,
             process: None,
+            backend: BackendKind::SshTunnel,
         };
         let existing = EnvState::load(&layout)
             .context(|| format!("cannot read the state of environment `{name}`"))?;
@@ -904,6 +940,8 @@ impl Workspace {
             version: state.engine_version.clone(),
             url: database(state, &creds).redacted_url(),
             activate: layout.activate(),
+            socket_dir: (state.service && state.tunnel.is_none()).then(|| layout.run.clone()),
+            isolation: None,
         }
     }
 
@@ -1105,6 +1143,15 @@ fn write_client_files(
     )
 }
 
+/// What the backend left outside the directory once the server is gone (a sandbox's cgroups).
+fn release(state: &EnvState, layout: &Layout) -> Result<()> {
+    state
+        .backend
+        .backend()
+        .release(&layout.dir)
+        .context(|| format!("cannot clean up after environment `{}`", state.name))
+}
+
 fn stop_signal(state: &EnvState) -> Signal {
     state.backend.backend().stop_signal(state.engine.engine())
 }
@@ -1133,7 +1180,7 @@ fn read_credentials(layout: &Layout) -> Result<Credentials> {
     let bytes = fs::read(&path).context(|| format!("cannot read {}", path.display()))?;
     let c: StoredCredentials = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
         context: format!("cannot parse {}", path.display()),
-        source: e.into(),
+        cause: e.into(),
     })?;
     Ok(Credentials {
         user: c.user,
@@ -1206,6 +1253,7 @@ fn exports(state: &EnvState, creds: &Credentials, layout: &Layout) -> Vec<(Strin
 struct Cleanup {
     dir: Option<PathBuf>,
     process: Option<(ProcessId, Signal)>,
+    backend: BackendKind,
 }
 
 impl Cleanup {
@@ -1221,6 +1269,7 @@ impl Drop for Cleanup {
             pid.stop(signal, Duration::from_secs(10));
         }
         if let Some(dir) = self.dir.take() {
+            let _ = self.backend.backend().release(&dir);
             let _ = remove_tree(&dir);
         }
     }

@@ -3,9 +3,8 @@
 
 use std::io;
 
-use super::{Backend, BackendKind};
-use crate::process::{Launch, ProcessId, ServiceUser};
-use crate::state::Layout;
+use super::{Backend, BackendKind, Spawn};
+use crate::process::ProcessId;
 
 pub struct Lightweight;
 
@@ -14,7 +13,8 @@ impl Backend for Lightweight {
         BackendKind::Lightweight
     }
 
-    fn spawn(&self, launch: &Launch, layout: &Layout, user: &ServiceUser) -> io::Result<ProcessId> {
-        launch.spawn_detached(user, &layout.dir, &layout.log)
+    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {
+        s.launch
+            .spawn_detached(s.user, &s.layout.dir, &s.layout.log)
     }
 }

@@ -3,24 +3,32 @@
 //! here and one arm in [`BackendKind::backend`].
 
 mod lightweight;
+mod sandbox;
 mod ssh;
 
 use std::fmt;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use nix::sys::signal::Signal;
 
-use crate::engine::Engine;
+use crate::cgroup::Enforcement;
+use crate::engine::{Binaries, Engine};
+use crate::manifest::Manifest;
 use crate::process::{Launch, ProcessId, ServiceUser};
 use crate::state::Layout;
+
+pub use sandbox::manifest_file;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
     Lightweight,
+    /// Linux namespaces confined by a capability manifest.
+    Sandbox,
     /// The development VM's database, reached through `ssh -L` (made by `db up`, not `create`).
     SshTunnel,
 }
@@ -29,6 +37,7 @@ impl BackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Lightweight => "lightweight",
+            BackendKind::Sandbox => "sandbox",
             BackendKind::SshTunnel => "ssh-tunnel",
         }
     }
@@ -36,6 +45,7 @@ impl BackendKind {
     pub fn backend(self) -> &'static dyn Backend {
         match self {
             BackendKind::Lightweight => &lightweight::Lightweight,
+            BackendKind::Sandbox => &sandbox::Sandbox,
             BackendKind::SshTunnel => &ssh::SshTunnel,
         }
     }
@@ -52,26 +62,72 @@ impl FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "lightweight" => Ok(BackendKind::Lightweight),
+            "sandbox" => Ok(BackendKind::Sandbox),
             "ssh-tunnel" => Err("ssh tunnels are opened by `cargo xtask db up` in development with DB_VM_SSH_ENABLED=true, not created by name".into()),
-            "sandbox" | "docker" => Err(format!(
+            "docker" => Err(format!(
                 "the `{s}` backend is not available in this version; use --backend lightweight"
             )),
             _ => Err(format!(
-                "unknown backend `{s}`; valid backends: lightweight"
+                "unknown backend `{s}`; valid backends: lightweight, sandbox"
             )),
         }
     }
 }
 
+/// What a new environment's backend may prepare (once, at create).
+pub struct Prepare<'a> {
+    pub layout: &'a Layout,
+    pub engine: &'a dyn Engine,
+    pub bins: &'a Binaries,
+    pub port: u16,
+    /// The default memory limit (`WASI_MEMORY_LIMIT`).
+    pub memory: u64,
+}
+
+/// One server start.
+pub struct Spawn<'a> {
+    pub launch: &'a Launch,
+    pub layout: &'a Layout,
+    pub user: &'a ServiceUser,
+    pub engine: &'a dyn Engine,
+    pub port: u16,
+}
+
+/// What confines an environment, as `inspect` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Isolation {
+    pub manifest_file: PathBuf,
+    /// The manifest, or why it cannot be used.
+    pub manifest: Result<Manifest, String>,
+    pub running: bool,
+    /// The sandbox's pid 1 as the host sees it (for `nsenter --target`).
+    pub init_pid: Option<i32>,
+    /// Each limit and whether the kernel enforces it right now.
+    pub limits: Vec<Enforcement>,
+}
+
 pub trait Backend: Sync {
     fn kind(&self) -> BackendKind;
 
-    /// Starts `launch` for the environment at `layout`, running as `user`, and returns the
-    /// process that owns the server's lifetime.
-    fn spawn(&self, launch: &Launch, layout: &Layout, user: &ServiceUser) -> io::Result<ProcessId>;
+    /// Writes what the backend needs into a new environment (e.g. its manifest).
+    fn prepare(&self, _p: &Prepare) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Starts the server and returns the process that owns its lifetime.
+    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId>;
 
     /// The signal for a graceful, fast stop of what [`Backend::spawn`] started.
     fn stop_signal(&self, engine: &dyn Engine) -> Signal {
         engine.stop_signal()
+    }
+
+    /// Removes what a dead server's backend left outside the environment directory.
+    fn release(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn isolation(&self, _dir: &Path) -> Option<Isolation> {
+        None
     }
 }

@@ -5,10 +5,9 @@ use std::io;
 
 use nix::sys::signal::Signal;
 
-use super::{Backend, BackendKind};
+use super::{Backend, BackendKind, Spawn};
 use crate::engine::Engine;
-use crate::process::{Launch, ProcessId, ServiceUser};
-use crate::state::Layout;
+use crate::process::{ProcessId, ServiceUser};
 
 pub struct SshTunnel;
 
@@ -17,8 +16,9 @@ impl Backend for SshTunnel {
         BackendKind::SshTunnel
     }
 
-    fn spawn(&self, launch: &Launch, layout: &Layout, _: &ServiceUser) -> io::Result<ProcessId> {
-        launch.spawn_detached(&ServiceUser::invoker(), &layout.dir, &layout.log)
+    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {
+        s.launch
+            .spawn_detached(&ServiceUser::invoker(), &s.layout.dir, &s.layout.log)
     }
 
     fn stop_signal(&self, _: &dyn Engine) -> Signal {

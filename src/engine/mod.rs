@@ -155,6 +155,17 @@ pub trait Engine: Sync {
         Ok(())
     }
 
+    /// Host paths the server reads besides its binary and libraries (install and share
+    /// directories): what a sandbox binds read-only.
+    fn sandbox_paths(&self, _bins: &Binaries) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// The environment's files the server reads (configuration, init scripts).
+    fn server_files(&self, _layout: &Layout) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
     /// Files a crashed server leaves behind that would stop the next start.
     fn stale_files(&self, _layout: &Layout, _port: u16) -> Vec<PathBuf> {
         Vec::new()
@@ -238,6 +249,11 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
             .collect();
     found.sort();
     found.into_iter().rev().map(|(_, p)| p).collect()
+}
+
+/// The paths of `candidates` that exist.
+pub(crate) fn existing(candidates: impl IntoIterator<Item = PathBuf>) -> Vec<PathBuf> {
+    candidates.into_iter().filter(|p| p.exists()).collect()
 }
 
 fn is_executable(path: &Path) -> bool {

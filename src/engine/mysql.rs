@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind, PackageManager,
-    Probe,
+    existing, find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind,
+    PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -145,6 +145,21 @@ impl Engine for Mysql {
             Ok(()) => Probe::Failed(format!("unexpected handshake byte {:#x}", head[4])),
             Err(e) => Probe::NotYet(e.to_string()),
         }
+    }
+
+    fn sandbox_paths(&self, _bins: &Binaries) -> Vec<PathBuf> {
+        existing(
+            [
+                "/usr/share/mariadb",
+                "/usr/share/mysql",
+                "/usr/lib/mysql/plugin",
+            ]
+            .map(PathBuf::from),
+        )
+    }
+
+    fn server_files(&self, layout: &Layout) -> Vec<PathBuf> {
+        vec![init_file(layout)]
     }
 
     fn native_exports(

@@ -8,8 +8,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use super::{
-    find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind, PackageManager,
-    Probe,
+    existing, find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind,
+    PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -139,6 +139,17 @@ impl Engine for Postgres {
                 creds.password.expose()
             ))
             .map_err(|e| format!("cannot set the password: {e}"))
+    }
+
+    /// Debian keeps share files under `/usr/share/postgresql/MAJOR` and uses the system's time
+    /// zone data; a source build keeps both under its prefix.
+    fn sandbox_paths(&self, bins: &Binaries) -> Vec<PathBuf> {
+        let prefix = bins.server.parent().and_then(Path::parent);
+        let major = bins.version.split('.').next().unwrap_or_default();
+        existing(prefix.map(Path::to_owned).into_iter().chain([
+            PathBuf::from(format!("/usr/share/postgresql/{major}")),
+            PathBuf::from("/usr/share/zoneinfo"),
+        ]))
     }
 
     fn stale_files(&self, layout: &Layout, port: u16) -> Vec<PathBuf> {

@@ -88,6 +88,10 @@ impl Engine for Redis {
             .arg(port.to_string())
     }
 
+    fn server_files(&self, layout: &Layout) -> Vec<PathBuf> {
+        vec![config(layout)]
+    }
+
     fn probe(&self, endpoint: &Endpoint, creds: &Credentials) -> Probe {
         let stream = match TcpStream::connect((endpoint.host.as_str(), endpoint.port)) {
             Ok(s) => s,

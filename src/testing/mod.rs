@@ -209,7 +209,7 @@ fn provision(engine: EngineKind) -> crate::Result<String> {
         })
         .map_err(|e| crate::Error::Io {
             context: "cannot start the isoenv keeper thread".into(),
-            source: e,
+            cause: e,
         })?;
     rx.recv().unwrap_or_else(|_| {
         Err(crate::Error::Unsupported(
@@ -248,7 +248,7 @@ fn provision_here(engine: EngineKind) -> crate::Result<String> {
 fn io(path: &Path, source: std::io::Error) -> crate::Error {
     crate::Error::Io {
         context: format!("cannot prepare {}", path.display()),
-        source,
+        cause: source,
     }
 }
 

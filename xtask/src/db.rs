@@ -280,4 +280,45 @@ fn print_inspect(e: &EnvInfo) {
         e.url,
         e.activate.display()
     );
+    if let Some(dir) = &e.socket_dir {
+        println!("socket:   {} (Unix socket directory)", dir.display());
+    }
+    if let Some(iso) = &e.isolation {
+        print_isolation(iso);
+    }
+}
+
+fn print_isolation(iso: &isoenv::backend::Isolation) {
+    println!("manifest: {}", iso.manifest_file.display());
+    let m = match &iso.manifest {
+        Ok(m) => m,
+        Err(e) => {
+            println!("  INVALID: {e}");
+            return;
+        }
+    };
+    for bind in &m.fs {
+        let mode = format!("{:?}", bind.mode).to_lowercase();
+        match &bind.guest {
+            Some(guest) => println!("  fs {mode} {} -> {}", bind.host.display(), guest.display()),
+            None => println!("  fs {mode} {}", bind.host.display()),
+        }
+    }
+    println!(
+        "  network: 127.0.0.1:{} on the host; inside only `lo`, no outbound access",
+        m.network.expose.port()
+    );
+    let env: Vec<&str> = m.env.keys().map(String::as_str).collect();
+    println!("  env: {}", env.join(" "));
+    for l in &iso.limits {
+        let state = match (l.enforced, iso.running) {
+            (true, _) => "enforced",
+            (false, true) => "NOT enforced",
+            (false, false) => "not running",
+        };
+        println!("  limit {} {} ({}, {state})", l.limit, l.value, l.via);
+    }
+    if let Some(pid) = iso.init_pid {
+        println!("  sandbox init pid {pid} (enter with: nsenter --target {pid} --mount --pid --net --ipc --uts)");
+    }
 }

@@ -50,6 +50,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The sandbox supervisor is this executable re-run by the library; it must start
+    // single-threaded and bypass everything else.
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some(isoenv::sandbox::SUPERVISOR_COMMAND) {
+        let request = args.next().unwrap_or_default();
+        return ExitCode::from(isoenv::sandbox::supervise(&request).clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -1,0 +1,267 @@
+//! The sandbox backend: the real server inside Linux namespaces, confined by the environment's
+//! `manifest.json` (see [`crate::manifest`]) and run by a supervisor ([`crate::sandbox`]).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::{Backend, BackendKind, Isolation, Prepare, Spawn};
+use crate::cgroup::{CgroupLayout, Enforcement};
+use crate::manifest::{self, Defaults, Manifest};
+use crate::process::{tail, Launch, ProcessId};
+use crate::sandbox::{Account, Record, Request, SUPERVISOR_COMMAND, SUPERVISOR_VAR};
+
+pub struct Sandbox;
+
+/// How long the supervisor may take to build the sandbox (mounts, cgroups) before giving up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Backend for Sandbox {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Sandbox
+    }
+
+    /// Writes the default manifest: the server binary, its libraries and data files read-only,
+    /// the data and socket directories read-write, the engine's config files read-only.
+    fn prepare(&self, p: &Prepare) -> Result<(), String> {
+        let mut read_only = vec![p.bins.server.clone()];
+        read_only.extend(library_dirs(&p.bins.server)?);
+        read_only.extend(p.engine.sandbox_paths(p.bins));
+        read_only.extend(
+            ["/usr/lib/locale"]
+                .iter()
+                .map(PathBuf::from)
+                .filter(|d| d.is_dir()),
+        );
+        read_only.extend(p.engine.server_files(p.layout));
+        let manifest = Manifest::defaults(&Defaults {
+            read_only: &read_only,
+            read_write: &[p.layout.data.clone(), p.layout.run.clone()],
+            port: p.port,
+            memory: p.memory,
+        });
+        let path = manifest_file(&p.layout.dir);
+        std::fs::write(&path, manifest.to_json())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the sandbox backend needs root (namespaces, bind mounts and cgroup limits); run as root, or use --backend lightweight",
+            ));
+        }
+        let file = manifest_file(&s.layout.dir);
+        let manifest = Manifest::load(&file).map_err(io::Error::other)?;
+        if manifest.network.expose.port() != s.port {
+            return Err(io::Error::other(format!(
+                "{}: network.expose: port {} differs from the environment's port {}; the port is fixed when the environment is created",
+                file.display(),
+                manifest.network.expose.port(),
+                s.port
+            )));
+        }
+        // A previous supervisor killed with SIGKILL may have left its cgroups.
+        Record::release(&s.layout.dir)?;
+        let request = Request {
+            dir: s.layout.dir.clone(),
+            hostname: hostname(&s.layout.dir),
+            user: Account {
+                name: s.user.name.clone(),
+                uid: s.user.uid,
+                gid: s.user.gid,
+            },
+            program: s.launch.program.clone(),
+            args: s
+                .launch
+                .args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            stop_signal: s.engine.stop_signal() as i32,
+            manifest,
+        };
+        let exe = match std::env::var_os(SUPERVISOR_VAR) {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()?,
+        };
+        let mut supervisor = Launch::new(&exe)
+            .arg(SUPERVISOR_COMMAND)
+            .arg(serde_json::to_string(&request)?);
+        supervisor.parent_death = s.launch.parent_death;
+        // The supervisor itself runs as root; it drops privileges for what runs inside.
+        let root = crate::process::ServiceUser::invoker();
+        let pid = supervisor.spawn_detached(&root, &s.layout.dir, &s.layout.log)?;
+        wait_ready(pid, &s.layout.dir, &s.layout.log, &exe)?;
+        Ok(pid)
+    }
+
+    /// The supervisor turns SIGTERM into the engine's own stop signal.
+    fn stop_signal(&self, _engine: &dyn crate::engine::Engine) -> Signal {
+        Signal::SIGTERM
+    }
+
+    fn release(&self, dir: &Path) -> io::Result<()> {
+        Record::release(dir)
+    }
+
+    fn isolation(&self, dir: &Path) -> Option<Isolation> {
+        let file = manifest_file(dir);
+        let manifest = Manifest::load(&file);
+        let record = Record::load(dir).filter(|r| r.supervisor.is_alive());
+        let limits = match (&record, &manifest) {
+            (Some(r), _) => r.plan.verify(),
+            (None, Ok(m)) => planned(&m.limits),
+            (None, Err(_)) => Vec::new(),
+        };
+        Some(Isolation {
+            manifest_file: file,
+            manifest: manifest.map_err(|e| e.to_string()),
+            running: record.is_some(),
+            init_pid: record.and_then(|r| r.init),
+            limits,
+        })
+    }
+}
+
+/// What a stopped sandbox would get at its next start, on this machine.
+fn planned(limits: &manifest::Limits) -> Vec<Enforcement> {
+    let Ok(layout) = CgroupLayout::detect() else {
+        return Vec::new();
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    layout
+        .plan(&own, "isoenv-plan", limits)
+        .settings
+        .into_iter()
+        .map(|s| Enforcement {
+            enforced: false,
+            via: if s.writes.is_empty() {
+                s.via
+            } else {
+                format!("{}, applied at start", s.via)
+            },
+            limit: s.limit,
+            value: s.value,
+        })
+        .collect()
+}
+
+pub fn manifest_file(dir: &Path) -> PathBuf {
+    dir.join(manifest::FILE)
+}
+
+fn hostname(dir: &Path) -> String {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let mut host: String = format!("isoenv-{name}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    host.truncate(63);
+    host
+}
+
+/// Waits until the supervisor reports a ready sandbox, or explains why it did not start.
+fn wait_ready(pid: ProcessId, dir: &Path, log: &Path, exe: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        if Record::load(dir).is_some_and(|r| r.supervisor == pid && r.init.is_some()) {
+            return Ok(());
+        }
+        if !pid.is_alive() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("isoenv sandbox"))
+                .collect();
+            let reason = match lines.last() {
+                Some(l) => (*l).to_owned(),
+                None => format!(
+                    "{} did not act as the sandbox supervisor (set {SUPERVISOR_VAR} to the `xtask` executable); log: {}",
+                    exe.display(),
+                    tail(&text, 5)
+                ),
+            };
+            return Err(io::Error::other(format!(
+                "the sandbox did not start: {reason}"
+            )));
+        }
+        if Instant::now() > deadline {
+            pid.stop(Signal::SIGKILL, Duration::from_secs(5));
+            let _ = Record::release(dir);
+            return Err(io::Error::other(format!(
+                "the sandbox was not ready within {}s",
+                SETUP_TIMEOUT.as_secs()
+            )));
+        }
+        sleep(Duration::from_millis(1));
+    }
+}
+
+/// The directories holding `binary`'s shared libraries and its ELF interpreter, as `ldd`
+/// reports them, resolved to real directories (merged-/usr links are recreated inside).
+fn library_dirs(binary: &Path) -> Result<Vec<PathBuf>, String> {
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run ldd to find {}'s libraries: {e}",
+                binary.display()
+            )
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(parse_ldd(&text)
+        .into_iter()
+        .filter_map(|lib| std::fs::canonicalize(lib.parent()?).ok())
+        .fold(Vec::new(), |mut dirs, d| {
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+            dirs
+        }))
+}
+
+fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, right)) => right.trim(),
+                None => l,
+            };
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x00007f)\n\
+                    \tlibgone.so => not found\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libssl.so.3"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+    }
+
+    #[test]
+    fn hostnames_are_valid() {
+        assert_eq!(hostname(Path::new("/x/test_1.a")), "isoenv-test-1-a");
+        assert_eq!(hostname(&Path::new("/x").join("a".repeat(80))).len(), 63);
+    }
+}

@@ -1,0 +1,321 @@
+//! The namespace sandbox runtime: one supervisor process per sandbox.
+//!
+//! ```text
+//! supervisor (host namespaces, root)       makes the cgroups, binds 127.0.0.1:PORT, clones:
+//!   └─ init (pid 1 of new mount/pid/net/ipc/uts/cgroup namespaces)
+//!        ├─ forwarder (unprivileged)       accepts on the host listener, connects inside
+//!        └─ server (unprivileged)          the engine, on the sandbox's own loopback
+//! ```
+//!
+//! The supervisor is a separate executable (`cargo xtask` re-runs itself, see
+//! [`SUPERVISOR_COMMAND`]) so that it starts single-threaded and can clone safely. Killing it
+//! kills init (parent-death signal), and the kernel then kills the whole pid namespace. What it
+//! made is recorded in `sandbox.json` (outside the sandbox) so that a later command can remove
+//! leftovers after a SIGKILL.
+
+mod forward;
+mod init;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{self, CgroupLayout, Enforcement, Plan};
+use crate::files::write_atomic;
+use crate::manifest::Manifest;
+use crate::process::ProcessId;
+
+/// The hidden subcommand of the supervisor executable: `<exe> sandbox-supervise <request json>`.
+pub const SUPERVISOR_COMMAND: &str = "sandbox-supervise";
+/// Overrides the supervisor executable (default: the running executable, i.e. `cargo xtask`).
+pub const SUPERVISOR_VAR: &str = "ISOENV_SANDBOX_SUPERVISOR";
+/// What the supervisor records, next to `state.json`.
+pub const RECORD_FILE: &str = "sandbox.json";
+/// The supervisor's own stop deadline: shorter than the workflow's, so that it always gets to
+/// remove its cgroups itself.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// Everything the supervisor needs, passed as one JSON argument. No secrets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// The environment directory (holds `sandbox.json` and the empty `root/` mount point).
+    pub dir: PathBuf,
+    pub hostname: String,
+    pub user: Account,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// The server's graceful-stop signal, sent when the supervisor is asked to stop.
+    pub stop_signal: i32,
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What a running (or crashed) sandbox left for others to find.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub supervisor: ProcessId,
+    /// The sandbox's pid 1, as the host sees it; set once the sandbox is ready.
+    pub init: Option<i32>,
+    pub cgroups: Vec<PathBuf>,
+    pub plan: Plan,
+    pub enforcement: Vec<Enforcement>,
+}
+
+impl Record {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(RECORD_FILE)
+    }
+
+    pub fn load(dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&fs::read(Self::path(dir)).ok()?).ok()
+    }
+
+    fn save(&self, dir: &Path) -> io::Result<()> {
+        write_atomic(&Self::path(dir), &serde_json::to_vec_pretty(self)?)
+    }
+
+    /// Removes what a supervisor that is gone left behind (its cgroups, its record). A live
+    /// supervisor's sandbox is left alone.
+    pub fn release(dir: &Path) -> io::Result<()> {
+        let Some(record) = Self::load(dir) else {
+            return Ok(());
+        };
+        if record.supervisor.is_alive() {
+            return Ok(());
+        }
+        cgroup::remove(&record.cgroups)?;
+        match fs::remove_file(Self::path(dir)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The supervisor's main: returns the process exit code. Progress and errors go to stderr,
+/// which is the environment's server log.
+pub fn supervise(request: &str) -> i32 {
+    let request: Request = match serde_json::from_str(request) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("isoenv sandbox: invalid request: {e}");
+            return 2;
+        }
+    };
+    match Supervisor::start(&request) {
+        Ok(mut s) => s.run(&request),
+        Err(e) => {
+            eprintln!("isoenv sandbox: {e}");
+            1
+        }
+    }
+}
+
+struct Supervisor {
+    init: Pid,
+    record: Record,
+}
+
+/// The signals the supervisor and init handle synchronously (blocked, then waited for).
+fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+impl Supervisor {
+    fn start(req: &Request) -> Result<Self, String> {
+        handled_signals()
+            .thread_block()
+            .map_err(|e| format!("cannot block signals: {e}"))?;
+        let expose = req.manifest.network.expose;
+        let listener = TcpListener::bind(expose).map_err(|e| {
+            format!("cannot listen on {expose}: {e} (is another program using the port?)")
+        })?;
+        let me = ProcessId::of(std::process::id() as i32).map_err(|e| e.to_string())?;
+        let layout = CgroupLayout::detect().map_err(|e| format!("cannot read mountinfo: {e}"))?;
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+        let plan = layout.plan(
+            &own,
+            &format!("{}-{}", req.hostname, me.pid),
+            &req.manifest.limits,
+        );
+        let (made, applied) = plan.apply();
+        let mut record = Record {
+            supervisor: me,
+            init: None,
+            cgroups: made,
+            plan,
+            enforcement: Vec::new(),
+        };
+        // Recorded before anything can fail, so that whoever finds it can clean up.
+        let saved = record.save(&req.dir);
+        let fail = |record: &Record, message: String| {
+            let _ = cgroup::remove(&record.cgroups);
+            let _ = fs::remove_file(Record::path(&req.dir));
+            message
+        };
+        if let Err(e) = saved {
+            return Err(fail(&record, format!("cannot write {RECORD_FILE}: {e}")));
+        }
+        match applied {
+            Ok(enforcement) => record.enforcement = enforcement,
+            Err(e) => return Err(fail(&record, e.to_string())),
+        }
+        for e in record.enforcement.iter().filter(|e| !e.enforced) {
+            eprintln!(
+                "isoenv sandbox: warning: {} limit {} is NOT enforced ({})",
+                e.limit, e.value, e.via
+            );
+        }
+        let root = req.dir.join("root");
+        if let Err(e) = fs::create_dir_all(&root) {
+            return Err(fail(
+                &record,
+                format!("cannot create {}: {e}", root.display()),
+            ));
+        }
+        match spawn_init(req, listener, &record.cgroups) {
+            Ok(init) => {
+                record.init = Some(init.as_raw());
+                if let Err(e) = record.save(&req.dir) {
+                    let _ = kill(init, Signal::SIGKILL);
+                    let _ = waitpid(init, None);
+                    return Err(fail(&record, format!("cannot write {RECORD_FILE}: {e}")));
+                }
+                Ok(Supervisor { init, record })
+            }
+            Err(e) => Err(fail(&record, e)),
+        }
+    }
+
+    /// Waits for the sandbox to end, turning a stop request into the server's stop signal and,
+    /// past the grace period, into SIGKILL of the whole pid namespace. Then removes the cgroups.
+    fn run(&mut self, req: &Request) -> i32 {
+        let signals = handled_signals();
+        let mut deadline: Option<Instant> = None;
+        let code = loop {
+            match waitpid(self.init, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => break code,
+                Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+                Err(_) => break 1,
+                Ok(_) => {}
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                let _ = kill(self.init, Signal::SIGKILL);
+                deadline = None;
+            }
+            let timeout = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            match wait_signal(&signals, timeout) {
+                Some(Signal::SIGCHLD) | None => {}
+                Some(_) => {
+                    // Forwarded once; init passes it to the server.
+                    if deadline.is_none() {
+                        let sig = Signal::try_from(req.stop_signal).unwrap_or(Signal::SIGTERM);
+                        let _ = kill(self.init, sig);
+                        deadline = Some(Instant::now() + STOP_GRACE);
+                    }
+                }
+            }
+        };
+        if let Err(e) = cgroup::remove(&self.record.cgroups) {
+            eprintln!("isoenv sandbox: {e}");
+        }
+        let _ = fs::remove_file(Record::path(&req.dir));
+        code
+    }
+}
+
+/// Waits for one of `set` (which must be blocked) for at most `timeout`.
+fn wait_signal(set: &SigSet, timeout: Duration) -> Option<Signal> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` is a valid sigset; a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    Signal::try_from(sig).ok()
+}
+
+/// Clones init into new namespaces, moves it into the cgroups, lets it set up and waits for its
+/// verdict. Returns init's pid once the server has been started inside.
+fn spawn_init(req: &Request, listener: TcpListener, cgroups: &[PathBuf]) -> Result<Pid, String> {
+    let (go_read, go_write) = pipe()?;
+    let (ready_read, ready_write) = pipe()?;
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    let mut stack = vec![0u8; 1 << 20];
+    let child = {
+        let (go, ready) = (go_read.as_raw_fd(), ready_write.as_raw_fd());
+        let (go_w, ready_r) = (go_write.as_raw_fd(), ready_read.as_raw_fd());
+        let listener = &listener;
+        // SAFETY: the supervisor is single-threaded here (it was just exec'd and has spawned no
+        // thread), so the child may run ordinary Rust code, as after fork().
+        unsafe {
+            nix::sched::clone(
+                Box::new(move || {
+                    let _ = nix::unistd::close(go_w);
+                    let _ = nix::unistd::close(ready_r);
+                    init::main(req, listener, go, ready)
+                }),
+                &mut stack,
+                flags,
+                Some(libc::SIGCHLD),
+            )
+        }
+        .map_err(|e| {
+            format!("cannot create the sandbox's namespaces: {e} (the sandbox backend needs root, or CAP_SYS_ADMIN)")
+        })?
+    };
+    drop((go_read, ready_write, listener));
+    let abort = |message: String| {
+        let _ = kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        message
+    };
+    cgroup::attach(cgroups, child.as_raw()).map_err(|e| abort(e.to_string()))?;
+    fs::File::from(go_write)
+        .write_all(b"go")
+        .map_err(|e| abort(format!("cannot start the sandbox: {e}")))?;
+    let mut verdict = String::new();
+    let _ = fs::File::from(ready_read).read_to_string(&mut verdict);
+    if verdict == "ok" {
+        Ok(child)
+    } else if verdict.is_empty() {
+        Err(abort("the sandbox's init exited during set-up".into()))
+    } else {
+        Err(abort(verdict))
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("cannot make a pipe: {e}"))
+}
