@@ -18,6 +18,7 @@ pub struct TestPlan {
 pub fn plan(
     environment: Environment,
     backend: Option<BackendKind>,
+    local: BackendKind,
     engines: &[EngineKind],
     run_id: &str,
 ) -> Result<TestPlan, String> {
@@ -29,8 +30,8 @@ pub fn plan(
             return Err("tests need their own databases; the ssh-tunnel backend only reaches the VM's".into())
         }
         (_, Some(b)) => b,
-        // The sandbox backend will be the development default once it exists.
-        (Environment::Development, None) => BackendKind::Lightweight,
+        // Development's local backend, as `db up` uses it (WASI_USE_NAMESPACES picks sandbox).
+        (Environment::Development, None) => local,
         (Environment::Staging, None) => return Err(
             "ENVIRONMENT=staging runs tests in containers (the docker backend), which this version does not have yet; pass --backend lightweight".into(),
         ),
@@ -97,26 +98,48 @@ mod tests {
 
     #[test]
     fn the_backend_follows_the_environment() {
-        let p = plan(Environment::Development, None, &[], "r1").unwrap();
+        let p = plan(
+            Environment::Development,
+            None,
+            BackendKind::Lightweight,
+            &[],
+            "r1",
+        )
+        .unwrap();
         assert_eq!(p.backend, BackendKind::Lightweight);
         assert_eq!(
             p.envs,
             vec![(EngineKind::Postgres, "test-r1-postgres".to_owned())]
         );
-        assert!(plan(Environment::Production, None, &[], "r").is_err());
         assert!(plan(
             Environment::Production,
-            Some(BackendKind::Lightweight),
+            None,
+            BackendKind::Lightweight,
             &[],
             "r"
         )
         .is_err());
-        assert!(plan(Environment::Staging, None, &[], "r")
-            .unwrap_err()
-            .contains("--backend"));
+        assert!(plan(
+            Environment::Production,
+            Some(BackendKind::Lightweight),
+            BackendKind::Lightweight,
+            &[],
+            "r"
+        )
+        .is_err());
+        assert!(plan(
+            Environment::Staging,
+            None,
+            BackendKind::Lightweight,
+            &[],
+            "r"
+        )
+        .unwrap_err()
+        .contains("--backend"));
         let s = plan(
             Environment::Staging,
             Some(BackendKind::Lightweight),
+            BackendKind::Lightweight,
             &[],
             "r",
         )
@@ -125,6 +148,7 @@ mod tests {
         assert!(plan(
             Environment::Development,
             Some(BackendKind::SshTunnel),
+            BackendKind::Lightweight,
             &[],
             "r"
         )
@@ -145,8 +169,22 @@ mod tests {
     #[test]
     fn names_are_unique_per_run_and_engine() {
         let engines = [EngineKind::Postgres, EngineKind::Redis];
-        let a = plan(Environment::Development, None, &engines, "a").unwrap();
-        let b = plan(Environment::Development, None, &engines, "b").unwrap();
+        let a = plan(
+            Environment::Development,
+            None,
+            BackendKind::Lightweight,
+            &engines,
+            "a",
+        )
+        .unwrap();
+        let b = plan(
+            Environment::Development,
+            None,
+            BackendKind::Lightweight,
+            &engines,
+            "b",
+        )
+        .unwrap();
         let names: Vec<_> = a.envs.iter().chain(&b.envs).map(|(_, n)| n).collect();
         let mut unique = names.clone();
         unique.sort();

@@ -69,17 +69,22 @@ pub enum UpPlan {
     VerifyProduction,
 }
 
+/// Development's local backend: the namespace sandbox with `WASI_USE_NAMESPACES=true`.
+pub fn local_backend(config: &EnvironmentConfig) -> BackendKind {
+    if config.sandbox().use_namespaces {
+        BackendKind::Sandbox
+    } else {
+        BackendKind::Lightweight
+    }
+}
+
 pub fn plan_up(config: &EnvironmentConfig) -> UpPlan {
     match config.environment() {
         Environment::Development if config.database_config().ssh_tunnel.is_some() => UpPlan::Tunnel,
         Environment::Development => UpPlan::Local {
             name: DEFAULT_ENV,
             engine: EngineKind::Postgres,
-            backend: if config.sandbox().use_namespaces {
-                BackendKind::Sandbox
-            } else {
-                BackendKind::Lightweight
-            },
+            backend: local_backend(config),
         },
         Environment::Staging => UpPlan::Containers,
         Environment::Production => UpPlan::VerifyProduction,

@@ -13,7 +13,7 @@ use isoenv::backend::BackendKind;
 use isoenv::engine::EngineKind;
 use isoenv::process::ProcessId;
 use isoenv::testrun;
-use isoenv::workflow::{CreateOptions, Workspace};
+use isoenv::workflow::{self, CreateOptions, Workspace};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
@@ -87,8 +87,14 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
     let ws = Workspace::new(&config, vars);
     let me = ProcessId::of(std::process::id() as i32)?;
     let run_id = format!("{}{:04x}", me.pid, rand_suffix());
-    let plan = testrun::plan(config.environment(), args.backend, &args.engines, &run_id)
-        .map_err(anyhow::Error::msg)?;
+    let plan = testrun::plan(
+        config.environment(),
+        args.backend,
+        workflow::local_backend(&config),
+        &args.engines,
+        &run_id,
+    )
+    .map_err(anyhow::Error::msg)?;
     for name in ws.gc()? {
         eprintln!("isoenv: removed `{name}`: its owner is gone");
     }
