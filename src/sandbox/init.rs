@@ -316,9 +316,14 @@ fn start(req: &Request, listener: &TcpListener, ready: RawFd) -> Result<(Pid, Pi
         .envs(&req.manifest.env)
         .current_dir("/")
         .stdin(Stdio::null());
-    // SAFETY: drop_privileges only makes system calls (std resets the signal mask itself).
+    let blocked = handled_signals();
+    // SAFETY: only system calls. The mask init blocks for itself would otherwise be inherited
+    // (std does not reset it), and a server like Redis would never see its stop signal.
     unsafe {
-        cmd.pre_exec(move || drop_privileges(&user, cap));
+        cmd.pre_exec(move || {
+            blocked.thread_unblock()?;
+            drop_privileges(&user, cap)
+        });
     }
     match cmd.spawn() {
         Ok(child) => Ok((Pid::from_raw(child.id() as i32), forwarder)),

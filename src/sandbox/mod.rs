@@ -225,6 +225,10 @@ impl Supervisor {
                 Ok(_) => {}
             }
             if deadline.is_some_and(|d| Instant::now() > d) {
+                eprintln!(
+                    "isoenv sandbox: the server did not stop within {}s; killing the sandbox",
+                    STOP_GRACE.as_secs()
+                );
                 let _ = kill(self.init, Signal::SIGKILL);
                 deadline = None;
             }

@@ -477,6 +477,11 @@ fn mysql_and_redis_run_confined_too() {
         let (init, cgroups, port) = (sb.init(), sb.cgroups(), sb.port());
         project.ok(&["db", "stop", engine]);
         sb.assert_gone(init, &cgroups, port);
+        let log = fs::read_to_string(sb.dir().join("log/server.log")).unwrap();
+        assert!(
+            !log.contains("did not stop"),
+            "{engine} ignored its stop signal: {log}"
+        );
         project.ok(&["db", "start", engine]);
         let members = pids_in_namespace(sb.init());
         nix::sys::signal::kill(
