@@ -1,43 +1,61 @@
-//! The port forwarder: the one process holding a socket of the host's network namespace (the
-//! listener on host 127.0.0.1:PORT, inherited from the supervisor). For each connection it
-//! connects to the server on the sandbox's own loopback and copies bytes both ways. A listening
-//! socket can only accept, so the sandbox gains no way out through it.
+//! The port forwarder, in the supervisor (outside the sandbox and its cgroups, so it costs the
+//! sandbox none of its CPU quota). It accepts on the host's 127.0.0.1:PORT; each connection's
+//! thread enters the sandbox's network namespace (`setns` changes only the calling thread) and
+//! connects to the server on the sandbox's own loopback, then bytes are copied both ways.
+//! Nothing inside the sandbox ever holds a socket of the host's network.
 
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::thread;
 
-pub(super) fn serve(listener: &TcpListener, port: u16) -> i32 {
-    loop {
-        let outside = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                eprintln!("isoenv sandbox: forwarder: accept failed: {e}");
-                return 1;
-            }
-        };
-        // A connection the server refuses is closed at once: the client sees the server down.
-        let Ok(inside) = TcpStream::connect(("127.0.0.1", port)) else {
-            continue;
-        };
-        let _ = thread::Builder::new()
-            .stack_size(64 << 10)
-            .spawn(move || pipe_both(outside, inside));
-    }
+use nix::sched::CloneFlags;
+
+const STACK: usize = 64 << 10;
+
+/// Serves `listener` from a background thread for as long as the process lives.
+pub(super) fn start(listener: TcpListener, netns: OwnedFd, port: u16) -> io::Result<()> {
+    let netns = Arc::new(netns);
+    thread::Builder::new()
+        .name("forward-accept".into())
+        .stack_size(STACK)
+        .spawn(move || loop {
+            let outside = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("isoenv sandbox: forwarder: accept failed: {e}");
+                    return;
+                }
+            };
+            let netns = Arc::clone(&netns);
+            let _ = thread::Builder::new()
+                .stack_size(STACK)
+                .spawn(move || connect_inside(outside, &netns, port));
+        })
+        .map(drop)
 }
 
-fn pipe_both(a: TcpStream, b: TcpStream) {
+fn connect_inside(outside: TcpStream, netns: &OwnedFd, port: u16) {
+    if let Err(e) = nix::sched::setns(netns, CloneFlags::CLONE_NEWNET) {
+        eprintln!("isoenv sandbox: forwarder: cannot enter the sandbox's network: {e}");
+        return;
+    }
+    // A connection the server refuses is closed at once: the client sees the server down.
+    let Ok(inside) = TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
     // Interactive protocols: every small write must leave at once.
-    let _ = a.set_nodelay(true);
-    let _ = b.set_nodelay(true);
-    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+    let _ = outside.set_nodelay(true);
+    let _ = inside.set_nodelay(true);
+    let (Ok(outside2), Ok(inside2)) = (outside.try_clone(), inside.try_clone()) else {
         return;
     };
     let upstream = thread::Builder::new()
-        .stack_size(64 << 10)
-        .spawn(move || copy(a2, b2));
-    copy(b, a);
+        .stack_size(STACK)
+        .spawn(move || copy(outside2, inside2));
+    copy(inside, outside);
     if let Ok(t) = upstream {
         let _ = t.join();
     }

@@ -1,5 +1,5 @@
 //! The sandbox's pid 1: builds the filesystem the manifest grants (the order bubblewrap and
-//! youki use), brings up `lo`, starts the forwarder and the server without privileges, then
+//! youki use), brings up `lo`, starts the server without privileges, then
 //! reaps and forwards signals until the server exits.
 
 use std::fs::{self, File};
@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
-use super::{forward, handled_signals, Account, Request};
+use super::{handled_signals, Account, Request};
 use crate::manifest::{Bind, Mode};
 
 /// Device nodes a server may open; everything else in `/dev` does not exist.
@@ -39,12 +39,13 @@ pub(super) fn main(req: &Request, listener: &TcpListener, go: RawFd, ready: RawF
         return 1;
     }
     drop(go);
-    let started = setup(req).and_then(|()| start(req, listener, ready.as_raw_fd()));
-    match started {
-        Ok((server, forwarder)) => {
+    // The host's listener stays with the supervisor.
+    let _ = nix::unistd::close(listener.as_raw_fd());
+    match setup(req).and_then(|()| start(req)) {
+        Ok(server) => {
             let _ = ready.write_all(b"ok");
             drop(ready);
-            reap(server, forwarder)
+            reap(server)
         }
         Err(message) => {
             let _ = ready.write_all(message.as_bytes());
@@ -285,30 +286,9 @@ fn last_cap() -> i32 {
         .unwrap_or(63)
 }
 
-/// Forks the forwarder (the only holder of the host listener) and spawns the server.
-fn start(req: &Request, listener: &TcpListener, ready: RawFd) -> Result<(Pid, Pid), String> {
+/// Spawns the server, unprivileged, with only the manifest's environment.
+fn start(req: &Request) -> Result<Pid, String> {
     let cap = last_cap();
-    let port = req.manifest.network.expose.port();
-    // SAFETY: init is single-threaded, so the child may run Rust code until it exits.
-    let forwarder = match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            // The supervisor waits for EOF on this pipe from init alone.
-            let _ = nix::unistd::close(ready);
-            let code = match drop_privileges(&req.user, cap) {
-                Ok(()) => {
-                    let _ = handled_signals().thread_unblock();
-                    forward::serve(listener, port)
-                }
-                Err(e) => {
-                    eprintln!("isoenv sandbox: forwarder: {e}");
-                    1
-                }
-            };
-            std::process::exit(code);
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => child,
-        Err(e) => return Err(format!("cannot start the forwarder: {e}")),
-    };
     let user = req.user.clone();
     let mut cmd = Command::new(&req.program);
     cmd.args(&req.args)
@@ -325,17 +305,13 @@ fn start(req: &Request, listener: &TcpListener, ready: RawFd) -> Result<(Pid, Pi
             drop_privileges(&user, cap)
         });
     }
-    match cmd.spawn() {
-        Ok(child) => Ok((Pid::from_raw(child.id() as i32), forwarder)),
-        Err(e) => {
-            let _ = kill(forwarder, Signal::SIGKILL);
-            Err(format!("cannot start {}: {e}", req.program.display()))
-        }
-    }
+    cmd.spawn()
+        .map(|child| Pid::from_raw(child.id() as i32))
+        .map_err(|e| format!("cannot start {}: {e}", req.program.display()))
 }
 
 /// pid 1's duty: reap every orphan, pass stop signals to the server, and end with it.
-fn reap(server: Pid, forwarder: Pid) -> isize {
+fn reap(server: Pid) -> isize {
     let signals = handled_signals();
     loop {
         let Ok(sig) = signals.wait() else { continue };
@@ -345,20 +321,9 @@ fn reap(server: Pid, forwarder: Pid) -> isize {
         }
         loop {
             match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if pid == server => {
-                    let _ = kill(forwarder, Signal::SIGKILL);
-                    return code as isize;
-                }
+                Ok(WaitStatus::Exited(pid, code)) if pid == server => return code as isize,
                 Ok(WaitStatus::Signaled(pid, sig, _)) if pid == server => {
-                    let _ = kill(forwarder, Signal::SIGKILL);
-                    return 128 + sig as isize;
-                }
-                Ok(WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _))
-                    if pid == forwarder =>
-                {
-                    // Without its port the sandbox is useless: stop the server cleanly.
-                    eprintln!("isoenv sandbox: the port forwarder exited; stopping the server");
-                    let _ = kill(server, Signal::SIGTERM);
+                    return 128 + sig as isize
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => {}

@@ -1,9 +1,8 @@
 //! The namespace sandbox runtime: one supervisor process per sandbox.
 //!
 //! ```text
-//! supervisor (host namespaces, root)       makes the cgroups, binds 127.0.0.1:PORT, clones:
+//! supervisor (host namespaces, root)       makes the cgroups, forwards 127.0.0.1:PORT inside
 //!   └─ init (pid 1 of new mount/pid/net/ipc/uts/cgroup namespaces)
-//!        ├─ forwarder (unprivileged)       accepts on the host listener, connects inside
 //!        └─ server (unprivileged)          the engine, on the sandbox's own loopback
 //! ```
 //!
@@ -198,8 +197,15 @@ impl Supervisor {
                 format!("cannot create {}: {e}", root.display()),
             ));
         }
-        match spawn_init(req, listener, &record.cgroups) {
+        match spawn_init(req, &listener, &record.cgroups) {
             Ok(init) => {
+                let forwarding = fs::File::open(format!("/proc/{init}/ns/net"))
+                    .and_then(|netns| forward::start(listener, netns.into(), expose.port()));
+                if let Err(e) = forwarding {
+                    let _ = kill(init, Signal::SIGKILL);
+                    let _ = waitpid(init, None);
+                    return Err(fail(&record, format!("cannot forward {expose}: {e}")));
+                }
                 record.init = Some(init.as_raw());
                 if let Err(e) = record.save(&req.dir) {
                     let _ = kill(init, Signal::SIGKILL);
@@ -268,7 +274,7 @@ fn wait_signal(set: &SigSet, timeout: Duration) -> Option<Signal> {
 
 /// Clones init into new namespaces, moves it into the cgroups, lets it set up and waits for its
 /// verdict. Returns init's pid once the server has been started inside.
-fn spawn_init(req: &Request, listener: TcpListener, cgroups: &[PathBuf]) -> Result<Pid, String> {
+fn spawn_init(req: &Request, listener: &TcpListener, cgroups: &[PathBuf]) -> Result<Pid, String> {
     let (go_read, go_write) = pipe()?;
     let (ready_read, ready_write) = pipe()?;
     let flags = CloneFlags::CLONE_NEWNS
@@ -280,7 +286,6 @@ fn spawn_init(req: &Request, listener: TcpListener, cgroups: &[PathBuf]) -> Resu
     let child = {
         let (go, ready) = (go_read.as_raw_fd(), ready_write.as_raw_fd());
         let (go_w, ready_r) = (go_write.as_raw_fd(), ready_read.as_raw_fd());
-        let listener = &listener;
         // SAFETY: the supervisor is single-threaded here (it was just exec'd and has spawned no
         // thread), so the child may run ordinary Rust code, as after fork().
         unsafe {
@@ -299,7 +304,7 @@ fn spawn_init(req: &Request, listener: TcpListener, cgroups: &[PathBuf]) -> Resu
             format!("cannot create the sandbox's namespaces: {e} (the sandbox backend needs root, or CAP_SYS_ADMIN)")
         })?
     };
-    drop((go_read, ready_write, listener));
+    drop((go_read, ready_write));
     let abort = |message: String| {
         let _ = kill(child, Signal::SIGKILL);
         let _ = waitpid(child, None);
