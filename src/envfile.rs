@@ -88,6 +88,12 @@ impl Vars {
         Ok(Vars { values })
     }
 
+    /// The same variables with `key` set to `value`.
+    pub fn with(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.values.insert(key.into(), value.into());
+        self
+    }
+
     /// The value, with empty treated as unset (an empty `DB_PORT=` means "use the default").
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values

@@ -9,6 +9,7 @@
 
 pub mod activate;
 pub mod backend;
+pub mod bench;
 pub mod cgroup;
 pub mod config;
 pub mod doctor;

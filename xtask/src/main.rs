@@ -1,6 +1,7 @@
 //! `cargo xtask`: the command line over the `isoenv` library. Parsing and printing only; the
 //! logic lives in the library.
 
+mod bench;
 mod ci;
 mod db;
 mod env;
@@ -47,6 +48,8 @@ enum Command {
     Hooks(hooks::HooksCommand),
     /// The full pipeline CI runs: fmt, clippy, env check, all tests (isolated).
     Ci,
+    /// Measure create/start/handout/throughput figures on this machine (medians, p95, ratios).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +84,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Test(args) => test::run(&ctx, args),
         Command::Hooks(cmd) => hooks::run(&ctx, cmd),
         Command::Ci => ci::run(&ctx),
+        Command::Bench(args) => bench::run(&ctx, args),
     }
 }
 

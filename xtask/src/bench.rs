@@ -1,0 +1,600 @@
+//! `cargo xtask bench [--quick] [--json]`: the product's speed on this machine, as medians and
+//! p95 over several runs, with baselines from the same run so that figures read as ratios. It
+//! works in its own state root under `target/` and removes everything it made.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use isoenv::backend::BackendKind;
+use isoenv::bench::{Measurement, Report};
+use isoenv::engine::EngineKind;
+use isoenv::process::ServiceUser;
+use isoenv::workflow::{CreateOptions, Workspace};
+use isoenv::{EnvironmentConfig, Vars};
+
+use crate::{project_root, Context};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Fewer runs (a quick look, not for publishing).
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per measurement on stdout instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Plan {
+    warm: usize,
+    cold: usize,
+    pgbench_secs: u32,
+    handouts: usize,
+}
+
+pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
+    let plan = if args.quick {
+        Plan {
+            warm: 3,
+            cold: 1,
+            pgbench_secs: 2,
+            handouts: 20,
+        }
+    } else {
+        Plan {
+            warm: 7,
+            cold: 3,
+            pgbench_secs: 5,
+            handouts: 100,
+        }
+    };
+    let target = project_root().join("target");
+    let scratch = target.join(format!("isoenv-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    // Servers run as an unprivileged user, which must reach the state root.
+    isoenv::files::set_mode(&scratch, 0o755)?;
+    let bench = Bench {
+        vars: ctx
+            .vars()?
+            .with("ENVIRONMENT", "development")
+            .with(
+                "WASI_SANDBOX_DIR",
+                scratch.join("state").display().to_string(),
+            )
+            .with(
+                "ISOENV_CACHE_DIR",
+                scratch.join("cache").display().to_string(),
+            ),
+        scratch: scratch.clone(),
+        plan,
+    };
+    let result = bench.all();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = result?;
+    std::fs::write(target.join("isoenv-bench.md"), report.markdown())?;
+    std::fs::write(
+        target.join("isoenv-bench.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.measurements)?);
+        for s in &report.skipped {
+            eprintln!("not measured: {s}");
+        }
+    } else {
+        print!("{}", report.markdown());
+    }
+    eprintln!("isoenv: report kept in target/isoenv-bench.md and target/isoenv-bench.json");
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Bench {
+    vars: Vars,
+    scratch: PathBuf,
+    plan: Plan,
+}
+
+fn progress(what: &str) {
+    eprintln!("bench: {what}");
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+impl Bench {
+    fn workspace(&self, cache: Option<&Path>) -> Result<Workspace> {
+        let mut vars = self.vars.clone();
+        if let Some(cache) = cache {
+            vars = vars.with("ISOENV_CACHE_DIR", cache.display().to_string());
+        }
+        let config = EnvironmentConfig::from_vars(&vars, &project_root())?;
+        Ok(Workspace::new(&config, vars))
+    }
+
+    fn create(ws: &Workspace, name: &str, engine: EngineKind, backend: BackendKind) -> Result<f64> {
+        let opts = CreateOptions {
+            name: name.into(),
+            engine,
+            backend,
+            port: None,
+            service: true,
+            install: false,
+            owner: None,
+        };
+        let t = Instant::now();
+        ws.create(&opts, &|_| {})?;
+        Ok(ms(t))
+    }
+
+    fn all(&self) -> Result<Report> {
+        let mut report = Report {
+            machine: machine(),
+            ..Report::default()
+        };
+        let root = nix::unistd::geteuid().is_root();
+        let backends: &[BackendKind] = if root {
+            &[BackendKind::Lightweight, BackendKind::Sandbox]
+        } else {
+            report
+                .skipped
+                .push("sandbox: needs root (run `cargo xtask bench` as root)".into());
+            &[BackendKind::Lightweight]
+        };
+        self.create_to_ready(backends, &mut report)?;
+        if root {
+            self.sandbox_start(&mut report)?;
+        }
+        self.pgbench(root, &mut report)?;
+        self.baselines(&mut report)?;
+        self.handouts(&mut report)?;
+        self.xtask_start(&mut report)?;
+        report.skipped.push(
+            "docker: the docker backend is not in this version, so there is no container figure yet"
+                .into(),
+        );
+        Ok(report)
+    }
+
+    /// Create → ready (the engine's own probe: PostgreSQL `SELECT 1`, the MySQL handshake,
+    /// Redis `AUTH` + `PING`), warm (cached data directory) and cold (empty cache).
+    fn create_to_ready(&self, backends: &[BackendKind], report: &mut Report) -> Result<()> {
+        for &backend in backends {
+            for engine in EngineKind::ALL {
+                progress(&format!("create → ready, {engine} / {backend}"));
+                let ws = self.workspace(None)?;
+                let mut warm = Vec::new();
+                // The first create fills the cache and is not counted.
+                for i in 0..=self.plan.warm {
+                    let name = format!("w{i}");
+                    let t = Self::create(&ws, &name, engine, backend)?;
+                    ws.destroy(&name)?;
+                    if i > 0 {
+                        warm.push(t);
+                    }
+                }
+                let mut cold = Vec::new();
+                for i in 0..self.plan.cold {
+                    let cache = self.scratch.join(format!("cold-{engine}-{backend}-{i}"));
+                    let ws = self.workspace(Some(&cache))?;
+                    let name = format!("c{i}");
+                    cold.push(Self::create(&ws, &name, engine, backend)?);
+                    ws.destroy(&name)?;
+                    let _ = std::fs::remove_dir_all(&cache);
+                }
+                report.measurements.extend(Measurement::of(
+                    format!("create → ready, {engine}, {backend}, warm"),
+                    "ms",
+                    &warm,
+                ));
+                report.measurements.extend(Measurement::of(
+                    format!("create → ready, {engine}, {backend}, cold"),
+                    "ms",
+                    &cold,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `start` of a stopped environment: sandbox minus lightweight, paired run by run.
+    fn sandbox_start(&self, report: &mut Report) -> Result<()> {
+        let ws = self.workspace(None)?;
+        for engine in EngineKind::ALL {
+            progress(&format!("start overhead, {engine}"));
+            let mut times = [Vec::new(), Vec::new()];
+            for (i, backend) in [BackendKind::Lightweight, BackendKind::Sandbox]
+                .into_iter()
+                .enumerate()
+            {
+                let name = format!("s-{backend}");
+                Self::create(&ws, &name, engine, backend)?;
+                for _ in 0..self.plan.warm {
+                    ws.stop(&name)?;
+                    let t = Instant::now();
+                    ws.start(&name, &|_| {})?;
+                    times[i].push(ms(t));
+                }
+                ws.destroy(&name)?;
+            }
+            let [light, sandbox] = times;
+            let diff: Vec<f64> = sandbox.iter().zip(&light).map(|(s, l)| s - l).collect();
+            report.measurements.extend(Measurement::of(
+                format!("start, {engine}, lightweight"),
+                "ms",
+                &light,
+            ));
+            report.measurements.extend(Measurement::of(
+                format!("start, {engine}, sandbox"),
+                "ms",
+                &sandbox,
+            ));
+            report.measurements.extend(Measurement::of(
+                format!("start, {engine}, sandbox − lightweight"),
+                "ms",
+                &diff,
+            ));
+        }
+        Ok(())
+    }
+
+    /// pgbench select-only (2 clients, 2 threads). The sandbox's CPU limit is raised to all
+    /// cores so that it has the same CPU as the direct server.
+    fn pgbench(&self, root: bool, report: &mut Report) -> Result<()> {
+        let Ok(pgbench) = which_pgbench() else {
+            report.skipped.push(
+                "pgbench: not installed (apt-get install postgresql-contrib or postgresql-client)"
+                    .into(),
+            );
+            return Ok(());
+        };
+        let ws = self.workspace(None)?;
+        Self::create(
+            &ws,
+            "pg-direct",
+            EngineKind::Postgres,
+            BackendKind::Lightweight,
+        )?;
+        let direct = ws.layout("pg-direct");
+        let mut runs: Vec<(String, Vec<f64>)> = Vec::new();
+        let sandbox = if root {
+            Self::create(
+                &ws,
+                "pg-sandbox",
+                EngineKind::Postgres,
+                BackendKind::Sandbox,
+            )?;
+            ws.stop("pg-sandbox")?;
+            let file = isoenv::backend::manifest_file(&ws.layout("pg-sandbox").dir);
+            let mut m = isoenv::manifest::Manifest::load(&file)?;
+            m.limits.cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            std::fs::write(&file, m.to_json())?;
+            ws.start("pg-sandbox", &|_| {})?;
+            Some(ws.layout("pg-sandbox"))
+        } else {
+            None
+        };
+        let info = |name: &str| ws.inspect(name);
+        let targets: Vec<(&str, String, u16, PathBuf)> = {
+            let d = info("pg-direct")?;
+            let mut t = vec![
+                (
+                    "direct TCP",
+                    "127.0.0.1".to_owned(),
+                    d.port,
+                    direct.dir.clone(),
+                ),
+                (
+                    "direct Unix socket",
+                    direct.run.display().to_string(),
+                    d.port,
+                    direct.dir.clone(),
+                ),
+            ];
+            if let Some(s) = &sandbox {
+                let i = info("pg-sandbox")?;
+                t.push((
+                    "sandbox TCP (forwarded)",
+                    "127.0.0.1".into(),
+                    i.port,
+                    s.dir.clone(),
+                ));
+                t.push((
+                    "sandbox Unix socket",
+                    s.run.display().to_string(),
+                    i.port,
+                    s.dir.clone(),
+                ));
+            }
+            t
+        };
+        for (label, host, port, dir) in &targets {
+            progress(&format!("pgbench, {label}"));
+            let base = |args: &[String]| {
+                Command::new(&pgbench)
+                    .args(["-h", host, "-p", &port.to_string(), "-U", "postgres"])
+                    .args(args)
+                    .arg("postgres")
+                    .env("PGPASSFILE", dir.join("pgpass"))
+                    .stdin(Stdio::null())
+                    .output()
+            };
+            let init = base(&["-i".into(), "-q".into(), "-s".into(), "1".into()])?;
+            if !init.status.success() {
+                bail!(
+                    "pgbench -i failed: {}",
+                    String::from_utf8_lossy(&init.stderr)
+                );
+            }
+            let mut tps = Vec::new();
+            for _ in 0..3 {
+                let secs = self.plan.pgbench_secs.to_string();
+                let out = base(&["-S", "-n", "-c", "2", "-j", "2", "-T", &secs].map(String::from))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let value = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("tps = "))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                    .with_context(|| format!("no tps in pgbench's output: {text}"))?;
+                tps.push(value);
+            }
+            runs.push((label.to_string(), tps));
+        }
+        let get = |label: &str| {
+            runs.iter()
+                .find(|(l, _)| l == label)
+                .map(|(_, v)| v.clone())
+        };
+        for (label, tps) in &runs {
+            report
+                .measurements
+                .extend(Measurement::of(format!("pgbench -S, {label}"), "tps", tps));
+        }
+        for (ours, base) in [
+            ("sandbox TCP (forwarded)", "direct TCP"),
+            ("sandbox Unix socket", "direct Unix socket"),
+        ] {
+            if let (Some(o), Some(b)) = (get(ours), get(base)) {
+                report.measurements.extend(Measurement::ratio_of(
+                    format!("pgbench -S, {ours} / {base}"),
+                    &o,
+                    &b,
+                ));
+            }
+        }
+        ws.destroy("pg-direct")?;
+        if sandbox.is_some() {
+            ws.destroy("pg-sandbox")?;
+        }
+        Ok(())
+    }
+
+    /// What pgtemp does (initdb + `pg_ctl start -w` + connect) and a copied data directory +
+    /// `pg_ctl start -w` + connect, against isoenv's cold and warm create.
+    fn baselines(&self, report: &mut Report) -> Result<()> {
+        progress("baselines: naive initdb and copy with pg_ctl start -w");
+        let bins = EngineKind::Postgres
+            .engine()
+            .locate(&self.vars)
+            .map_err(anyhow::Error::msg)?;
+        let bin = bins.server.parent().context("postgres has a directory")?;
+        let user = ServiceUser::resolve(self.vars.get("ISOENV_SERVICE_USER"))
+            .map_err(anyhow::Error::msg)?;
+        let psql = which_in(bin, "psql")?;
+        let base = self.scratch.join("naive");
+        std::fs::create_dir_all(&base)?;
+        isoenv::files::chown_tree(&base, &user)?;
+        let template = base.join("template");
+        let mut initdb_times = Vec::new();
+        let mut copy_times = Vec::new();
+        for i in 0..self.plan.cold.max(3) {
+            let dir = base.join(i.to_string());
+            std::fs::create_dir_all(&dir)?;
+            isoenv::files::chown_tree(&dir, &user)?;
+            let data = dir.join("data");
+            let run = |cmd: &mut Command| -> Result<()> {
+                user.apply(cmd);
+                let out = cmd.stdin(Stdio::null()).output()?;
+                if !out.status.success() {
+                    bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                Ok(())
+            };
+            let port = isoenv::net::free_port()?.to_string();
+            let start_and_connect = |data: &Path| -> Result<()> {
+                run(Command::new(bin.join("pg_ctl"))
+                    .args(["-D"])
+                    .arg(data)
+                    .args(["-w", "-l"])
+                    .arg(dir.join("log"))
+                    .arg("-o")
+                    .arg(format!(
+                        "-p {port} -k {} -c listen_addresses=''",
+                        dir.display()
+                    ))
+                    .arg("start"))?;
+                run(Command::new(&psql).arg("-h").arg(&dir).args([
+                    "-p", &port, "-U", "postgres", "-Atc", "SELECT 1", "postgres",
+                ]))
+            };
+            let stop = |data: &Path| {
+                run(Command::new(bin.join("pg_ctl")).arg("-D").arg(data).args([
+                    "-m",
+                    "immediate",
+                    "stop",
+                ]))
+            };
+            let t = Instant::now();
+            run(Command::new(bin.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
+                .arg("--locale=C.UTF-8"))?;
+            start_and_connect(&data)?;
+            initdb_times.push(ms(t));
+            stop(&data)?;
+            if !template.exists() {
+                run(Command::new("cp").arg("-a").arg(&data).arg(&template))?;
+            }
+            let copy = dir.join("copy");
+            let t = Instant::now();
+            run(Command::new("cp").arg("-a").arg(&template).arg(&copy))?;
+            start_and_connect(&copy)?;
+            copy_times.push(ms(t));
+            stop(&copy)?;
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let existing = report.measurements.clone();
+        let named = |n: &str| existing.iter().find(|m| m.name == n).cloned();
+        let naive_init = Measurement::of(
+            "baseline: initdb + pg_ctl start -w + connect (pgtemp)",
+            "ms",
+            &initdb_times,
+        );
+        let naive_copy = Measurement::of(
+            "baseline: copy + pg_ctl start -w + connect",
+            "ms",
+            &copy_times,
+        );
+        for (ours, base) in [
+            ("create → ready, postgres, lightweight, cold", &naive_init),
+            ("create → ready, postgres, lightweight, warm", &naive_copy),
+        ] {
+            if let (Some(o), Some(b)) = (named(ours), base) {
+                report.measurements.push(Measurement {
+                    name: format!("{ours} / {}", b.name.trim_start_matches("baseline: ")),
+                    unit: "x".into(),
+                    median: o.median / b.median,
+                    p95: o.p95 / b.p95,
+                    runs: o.runs.min(b.runs),
+                });
+            }
+        }
+        report.measurements.extend(naive_init);
+        report.measurements.extend(naive_copy);
+        Ok(())
+    }
+
+    /// The handout bench (`benches/handout.rs`), with and without the pool.
+    fn handouts(&self, report: &mut Report) -> Result<()> {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        for pool in [None, Some("0")] {
+            progress(&format!(
+                "per-test handouts ({}); builds the bench once",
+                if pool.is_some() {
+                    "without pool"
+                } else {
+                    "pool"
+                }
+            ));
+            let mut cmd = Command::new(&cargo);
+            cmd.args(["bench", "-q", "--bench", "handout"])
+                .current_dir(project_root())
+                .env("ISOENV_BENCH_JSON", "1")
+                .env("ISOENV_BENCH_RUNS", self.plan.handouts.to_string())
+                .stderr(Stdio::inherit());
+            for var in [
+                "DATABASE_URL",
+                "REDIS_URL",
+                "ISOENV_POSTGRES_URL",
+                "ISOENV_MYSQL_URL",
+                "ISOENV_REDIS_URL",
+            ] {
+                cmd.env_remove(var);
+            }
+            if let Some(size) = pool {
+                cmd.env("ISOENV_POOL_SIZE", size);
+            }
+            let out = cmd.output()?;
+            if !out.status.success() {
+                bail!("cargo bench --bench handout failed");
+            }
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if line.starts_with('{') {
+                    report.measurements.push(serde_json::from_str(line)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `cargo xtask --version` when already built (cargo's freshness check included), and the
+    /// binary alone.
+    fn xtask_start(&self, report: &mut Report) -> Result<()> {
+        progress("cargo xtask start latency");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let exe = std::env::current_exe()?;
+        let time = |cmd: &mut Command| -> Result<f64> {
+            let t = Instant::now();
+            let ok = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success();
+            if !ok {
+                bail!("{cmd:?} failed");
+            }
+            Ok(ms(t))
+        };
+        let mut via_cargo = Vec::new();
+        let mut binary = Vec::new();
+        for _ in 0..self.plan.warm {
+            via_cargo.push(time(
+                Command::new(&cargo)
+                    .args(["xtask", "--version"])
+                    .current_dir(project_root()),
+            )?);
+            binary.push(time(Command::new(&exe).arg("--version"))?);
+        }
+        report.measurements.extend(Measurement::of(
+            "cargo xtask --version (built)",
+            "ms",
+            &via_cargo,
+        ));
+        report
+            .measurements
+            .extend(Measurement::of("xtask binary --version", "ms", &binary));
+        Ok(())
+    }
+}
+
+fn which_pgbench() -> Result<PathBuf> {
+    let bins = EngineKind::Postgres
+        .engine()
+        .locate(&Vars::default())
+        .map_err(anyhow::Error::msg)?;
+    which_in(bins.server.parent().unwrap_or(Path::new("/")), "pgbench")
+}
+
+/// `name` next to the server binaries, else on PATH.
+fn which_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let local = dir.join(name);
+    if local.exists() {
+        return Ok(local);
+    }
+    Ok(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+            .with_context(|| format!("{name} not found next to {} or on PATH", dir.display()))?,
+    )
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "{cores} cores, {os}, Linux {}, debug build of xtask",
+        kernel.trim()
+    )
+}
