@@ -574,12 +574,10 @@ fn which_in(dir: &Path, name: &str) -> Result<PathBuf> {
     if local.exists() {
         return Ok(local);
     }
-    Ok(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .map(|d| d.join(name))
-            .find(|p| p.exists())
-            .with_context(|| format!("{name} not found next to {} or on PATH", dir.display()))?,
-    )
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} not found next to {} or on PATH", dir.display()))
 }
 
 fn machine() -> String {

@@ -4,6 +4,7 @@
 mod bench;
 mod ci;
 mod db;
+mod demo;
 mod env;
 mod hooks;
 mod test;
@@ -50,6 +51,8 @@ enum Command {
     Ci,
     /// Measure create/start/handout/throughput figures on this machine (medians, p95, ratios).
     Bench(bench::BenchArgs),
+    /// A guided tour of the backends: create, activate, query, inspect, isolation, destroy.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Hooks(cmd) => hooks::run(&ctx, cmd),
         Command::Ci => ci::run(&ctx),
         Command::Bench(args) => bench::run(&ctx, args),
+        Command::Demo(args) => demo::run(&ctx, args),
     }
 }
 

@@ -62,13 +62,25 @@ extern "C" fn on_signal(sig: i32) {
     STOP.store(sig, Ordering::SeqCst);
 }
 
-pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
-    // Before anything is made: from here on, Ctrl-C and SIGTERM end in the teardown below.
+/// From here on Ctrl-C, SIGTERM and SIGHUP only set [`stop_requested`], so that the caller
+/// always reaches its teardown.
+pub fn trap_stop_signals() -> Result<()> {
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { signal::signal(sig, SigHandler::Handler(on_signal)) }
             .context("cannot install the signal handlers")?;
     }
+    Ok(())
+}
+
+/// The signal that asked us to stop, if any.
+pub fn stop_requested() -> Option<i32> {
+    Some(STOP.load(Ordering::SeqCst)).filter(|&s| s != 0)
+}
+
+pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
+    // Before anything is made: from here on, Ctrl-C and SIGTERM end in the teardown below.
+    trap_stop_signals()?;
     let mut command = test_command(&args);
     if !args.isolated {
         return Ok(exit_code(wait(command.spawn()?)?));

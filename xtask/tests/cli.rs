@@ -429,3 +429,73 @@ fn bad_input_gets_clear_errors_and_creates_nothing() {
     assert!(!p.state().join("ok").exists());
     assert!(!p.state().join("a").exists());
 }
+
+fn demo_dirs() -> Vec<std::path::PathBuf> {
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::read_dir(target)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("isoenv-demo-")
+        })
+        .collect()
+}
+
+/// One test: both runs check that no demo directory is left, so they must not overlap.
+#[test]
+fn demo_tours_every_backend_and_leaves_nothing_even_when_interrupted() {
+    full_demo();
+    interrupted_demo();
+}
+
+fn full_demo() {
+    let p = Project::new("");
+    let out = p.run(&["demo", "--yes"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    for expected in [
+        "Backend `lightweight`",
+        "postgres|PostgreSQL",
+        "destroyed `demo-lightweight`",
+    ] {
+        assert!(said.contains(expected), "missing `{expected}`:\n{said}");
+    }
+    if nix::unistd::geteuid().is_root() {
+        for expected in [
+            "limit memory 512M",
+            "/etc/shadow: does not exist",
+            "network interfaces: lo \n",
+            "destroyed `demo-sandbox`",
+        ] {
+            assert!(said.contains(expected), "missing `{expected}`:\n{said}");
+        }
+    }
+    assert!(demo_dirs().is_empty(), "{:?}", demo_dirs());
+}
+
+fn interrupted_demo() {
+    let p = Project::new("");
+    let mut child = p
+        .cmd(&["demo"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Past the first two pauses: the lightweight server is being created or running.
+    use std::io::Write;
+    stdin.write_all(b"\n\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(demo_dirs().is_empty(), "{:?}", demo_dirs());
+}

@@ -1,0 +1,213 @@
+//! `cargo xtask demo [--yes]`: a guided tour of the backends for a newcomer. Each step says in
+//! one sentence what it does, then does it for real. It works in its own state root under
+//! `target/` and removes everything, also after Ctrl-C.
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use isoenv::backend::BackendKind;
+use isoenv::engine::EngineKind;
+use isoenv::process::ProcessId;
+use isoenv::workflow::{CreateOptions, Workspace};
+use isoenv::EnvironmentConfig;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::test::{stop_requested, trap_stop_signals};
+use crate::{project_root, Context};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Run every step without waiting for Enter.
+    #[arg(long)]
+    yes: bool,
+}
+
+pub fn run(ctx: &Context, args: DemoArgs) -> Result<ExitCode> {
+    trap_stop_signals()?;
+    let root = project_root()
+        .join("target")
+        .join(format!("isoenv-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&root)?;
+    isoenv::files::set_mode(&root, 0o755)?;
+    let vars = ctx
+        .vars()?
+        .with("ENVIRONMENT", "development")
+        .with("WASI_SANDBOX_DIR", root.display().to_string());
+    let config = EnvironmentConfig::from_vars(&vars, &project_root())?;
+    let ws = Workspace::new(&config, vars);
+    let tour = Tour {
+        ws: &ws,
+        yes: args.yes,
+    };
+    let result = tour.all();
+    // Whatever happened, nothing of the demo stays.
+    for name in ["demo-lightweight", "demo-sandbox"] {
+        let _ = ws.destroy(name);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    match (result, stop_requested()) {
+        (_, Some(sig)) => {
+            eprintln!("demo interrupted; everything it made is removed");
+            Ok(ExitCode::from(128 + sig as u8))
+        }
+        (Ok(()), None) => {
+            say("That was the tour: every environment above is gone again.");
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+struct Tour<'a> {
+    ws: &'a Workspace,
+    yes: bool,
+}
+
+fn say(text: &str) {
+    println!("\n==> {text}");
+}
+
+/// Returned when the user interrupted: the caller cleans up.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+impl Tour<'_> {
+    /// Waits for Enter (or goes on at once with --yes); Ctrl-C ends the tour.
+    fn step(&self, text: &str) -> Result<()> {
+        say(text);
+        if stop_requested().is_some() {
+            return Err(Interrupted.into());
+        }
+        if self.yes {
+            return Ok(());
+        }
+        print!("    [Enter] ");
+        let _ = std::io::stdout().flush();
+        let stdin = std::io::stdin();
+        loop {
+            if stop_requested().is_some() {
+                return Err(Interrupted.into());
+            }
+            let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(100u8)).unwrap_or(0) > 0 {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                return Ok(());
+            }
+        }
+    }
+
+    fn shell(&self, what: &str, script: &str) -> Result<()> {
+        println!("    $ {what}");
+        let out = Command::new("bash").args(["-c", script]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text
+            .lines()
+            .chain(String::from_utf8_lossy(&out.stderr).lines())
+        {
+            println!("    {line}");
+        }
+        if !out.status.success() {
+            anyhow::bail!("`{what}` failed");
+        }
+        Ok(())
+    }
+
+    fn all(&self) -> Result<()> {
+        say("isoenv gives this repository real, isolated databases. Three backends, one workflow: create, activate, query, inspect, destroy.");
+        self.backend(BackendKind::Lightweight)?;
+        if nix::unistd::geteuid().is_root() {
+            self.backend(BackendKind::Sandbox)?;
+        } else {
+            say("The sandbox backend needs root (namespaces and cgroups); rerun the demo as root to see it.");
+        }
+        say("The docker backend (containers through the Docker API) is not in this version yet.");
+        Ok(())
+    }
+
+    fn backend(&self, backend: BackendKind) -> Result<()> {
+        let name = format!("demo-{backend}");
+        match backend {
+            BackendKind::Sandbox => self.step("Backend `sandbox`: the same PostgreSQL, now inside Linux namespaces, confined by a JSON capability manifest that the kernel enforces.")?,
+            _ => self.step("Backend `lightweight`: a directory, variables, and the real PostgreSQL server as a local process. No root, no Docker.")?,
+        }
+        self.step(&format!("Create `{name}`: initialize (or copy a cached) data directory, start the server, wait until it answers a real query."))?;
+        let owner = ProcessId::of(std::process::id() as i32)?;
+        let info = self.ws.create(
+            &CreateOptions {
+                name: name.clone(),
+                engine: EngineKind::Postgres,
+                backend,
+                port: None,
+                service: true,
+                install: false,
+                // Owned by the demo: if it is killed outright, its servers die with it.
+                owner: Some(owner),
+            },
+            &|m| println!("    {m}"),
+        )?;
+        println!(
+            "    {} {} on {}:{} ({})",
+            info.engine, info.version, info.host, info.port, info.backend
+        );
+        self.step("Activate it like a Python venv: `source bin/activate` exports DATABASE_URL, PG* and DB_*, and a real client just works.")?;
+        let activate = info.activate.display().to_string();
+        self.shell(
+            &format!("source {activate} && psql -c 'SELECT current_user, version()'"),
+            &format!(
+                "source {activate} && psql -Atc 'SELECT current_user, version()' && deactivate"
+            ),
+        )?;
+        if backend == BackendKind::Sandbox {
+            self.step("Inspect the manifest: these paths, this one port, these limits, and nothing else exist for the server.")?;
+            let iso = self
+                .ws
+                .inspect(&name)?
+                .isolation
+                .context("a sandbox has a manifest")?;
+            if let Ok(m) = &iso.manifest {
+                for bind in &m.fs {
+                    println!("    fs {:?} {}", bind.mode, bind.host.display());
+                }
+                println!("    network: {} (inside: only lo)", m.network.expose);
+            }
+            for l in &iso.limits {
+                println!(
+                    "    limit {} {} ({}, enforced: {})",
+                    l.limit, l.value, l.via, l.enforced
+                );
+            }
+            self.step("Show the isolation from the server's own point of view.")?;
+            let init = iso.init_pid.context("a running sandbox has an init")?;
+            let server = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))?
+                .split_whitespace()
+                .next()
+                .context("the sandbox runs its server")?
+                .to_owned();
+            self.shell(
+                "what the server sees",
+                &format!(
+                    "r=/proc/{server}/root; echo \"uid: $(awk '/^Uid/{{print $2}}' /proc/{server}/status), capabilities: $(awk '/^CapEff/{{print $2}}' /proc/{server}/status)\"; \
+                     echo \"/etc inside: $(ls $r/etc | tr '\\n' ' ')\"; \
+                     test -e $r/etc/shadow && echo '/etc/shadow: visible' || echo '/etc/shadow: does not exist'; \
+                     echo \"network interfaces: $(nsenter --target {init} --net cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' | tr '\\n' ' ')\""
+                ),
+            )?;
+        }
+        self.step(&format!("Destroy `{name}`: the server stops and its directory is removed; nothing is left running."))?;
+        self.ws.destroy(&name)?;
+        println!("    destroyed `{name}`");
+        Ok(())
+    }
+}
