@@ -161,38 +161,47 @@ impl Bench {
     /// Create → ready (the engine's own probe: PostgreSQL `SELECT 1`, the MySQL handshake,
     /// Redis `AUTH` + `PING`), warm (cached data directory) and cold (empty cache).
     fn create_to_ready(&self, backends: &[BackendKind], report: &mut Report) -> Result<()> {
-        for &backend in backends {
-            for engine in EngineKind::ALL {
-                progress(&format!("create → ready, {engine} / {backend}"));
-                let ws = self.workspace(None)?;
-                let mut warm = Vec::new();
-                // The first create fills the cache and is not counted.
-                for i in 0..=self.plan.warm {
-                    let name = format!("w{i}");
+        for engine in EngineKind::ALL {
+            progress(&format!("create → ready, {engine}"));
+            let ws = self.workspace(None)?;
+            let (mut warm, mut cold) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
+            // Backends alternate run by run, so that both see the same disk state (deleting a
+            // data directory slows file creation on ext4 for a while). The first round fills
+            // the cache and is not counted.
+            for i in 0..=self.plan.warm {
+                for (b, &backend) in backends.iter().enumerate() {
+                    let name = format!("w{i}-{backend}");
                     let t = Self::create(&ws, &name, engine, backend)?;
                     ws.destroy(&name)?;
                     if i > 0 {
-                        warm.push(t);
+                        warm[b].push(t);
                     }
                 }
-                let mut cold = Vec::new();
-                for i in 0..self.plan.cold {
+            }
+            for i in 0..self.plan.cold {
+                for (b, &backend) in backends.iter().enumerate() {
                     let cache = self.scratch.join(format!("cold-{engine}-{backend}-{i}"));
                     let ws = self.workspace(Some(&cache))?;
                     let name = format!("c{i}");
-                    cold.push(Self::create(&ws, &name, engine, backend)?);
+                    cold[b].push(Self::create(&ws, &name, engine, backend)?);
                     ws.destroy(&name)?;
                     let _ = std::fs::remove_dir_all(&cache);
                 }
-                report.measurements.extend(Measurement::of(
-                    format!("create → ready, {engine}, {backend}, warm"),
-                    "ms",
-                    &warm,
-                ));
-                report.measurements.extend(Measurement::of(
-                    format!("create → ready, {engine}, {backend}, cold"),
-                    "ms",
-                    &cold,
+            }
+            for (b, backend) in backends.iter().enumerate() {
+                for (kind, samples) in [("warm", &warm[b]), ("cold", &cold[b])] {
+                    report.measurements.extend(Measurement::of(
+                        format!("create → ready, {engine}, {backend}, {kind}"),
+                        "ms",
+                        samples,
+                    ));
+                }
+            }
+            if backends.len() == 2 {
+                report.measurements.extend(Measurement::ratio_of(
+                    format!("create → ready, {engine}, warm, sandbox / lightweight"),
+                    &warm[1],
+                    &warm[0],
                 ));
             }
         }
