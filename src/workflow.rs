@@ -105,6 +105,22 @@ pub struct CreateOptions {
     pub owner: Option<ProcessId>,
 }
 
+impl CreateOptions {
+    /// A real server on a free port, installing nothing, owned by nobody: what most callers
+    /// want, adjusted with struct update syntax.
+    pub fn server(name: impl Into<String>, engine: EngineKind, backend: BackendKind) -> Self {
+        CreateOptions {
+            name: name.into(),
+            engine,
+            backend,
+            port: None,
+            service: true,
+            install: false,
+            owner: None,
+        }
+    }
+}
+
 /// One environment as commands show it. No secrets.
 #[derive(Debug, Clone, Serialize)]
 pub struct EnvInfo {
@@ -685,13 +701,8 @@ impl Workspace {
             },
             _ => {
                 let opts = CreateOptions {
-                    name: name.into(),
-                    engine,
-                    backend,
-                    port: None,
-                    service: true,
                     install,
-                    owner: None,
+                    ..CreateOptions::server(name, engine, backend)
                 };
                 self.create(&opts, progress).map(UpOutcome::Created)
             }

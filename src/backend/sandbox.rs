@@ -10,6 +10,7 @@ use nix::sys::signal::Signal;
 
 use super::{Backend, BackendKind, Isolation, Prepare, Spawn};
 use crate::cgroup::{CgroupLayout, Enforcement};
+use crate::engine::existing;
 use crate::manifest::{self, Defaults, Manifest};
 use crate::process::{tail, Launch, ProcessId};
 use crate::sandbox::{Account, Record, Request, SUPERVISOR_COMMAND, SUPERVISOR_VAR};
@@ -30,12 +31,7 @@ impl Backend for Sandbox {
         let mut read_only = vec![p.bins.server.clone()];
         read_only.extend(library_dirs(&p.bins.server)?);
         read_only.extend(p.engine.sandbox_paths(p.bins));
-        read_only.extend(
-            ["/usr/lib/locale"]
-                .iter()
-                .map(PathBuf::from)
-                .filter(|d| d.is_dir()),
-        );
+        read_only.extend(existing([PathBuf::from("/usr/lib/locale")]));
         read_only.extend(p.engine.server_files(p.layout));
         let manifest = Manifest::defaults(&Defaults {
             read_only: &read_only,

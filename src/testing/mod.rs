@@ -233,13 +233,8 @@ fn provision_here(engine: EngineKind) -> crate::Result<String> {
     let me = ProcessId::of(std::process::id() as i32).map_err(|e| io(Path::new("/proc"), e))?;
     let name = format!("t{}-{}", me.pid, engine);
     let opts = CreateOptions {
-        name: name.clone(),
-        engine,
-        backend: crate::backend::BackendKind::Lightweight,
-        port: None,
-        service: true,
-        install: false,
         owner: Some(me),
+        ..CreateOptions::server(&name, engine, crate::backend::BackendKind::Lightweight)
     };
     ws.create(&opts, &|_| {})?;
     ws.url(&name)

@@ -115,17 +115,8 @@ impl Bench {
     }
 
     fn create(ws: &Workspace, name: &str, engine: EngineKind, backend: BackendKind) -> Result<f64> {
-        let opts = CreateOptions {
-            name: name.into(),
-            engine,
-            backend,
-            port: None,
-            service: true,
-            install: false,
-            owner: None,
-        };
         let t = Instant::now();
-        ws.create(&opts, &|_| {})?;
+        ws.create(&CreateOptions::server(name, engine, backend), &|_| {})?;
         Ok(ms(t))
     }
 

@@ -146,14 +146,9 @@ impl Tour<'_> {
         let owner = ProcessId::of(std::process::id() as i32)?;
         let info = self.ws.create(
             &CreateOptions {
-                name: name.clone(),
-                engine: EngineKind::Postgres,
-                backend,
-                port: None,
-                service: true,
-                install: false,
                 // Owned by the demo: if it is killed outright, its servers die with it.
                 owner: Some(owner),
+                ..CreateOptions::server(&name, EngineKind::Postgres, backend)
             },
             &|m| println!("    {m}"),
         )?;

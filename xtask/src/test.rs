@@ -117,13 +117,8 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
         for (engine, name) in &plan.envs {
             stopped()?;
             let opts = CreateOptions {
-                name: name.clone(),
-                engine: *engine,
-                backend: plan.backend,
-                port: None,
-                service: true,
-                install: false,
                 owner: Some(me),
+                ..CreateOptions::server(name, *engine, plan.backend)
             };
             let info = ws.create(&opts, &|m| eprintln!("isoenv: {m}"))?;
             made.push(name.clone());
