@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use crate::config::{ConfigError, Environment};
+use crate::docker::DockerError;
 use crate::envfile::EnvFileError;
 use crate::remote::CheckError;
 use crate::tunnel::Hop;
@@ -56,6 +57,10 @@ pub enum Error {
         cause: CheckError,
         advice: String,
     },
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("image {reference}: {message}")]
+    Image { reference: String, message: String },
     #[error("{0}")]
     Unsupported(String),
 }

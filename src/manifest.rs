@@ -67,6 +67,7 @@ pub enum Mode {
 pub struct Network {
     /// The one port reachable from the host, on the host's loopback; inside, the server listens
     /// on the same port of its own loopback. There is no other network (no outbound access).
+    /// Port 0 (containers only): a free port, chosen by Docker at each start.
     pub expose: SocketAddrV4,
 }
 
@@ -267,9 +268,6 @@ impl Manifest {
                     self.network.expose.ip()
                 ),
             ));
-        }
-        if self.network.expose.port() == 0 {
-            return Err(("network.expose".into(), "port 0 cannot be exposed".into()));
         }
         let limits = &self.limits;
         if limits.memory.0 < MIN_MEMORY {

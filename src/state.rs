@@ -133,6 +133,21 @@ pub struct EnvState {
     /// For the ssh-tunnel backend: the route the tunnel was opened with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelSpec>,
+    /// For the docker backend: the container and its volume. Recorded before either is made,
+    /// so that whatever a killed `create` made is found again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerRecord {
+    pub name: String,
+    pub volume: String,
+    pub image: String,
+    /// Whether isoenv started it and has not stopped it since: a container that is not running
+    /// then has crashed.
+    pub started: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -142,6 +157,10 @@ pub enum Status {
     Stopped,
     Crashed,
     EnvOnly,
+    /// Its container was removed behind isoenv's back (`start` makes it again).
+    Missing,
+    /// Its Docker engine cannot be reached.
+    Unknown,
 }
 
 impl Status {
@@ -151,6 +170,8 @@ impl Status {
             Status::Stopped => "stopped",
             Status::Crashed => "crashed",
             Status::EnvOnly => "env-only",
+            Status::Missing => "missing",
+            Status::Unknown => "unknown",
         }
     }
 }
@@ -289,6 +310,7 @@ mod tests {
             created_at: 0,
             owner: None,
             tunnel: None,
+            container: None,
         };
         assert_eq!(s.status(|_| true), Status::Running);
         assert_eq!(s.status(|_| false), Status::Crashed);

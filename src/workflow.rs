@@ -2,6 +2,9 @@
 //! (what runs), backends (where it runs) and state (what is recorded). The decisions (which plan,
 //! what is allowed where, what a status means) are pure functions tested on their own.
 
+mod containers;
+
+use std::cell::OnceCell;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,7 @@ use crate::config::{
     ConfigSource, DatabaseConfig, Environment, EnvironmentConfig, SslMode, ACTIVE_ENGINE,
     ACTIVE_MARKER,
 };
+use crate::docker::{Docker, DockerError};
 use crate::engine::{self, Binaries, Credentials, Endpoint, Engine, EngineKind, Probe};
 use crate::envfile::Vars;
 use crate::error::{Error, IoContext, Result};
@@ -28,6 +32,8 @@ use crate::secret::{write_private, Secret};
 use crate::state::{validate_name, EnvState, Layout, Lock, LockError, Status, SCHEMA};
 use crate::tunnel::{self, TunnelSpec};
 
+pub use containers::BuiltImage;
+
 /// How long a server may take to accept connections before `create`/`start` give up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a graceful stop may take before SIGKILL.
@@ -36,6 +42,8 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_ENV: &str = "dev";
 /// The environment that records the development VM tunnel.
 pub const TUNNEL_ENV: &str = "vm";
+/// The environment `cargo xtask db up` brings up in staging, in a container.
+pub const STAGING_ENV: &str = "staging";
 
 /// What a command does to environments, for the production guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +71,11 @@ pub enum UpPlan {
     },
     /// Development with `DB_VM_SSH_ENABLED=true`: a tunnel to the VM's database.
     Tunnel,
-    /// Staging: per-run containers.
-    Containers,
+    /// Staging: a container (the docker backend), removed by `down`.
+    Containers {
+        name: &'static str,
+        engine: EngineKind,
+    },
     /// Production: verify the configured database, change nothing.
     VerifyProduction,
 }
@@ -86,7 +97,10 @@ pub fn plan_up(config: &EnvironmentConfig) -> UpPlan {
             engine: EngineKind::Postgres,
             backend: local_backend(config),
         },
-        Environment::Staging => UpPlan::Containers,
+        Environment::Staging => UpPlan::Containers {
+            name: STAGING_ENV,
+            engine: EngineKind::Postgres,
+        },
         Environment::Production => UpPlan::VerifyProduction,
     }
 }
@@ -103,6 +117,8 @@ pub struct CreateOptions {
     pub install: bool,
     /// The process the environment lives for; when it is gone, `gc` removes it.
     pub owner: Option<ProcessId>,
+    /// The docker backend's image (default: `ISOENV_<ENGINE>_IMAGE`, else the official one).
+    pub image: Option<String>,
 }
 
 impl CreateOptions {
@@ -117,6 +133,7 @@ impl CreateOptions {
             service: true,
             install: false,
             owner: None,
+            image: None,
         }
     }
 }
@@ -141,6 +158,16 @@ pub struct EnvInfo {
     /// What confines the server (`inspect` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
+}
+
+/// What `db down` did.
+#[derive(Debug, Clone)]
+pub enum Down {
+    Stopped(EnvInfo),
+    /// Staging: the container, its volume and the environment are gone.
+    Removed(&'static str),
+    /// `up` had made nothing.
+    Nothing,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -198,6 +225,10 @@ pub struct Workspace {
     user: std::result::Result<ServiceUser, String>,
     /// The sandbox's default memory limit (`WASI_MEMORY_LIMIT`).
     memory_limit: u64,
+    /// `DOCKER_HOST`, from the process environment or `.env`.
+    docker_host: Option<String>,
+    /// The Docker engine, connected on first use (most commands never need it).
+    docker: OnceCell<std::result::Result<Docker, DockerError>>,
 }
 
 impl Workspace {
@@ -212,9 +243,11 @@ impl Workspace {
             cache,
             environment: config.environment(),
             database: config.database_config().clone(),
-            vars,
             user,
             memory_limit: config.sandbox().memory_limit_bytes,
+            docker_host: vars.get("DOCKER_HOST").map(str::to_owned),
+            docker: OnceCell::new(),
+            vars,
         }
     }
 
@@ -272,24 +305,35 @@ impl Workspace {
             })
     }
 
+    /// Takes the lock of a name that must not exist yet.
+    fn claim(&self, name: &str) -> Result<(Layout, Lock)> {
+        let layout = self.layout(name);
+        let lock = self.lock(name)?;
+        if fs::symlink_metadata(&layout.dir).is_ok() {
+            return Err(Error::Exists {
+                name: name.into(),
+                dir: layout.dir.clone(),
+            });
+        }
+        Ok((layout, lock))
+    }
+
     pub fn create(&self, opts: &CreateOptions, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
         self.guard(Action::Create, "create an environment")?;
         check_name(&opts.name)?;
-        let layout = self.layout(&opts.name);
+        if opts.backend == BackendKind::Docker {
+            return self.create_container_env(opts, progress);
+        }
         let env_err = |message: String| Error::Env {
             name: opts.name.clone(),
             message,
         };
-        layout.check_socket_room().map_err(env_err)?;
+        self.layout(&opts.name)
+            .check_socket_room()
+            .map_err(env_err)?;
         let user = self.user()?;
         self.make_root(user)?;
-        let _lock = self.lock(&opts.name)?;
-        if fs::symlink_metadata(&layout.dir).is_ok() {
-            return Err(Error::Exists {
-                name: opts.name.clone(),
-                dir: layout.dir.clone(),
-            });
-        }
+        let (layout, _lock) = self.claim(&opts.name)?;
         let engine = opts.engine.engine();
         let port = match opts.port {
             Some(p) if net::is_taken(p) => return Err(Error::PortTaken { port: p }),
@@ -310,6 +354,7 @@ impl Workspace {
             dir: Some(layout.dir.clone()),
             process: None,
             backend: opts.backend,
+            container: None,
         };
         let mut state = EnvState {
             schema: SCHEMA,
@@ -324,6 +369,7 @@ impl Workspace {
             created_at: now(),
             owner: opts.owner,
             tunnel: None,
+            container: None,
         };
         let creds = engine.credentials(Secret::generate());
         self.build(&state, &layout, template.as_deref(), &creds, user)
@@ -393,8 +439,10 @@ impl Workspace {
     pub fn start(&self, name: &str, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
         self.guard(Action::Start, "start an environment")?;
         check_name(name)?;
-        if self.load(name, &self.layout(name))?.backend == BackendKind::SshTunnel {
-            return self.tunnel_up(progress).map(UpOutcome::into_info);
+        match self.load(name, &self.layout(name))?.backend {
+            BackendKind::SshTunnel => return self.tunnel_up(progress).map(UpOutcome::into_info),
+            BackendKind::Docker => return self.start_container_env(name, progress),
+            BackendKind::Lightweight | BackendKind::Sandbox => {}
         }
         let (layout, _lock, mut state) = self.open_locked(name)?;
         match state.status(ProcessId::is_alive) {
@@ -405,7 +453,7 @@ impl Workspace {
                     message: "it is env-only (created with --no-service): there is no server to start; destroy and create it without --no-service".into(),
                 })
             }
-            Status::Stopped | Status::Crashed => {}
+            Status::Stopped | Status::Crashed | Status::Missing | Status::Unknown => {}
         }
         if net::is_taken(state.port) {
             return Err(Error::Env {
@@ -508,6 +556,9 @@ impl Workspace {
     pub fn stop(&self, name: &str) -> Result<EnvInfo> {
         self.guard(Action::Stop, "stop an environment")?;
         let (layout, _lock, mut state) = self.open_locked(name)?;
+        if state.container.is_some() {
+            self.stop_container(&mut state, &layout)?;
+        }
         if let Some(pid) = state.process.take() {
             pid.stop(stop_signal(&state), STOP_GRACE);
             save(&state, &layout)?;
@@ -532,11 +583,20 @@ impl Workspace {
             });
         }
         let (layout, _lock, state) = self.open_locked(name)?;
-        if let Some(pid) = state.process {
-            pid.stop(stop_signal(&state), STOP_GRACE);
-        }
-        release(&state, &layout)?;
+        self.teardown(&state, &layout)?;
         remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
+    }
+
+    /// Stops what runs the environment and removes what it has outside its directory (a
+    /// sandbox's cgroups, a container and its volume).
+    fn teardown(&self, state: &EnvState, layout: &Layout) -> Result<()> {
+        if state.container.is_some() {
+            self.remove_container(state)?;
+        }
+        if let Some(pid) = state.process {
+            pid.stop(stop_signal(state), STOP_GRACE);
+        }
+        release(state, layout)
     }
 
     /// Removes what dead owners left: environments whose owner process is gone (a `test
@@ -559,10 +619,11 @@ impl Workspace {
                 continue;
             }
             if let Ok(Some(state)) = EnvState::load(&layout) {
-                if let Some(pid) = state.process {
-                    pid.stop(stop_signal(&state), STOP_GRACE);
+                // What cannot be torn down now (an unreachable Docker engine) waits for the
+                // next collection; nothing else is held up by it.
+                if self.teardown(&state, &layout).is_err() {
+                    continue;
                 }
-                release(&state, &layout)?;
             }
             remove_tree(&layout.dir)
                 .context(|| format!("cannot remove {}", layout.dir.display()))?;
@@ -621,7 +682,10 @@ impl Workspace {
         let layout = self.layout(name);
         let state = self.load(name, &layout)?;
         let mut info = self.info(&state, &layout);
-        info.isolation = state.backend.backend().isolation(&layout.dir);
+        info.isolation = match state.container {
+            Some(_) => Some(self.container_isolation(&state, &layout)),
+            None => state.backend.backend().isolation(&layout.dir),
+        };
         Ok(info)
     }
 
@@ -648,10 +712,17 @@ impl Workspace {
         save(&state, &layout)
     }
 
-    pub fn log_file(&self, name: &str) -> Result<PathBuf> {
+    /// The last `lines` lines of the server's output (the log file, or the container's).
+    pub fn logs(&self, name: &str, lines: usize) -> Result<String> {
+        check_name(name)?;
         let layout = self.layout(name);
-        self.inspect(name)?;
-        Ok(layout.log)
+        let state = self.load(name, &layout)?;
+        if state.container.is_some() {
+            return self.container_logs(&state, lines);
+        }
+        let text = fs::read_to_string(&layout.log)
+            .context(|| format!("cannot read {}", layout.log.display()))?;
+        Ok(tail(&text, lines))
     }
 
     /// Brings up what this ENVIRONMENT uses: the local default, the VM tunnel, or (production)
@@ -669,7 +740,9 @@ impl Workspace {
                 backend,
             } => self.local_up(name, engine, backend, install, progress),
             UpPlan::Tunnel => self.tunnel_up(progress),
-            UpPlan::Containers => Err(staging_unsupported()),
+            UpPlan::Containers { name, engine } => {
+                self.local_up(name, engine, BackendKind::Docker, install, progress)
+            }
             UpPlan::VerifyProduction => {
                 let db = &self.database;
                 let report = self.check_remote(db, &db.host, db.port)?;
@@ -691,11 +764,11 @@ impl Workspace {
     ) -> Result<UpOutcome> {
         let layout = self.layout(name);
         match EnvState::load(&layout) {
-            Ok(Some(state)) => match state.status(ProcessId::is_alive) {
+            Ok(Some(state)) => match self.status_of(&state) {
                 Status::Running | Status::EnvOnly => {
                     Ok(UpOutcome::AlreadyUp(self.info(&state, &layout)))
                 }
-                Status::Stopped | Status::Crashed => {
+                Status::Stopped | Status::Crashed | Status::Missing | Status::Unknown => {
                     self.start(name, progress).map(UpOutcome::Started)
                 }
             },
@@ -709,18 +782,19 @@ impl Workspace {
         }
     }
 
-    /// Stops what `up` started (the local server or the tunnel); data is kept.
-    pub fn down(&self, config: &EnvironmentConfig) -> Result<Option<EnvInfo>> {
+    /// Undoes what `up` did: stops the local server or the tunnel (data kept); in staging
+    /// removes the container with its volume, as per-run containers are.
+    pub fn down(&self, config: &EnvironmentConfig) -> Result<Down> {
         self.guard(Action::Stop, "bring anything down")?;
-        let name = match plan_up(config) {
-            UpPlan::Local { name, .. } => name,
-            UpPlan::Tunnel => TUNNEL_ENV,
-            UpPlan::Containers => return Err(staging_unsupported()),
+        let result = match plan_up(config) {
+            UpPlan::Local { name, .. } => self.stop(name).map(Down::Stopped),
+            UpPlan::Tunnel => self.stop(TUNNEL_ENV).map(Down::Stopped),
+            UpPlan::Containers { name, .. } => self.destroy(name).map(|()| Down::Removed(name)),
             UpPlan::VerifyProduction => unreachable!("guarded above"),
         };
-        match self.stop(name) {
-            Err(Error::NotFound { .. }) => Ok(None),
-            other => other.map(Some),
+        match result {
+            Err(Error::NotFound { .. }) => Ok(Down::Nothing),
+            other => other,
         }
     }
 
@@ -729,9 +803,8 @@ impl Workspace {
         let db = &self.database;
         let mut checks = Vec::new();
         let name = match plan_up(config) {
-            UpPlan::Local { name, .. } => name,
+            UpPlan::Local { name, .. } | UpPlan::Containers { name, .. } => name,
             UpPlan::Tunnel => TUNNEL_ENV,
-            UpPlan::Containers => return Err(staging_unsupported()),
             UpPlan::VerifyProduction => {
                 checks.push(remote_check(
                     "production database",
@@ -763,14 +836,18 @@ impl Workspace {
         let info = self.info(&state, &layout);
         let process = match state.backend {
             BackendKind::SshTunnel => "ssh tunnel",
+            BackendKind::Docker => "container",
             _ => "server",
         };
         checks.push(Check {
             what: process.into(),
             ok: info.status == Status::Running,
-            detail: match info.pid {
-                Some(pid) => format!("{} (pid {pid})", info.status.as_str()),
-                None => format!("{}; `cargo xtask db up` starts it", info.status.as_str()),
+            detail: match (info.pid, &state.container) {
+                (Some(pid), _) => format!("{} (pid {pid})", info.status.as_str()),
+                (None, Some(c)) if info.status == Status::Running => {
+                    format!("running ({})", c.name)
+                }
+                (None, _) => format!("{}; `cargo xtask db up` starts it", info.status.as_str()),
             },
         });
         if info.status == Status::Running {
@@ -846,6 +923,7 @@ impl Workspace {
             dir: None,
             process: None,
             backend: BackendKind::SshTunnel,
+            container: None,
         };
         let existing = EnvState::load(&layout)
             .context(|| format!("cannot read the state of environment `{name}`"))?;
@@ -898,6 +976,7 @@ impl Workspace {
                     created_at: now(),
                     owner: None,
                     tunnel: None,
+                    container: None,
                 };
                 (state, true)
             }
@@ -938,8 +1017,16 @@ impl Workspace {
         })
     }
 
+    /// Whether the environment's server runs, as its backend tells.
+    fn status_of(&self, state: &EnvState) -> Status {
+        match state.container {
+            Some(_) => self.container_status(state).0,
+            None => state.status(ProcessId::is_alive),
+        }
+    }
+
     fn info(&self, state: &EnvState, layout: &Layout) -> EnvInfo {
-        let status = state.status(ProcessId::is_alive);
+        let status = self.status_of(state);
         let creds = state.engine.engine().credentials(Secret::default());
         EnvInfo {
             name: state.name.clone(),
@@ -956,7 +1043,9 @@ impl Workspace {
             version: state.engine_version.clone(),
             url: database(state, &creds).redacted_url(),
             activate: layout.activate(),
-            socket_dir: (state.service && state.tunnel.is_none()).then(|| layout.run.clone()),
+            socket_dir: endpoint(state, layout)
+                .socket_dir
+                .filter(|_| state.service && state.tunnel.is_none()),
             isolation: None,
         }
     }
@@ -1079,12 +1168,6 @@ impl UpOutcome {
     }
 }
 
-fn staging_unsupported() -> Error {
-    Error::Unsupported(
-        "ENVIRONMENT=staging runs per-run containers (the docker backend), which this version does not have yet; use ENVIRONMENT=development for a local database".into(),
-    )
-}
-
 fn remote_check(what: &str, db: &DatabaseConfig, result: Result<ServerReport>) -> Check {
     match result {
         Ok(report) => Check {
@@ -1205,11 +1288,12 @@ fn read_credentials(layout: &Layout) -> Result<Credentials> {
     })
 }
 
+/// Where the server answers; a container's socket is out of the host's reach.
 fn endpoint(state: &EnvState, layout: &Layout) -> Endpoint {
     Endpoint {
         host: state.host.clone(),
         port: state.port,
-        socket_dir: layout.run.clone(),
+        socket_dir: (state.backend != BackendKind::Docker).then(|| layout.run.clone()),
     }
 }
 
@@ -1265,24 +1349,32 @@ fn exports(state: &EnvState, creds: &Credentials, layout: &Layout) -> Vec<(Strin
     out
 }
 
-/// Removes a half-made environment (and stops its server) unless disarmed.
-struct Cleanup {
+/// Removes a half-made environment (and stops its server, or removes its container and
+/// volume) unless disarmed.
+struct Cleanup<'a> {
     dir: Option<PathBuf>,
     process: Option<(ProcessId, Signal)>,
     backend: BackendKind,
+    /// The Docker engine, the container and the volume.
+    container: Option<(&'a Docker, String, String)>,
 }
 
-impl Cleanup {
+impl Cleanup<'_> {
     fn disarm(&mut self) {
         self.dir = None;
         self.process = None;
+        self.container = None;
     }
 }
 
-impl Drop for Cleanup {
+impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         if let Some((pid, signal)) = self.process.take() {
             pid.stop(signal, Duration::from_secs(10));
+        }
+        if let Some((docker, container, volume)) = self.container.take() {
+            let _ = docker.remove_container(&container);
+            let _ = docker.remove_volume(&volume);
         }
         if let Some(dir) = self.dir.take() {
             let _ = self.backend.backend().release(&dir);
@@ -1304,7 +1396,7 @@ fn sanitize(s: &str) -> String {
 }
 
 /// A stable hash for cache keys (std's hasher may change between Rust releases).
-fn fnv1a(text: &str) -> u64 {
+pub(crate) fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf29ce484222325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     })
@@ -1345,7 +1437,10 @@ mod tests {
         );
         assert_eq!(
             plan_up(&config(&[("ENVIRONMENT", "staging")])),
-            UpPlan::Containers
+            UpPlan::Containers {
+                name: "staging",
+                engine: EngineKind::Postgres
+            }
         );
         let prod = [
             ("ENVIRONMENT", "production"),

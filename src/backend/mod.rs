@@ -2,6 +2,7 @@
 //! (a plain local process, a namespace sandbox, a container). Adding a backend means one module
 //! here and one arm in [`BackendKind::backend`].
 
+pub mod docker;
 mod lightweight;
 mod sandbox;
 mod ssh;
@@ -31,6 +32,8 @@ pub enum BackendKind {
     Sandbox,
     /// The development VM's database, reached through `ssh -L` (made by `db up`, not `create`).
     SshTunnel,
+    /// A container through the Docker API.
+    Docker,
 }
 
 impl BackendKind {
@@ -39,6 +42,7 @@ impl BackendKind {
             BackendKind::Lightweight => "lightweight",
             BackendKind::Sandbox => "sandbox",
             BackendKind::SshTunnel => "ssh-tunnel",
+            BackendKind::Docker => "docker",
         }
     }
 
@@ -47,6 +51,7 @@ impl BackendKind {
             BackendKind::Lightweight => &lightweight::Lightweight,
             BackendKind::Sandbox => &sandbox::Sandbox,
             BackendKind::SshTunnel => &ssh::SshTunnel,
+            BackendKind::Docker => &docker::Docker,
         }
     }
 }
@@ -64,11 +69,9 @@ impl FromStr for BackendKind {
             "lightweight" => Ok(BackendKind::Lightweight),
             "sandbox" => Ok(BackendKind::Sandbox),
             "ssh-tunnel" => Err("ssh tunnels are opened by `cargo xtask db up` in development with DB_VM_SSH_ENABLED=true, not created by name".into()),
-            "docker" => Err(format!(
-                "the `{s}` backend is not available in this version; use --backend lightweight"
-            )),
+            "docker" => Ok(BackendKind::Docker),
             _ => Err(format!(
-                "unknown backend `{s}`; valid backends: lightweight, sandbox"
+                "unknown backend `{s}`; valid backends: lightweight, sandbox, docker"
             )),
         }
     }

@@ -198,20 +198,10 @@ fn wait_ready(pid: ProcessId, dir: &Path, log: &Path, exe: &Path) -> io::Result<
     }
 }
 
-/// The directories holding `binary`'s shared libraries and its ELF interpreter, as `ldd`
-/// reports them, resolved to real directories (merged-/usr links are recreated inside).
+/// The directories holding `binary`'s shared libraries and its ELF interpreter, resolved to
+/// real directories (merged-/usr links are recreated inside).
 fn library_dirs(binary: &Path) -> Result<Vec<PathBuf>, String> {
-    let out = std::process::Command::new("ldd")
-        .arg(binary)
-        .output()
-        .map_err(|e| {
-            format!(
-                "cannot run ldd to find {}'s libraries: {e}",
-                binary.display()
-            )
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(parse_ldd(&text)
+    Ok(crate::libs::shared_libraries(binary)?
         .into_iter()
         .filter_map(|lib| std::fs::canonicalize(lib.parent()?).ok())
         .fold(Vec::new(), |mut dirs, d| {
@@ -222,38 +212,9 @@ fn library_dirs(binary: &Path) -> Result<Vec<PathBuf>, String> {
         }))
 }
 
-fn parse_ldd(text: &str) -> Vec<PathBuf> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let path = match l.split_once("=>") {
-                Some((_, right)) => right.trim(),
-                None => l,
-            };
-            let path = path.split_whitespace().next()?;
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ldd_output() {
-        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-                    \tlibssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x00007f)\n\
-                    \tlibgone.so => not found\n\
-                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
-        assert_eq!(
-            parse_ldd(text),
-            [
-                PathBuf::from("/lib/x86_64-linux-gnu/libssl.so.3"),
-                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
-            ]
-        );
-    }
 
     #[test]
     fn hostnames_are_valid() {

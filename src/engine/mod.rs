@@ -94,8 +94,9 @@ pub struct Binaries {
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
-    /// The directory holding the server's Unix socket.
-    pub socket_dir: PathBuf,
+    /// The directory holding the server's Unix socket; `None` when the server runs where the
+    /// host cannot reach its socket (a container): then only TCP, with the password.
+    pub socket_dir: Option<PathBuf>,
 }
 
 /// Who the environment's clients log in as.
@@ -104,6 +105,52 @@ pub struct Credentials {
     pub user: String,
     pub password: Secret,
     pub database: String,
+}
+
+/// The uid and gid the official images run their servers as (`postgres`, `mysql`, `redis` in
+/// the Debian-based images); isoenv's local images use the same, so files handed to a container
+/// are owned by it whichever image runs.
+pub const CONTAINER_UID: u32 = 999;
+
+/// How an engine runs in a container. The interface is the official images' (Docker Hub's
+/// `postgres`, `mariadb`, `redis`): their data path, port and variables. isoenv's local images
+/// (`cargo xtask image build`) implement the same interface, so one description serves both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// The official image a registry serves, e.g. `postgres:15`.
+    pub image: &'static str,
+    /// The port the server listens on inside the container.
+    pub port: u16,
+    /// Where the environment's data volume is mounted.
+    pub data: &'static str,
+    pub env: Vec<(&'static str, String)>,
+    pub cmd: Vec<String>,
+    /// Files written into the container before it first starts, owned by [`CONTAINER_UID`]
+    /// and mode 0400: the secrets, which would show in `docker inspect` as variables or
+    /// arguments.
+    pub files: Vec<(&'static str, String)>,
+}
+
+/// What a local image of an engine holds, taken from this machine's installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecipe {
+    /// Host paths copied in at the same paths; the shared libraries of `executables` and of
+    /// `/bin/sh` are added by the image builder.
+    pub paths: Vec<PathBuf>,
+    pub executables: Vec<PathBuf>,
+    /// The service account's name in the image's `/etc/passwd` (uid [`CONTAINER_UID`]).
+    pub account: &'static str,
+    /// The default command (what `docker run IMAGE` runs).
+    pub command: &'static str,
+    /// A POSIX `sh` script implementing the official image's interface, or `None` when the
+    /// command runs as given.
+    pub entrypoint: Option<&'static str>,
+    pub env: Vec<(&'static str, String)>,
+    /// Directories the server writes besides its data (sockets), owned by the service account.
+    pub writable: Vec<&'static str>,
+    /// Lines appended to files of the baked data directory (relative paths), e.g. to accept
+    /// connections from outside the container.
+    pub data_patches: Vec<(&'static str, &'static str)>,
 }
 
 /// The outcome of one readiness probe.
@@ -170,6 +217,14 @@ pub trait Engine: Sync {
     fn stale_files(&self, _layout: &Layout, _port: u16) -> Vec<PathBuf> {
         Vec::new()
     }
+
+    /// How this engine runs in a container, for a login `creds`; `disposable` as for
+    /// [`Engine::disposable_args`].
+    fn container(&self, creds: &Credentials, disposable: bool) -> Container;
+
+    /// What a local image of this engine holds. Its data volume starts from the cached
+    /// initialized data directory, so the image needs no initializer.
+    fn image_recipe(&self, bins: &Binaries) -> ImageRecipe;
 
     /// The signal for a graceful, fast shutdown.
     fn stop_signal(&self) -> Signal {
@@ -249,6 +304,12 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
             .collect();
     found.sort();
     found.into_iter().rev().map(|(_, p)| p).collect()
+}
+
+/// An image's `PATH`: the server's directory, then the usual ones.
+pub(crate) fn image_path(bins: &Binaries) -> (&'static str, String) {
+    let dir = bins.server.parent().unwrap_or(Path::new("/"));
+    ("PATH", format!("{}:/usr/bin:/bin", dir.display()))
 }
 
 /// The paths of `candidates` that exist.

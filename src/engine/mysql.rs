@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    existing, find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind,
-    PackageManager, Probe,
+    existing, find_together, image_path, version_of, Binaries, Container, Credentials, Endpoint,
+    Engine, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -92,15 +92,8 @@ impl Engine for Mysql {
         creds: &Credentials,
         user: &ServiceUser,
     ) -> io::Result<()> {
-        let (u, pw, db) = (&creds.user, creds.password.expose(), &creds.database);
-        let sql = format!(
-            "CREATE USER IF NOT EXISTS '{u}'@'%' IDENTIFIED BY '{pw}';\n\
-             ALTER USER '{u}'@'%' IDENTIFIED BY '{pw}';\n\
-             GRANT ALL PRIVILEGES ON *.* TO '{u}'@'%' WITH GRANT OPTION;\n\
-             CREATE DATABASE IF NOT EXISTS `{db}`;\n"
-        );
         let path = init_file(layout);
-        write_private(&path, sql.as_bytes())?;
+        write_private(&path, login_sql(creds).as_bytes())?;
         user.chown(&path)
     }
 
@@ -147,6 +140,41 @@ impl Engine for Mysql {
         }
     }
 
+    /// The official image initializes the data directory, sets root's password from the file
+    /// and then runs the login script once; isoenv's local image runs it at every start.
+    fn container(&self, creds: &Credentials, disposable: bool) -> Container {
+        let mut cmd: Vec<String> = INNODB.iter().map(|a| (*a).to_owned()).collect();
+        if disposable {
+            cmd.extend(self.disposable_args().iter().map(|a| (*a).to_owned()));
+        }
+        Container {
+            image: "mariadb:10.11",
+            port: 3306,
+            data: "/var/lib/mysql",
+            env: vec![("MARIADB_ROOT_PASSWORD_FILE", PASSWORD_FILE.into())],
+            cmd,
+            files: vec![
+                (PASSWORD_FILE, creds.password.expose().to_owned()),
+                ("/docker-entrypoint-initdb.d/isoenv.sql", login_sql(creds)),
+            ],
+        }
+    }
+
+    fn image_recipe(&self, bins: &Binaries) -> ImageRecipe {
+        let mut paths = vec![bins.server.clone()];
+        paths.extend(self.sandbox_paths(bins));
+        ImageRecipe {
+            paths,
+            executables: vec![bins.server.clone()],
+            command: "mariadbd",
+            account: "mysql",
+            entrypoint: Some(include_str!("entrypoint/mysql.sh")),
+            env: vec![image_path(bins)],
+            writable: vec!["/run/mysqld"],
+            data_patches: Vec::new(),
+        }
+    }
+
     fn sandbox_paths(&self, _bins: &Binaries) -> Vec<PathBuf> {
         existing(
             [
@@ -171,8 +199,15 @@ impl Engine for Mysql {
         vec![
             ("MYSQL_HOST", endpoint.host.clone()),
             ("MYSQL_TCP_PORT", endpoint.port.to_string()),
-            ("MYSQL_UNIX_PORT", socket(layout).display().to_string()),
         ]
+        .into_iter()
+        .chain(
+            endpoint
+                .socket_dir
+                .as_ref()
+                .map(|_| ("MYSQL_UNIX_PORT", socket(layout).display().to_string())),
+        )
+        .collect()
     }
 
     fn packages(&self) -> &'static [(PackageManager, &'static str)] {
@@ -193,6 +228,22 @@ fn pick_version(text: &str) -> Option<String> {
         Some(i) => v[..i + "-MariaDB".len()].to_owned(),
         None => v.to_owned(),
     })
+}
+
+/// Where the secret goes in a container: the official image reads `MARIADB_ROOT_PASSWORD_FILE`.
+const PASSWORD_FILE: &str = "/isoenv/password";
+
+/// Creates (or re-keys) the environment's login with every privilege, and its database.
+/// Idempotent, one statement per line (as `--init-file` wants). Generated passwords are
+/// alphanumeric, so the literals need no escaping.
+fn login_sql(creds: &Credentials) -> String {
+    let (u, pw, db) = (&creds.user, creds.password.expose(), &creds.database);
+    format!(
+        "CREATE USER IF NOT EXISTS '{u}'@'%' IDENTIFIED BY '{pw}';\n\
+         ALTER USER '{u}'@'%' IDENTIFIED BY '{pw}';\n\
+         GRANT ALL PRIVILEGES ON *.* TO '{u}'@'%' WITH GRANT OPTION;\n\
+         CREATE DATABASE IF NOT EXISTS `{db}`;\n"
+    )
 }
 
 fn init_file(layout: &Layout) -> PathBuf {

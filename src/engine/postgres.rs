@@ -8,8 +8,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use super::{
-    existing, find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind,
-    PackageManager, Probe,
+    existing, find_together, image_path, version_of, Binaries, Container, Credentials, Endpoint,
+    Engine, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -19,6 +19,8 @@ use crate::state::Layout;
 pub struct Postgres;
 
 const SUPERUSER: &str = "postgres";
+/// Where the secret goes in a container: the official image reads `POSTGRES_PASSWORD_FILE`.
+const PASSWORD_FILE: &str = "/isoenv/password";
 
 impl Engine for Postgres {
     fn kind(&self) -> EngineKind {
@@ -113,8 +115,8 @@ impl Engine for Postgres {
             .arg(format!("unix_socket_directories={}", layout.run.display()))
     }
 
-    fn probe(&self, endpoint: &Endpoint, _creds: &Credentials) -> Probe {
-        match connect(endpoint) {
+    fn probe(&self, endpoint: &Endpoint, creds: &Credentials) -> Probe {
+        match connect(endpoint, creds) {
             Ok(mut client) => match client.simple_query("SELECT 1") {
                 Ok(_) => Probe::Ready,
                 Err(e) => Probe::NotYet(e.to_string()),
@@ -130,7 +132,7 @@ impl Engine for Postgres {
     }
 
     fn after_create(&self, endpoint: &Endpoint, creds: &Credentials) -> Result<(), String> {
-        let mut client = connect(endpoint).map_err(|e| e.to_string())?;
+        let mut client = connect(endpoint, creds).map_err(|e| e.to_string())?;
         // Generated passwords are alphanumeric, so the literal needs no escaping.
         client
             .batch_execute(&format!(
@@ -150,6 +152,54 @@ impl Engine for Postgres {
             PathBuf::from(format!("/usr/share/postgresql/{major}")),
             PathBuf::from("/usr/share/zoneinfo"),
         ]))
+    }
+
+    fn container(&self, creds: &Credentials, disposable: bool) -> Container {
+        let mut cmd = vec!["postgres".to_owned()];
+        if disposable {
+            cmd.extend(self.disposable_args().iter().map(|a| (*a).to_owned()));
+        }
+        Container {
+            image: "postgres:15",
+            port: 5432,
+            data: "/var/lib/postgresql/data",
+            env: vec![
+                ("POSTGRES_USER", creds.user.clone()),
+                ("POSTGRES_DB", creds.database.clone()),
+                ("POSTGRES_PASSWORD_FILE", PASSWORD_FILE.into()),
+            ],
+            cmd,
+            files: vec![(PASSWORD_FILE, creds.password.expose().to_owned())],
+        }
+    }
+
+    /// The server with its modules and share files. The built-in cluster trusts only its own
+    /// socket; TCP from outside the container (Docker's port forwarding) needs the password.
+    fn image_recipe(&self, bins: &Binaries) -> ImageRecipe {
+        let bin_dir = bins.server.parent().unwrap_or(Path::new("/"));
+        let mut paths = vec![bins.server.clone()];
+        paths.extend(existing(bin_dir.parent().map(|prefix| prefix.join("lib"))));
+        paths.extend(
+            self.sandbox_paths(bins)
+                .into_iter()
+                .filter(|p| !bin_dir.starts_with(p)),
+        );
+        ImageRecipe {
+            paths,
+            executables: vec![bins.server.clone()],
+            command: "postgres",
+            account: "postgres",
+            entrypoint: Some(include_str!("entrypoint/postgres.sh")),
+            env: vec![
+                ("PGDATA", "/var/lib/postgresql/data".into()),
+                image_path(bins),
+            ],
+            writable: vec!["/run/postgresql"],
+            data_patches: vec![
+                ("pg_hba.conf", "host all all all scram-sha-256"),
+                ("postgresql.conf", "listen_addresses = '*'"),
+            ],
+        }
     }
 
     fn stale_files(&self, layout: &Layout, port: u16) -> Vec<PathBuf> {
@@ -194,10 +244,17 @@ fn pgpass(layout: &Layout) -> PathBuf {
     layout.dir.join("pgpass")
 }
 
-/// A superuser session over the environment's Unix socket (trusted; see [`Postgres::init`]).
-fn connect(endpoint: &Endpoint) -> Result<postgres::Client, postgres::Error> {
-    postgres::Config::new()
-        .host_path(&endpoint.socket_dir)
+/// A superuser session: over the environment's Unix socket where the host has it (trusted;
+/// see [`Postgres::init`]), else over TCP with the password.
+fn connect(endpoint: &Endpoint, creds: &Credentials) -> Result<postgres::Client, postgres::Error> {
+    let mut config = postgres::Config::new();
+    match &endpoint.socket_dir {
+        Some(dir) => config.host_path(dir),
+        None => config
+            .host(&endpoint.host)
+            .password(creds.password.expose()),
+    };
+    config
         .port(endpoint.port)
         .user(SUPERUSER)
         .dbname("postgres")

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    find_together, version_of, Binaries, Credentials, Endpoint, Engine, EngineKind, PackageManager,
-    Probe,
+    find_together, image_path, version_of, Binaries, Container, Credentials, Endpoint, Engine,
+    EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -86,6 +86,42 @@ impl Engine for Redis {
             .arg(config(layout))
             .arg("--port")
             .arg(port.to_string())
+    }
+
+    /// The configuration (with the password) is a file, never an argument `docker inspect` or
+    /// `ps` would show.
+    fn container(&self, creds: &Credentials, disposable: bool) -> Container {
+        const CONFIG: &str = "/isoenv/redis.conf";
+        let mut cmd = vec!["redis-server".to_owned(), CONFIG.to_owned()];
+        if disposable {
+            cmd.extend(self.disposable_args().iter().map(|a| (*a).to_owned()));
+        }
+        let conf = format!(
+            "port 6379\nprotected-mode yes\nrequirepass {}\ndir /data\nappendonly no\n\
+             databases 256\n",
+            creds.password.expose()
+        );
+        Container {
+            image: "redis:7.0",
+            port: 6379,
+            data: "/data",
+            env: Vec::new(),
+            cmd,
+            files: vec![(CONFIG, conf)],
+        }
+    }
+
+    fn image_recipe(&self, bins: &Binaries) -> ImageRecipe {
+        ImageRecipe {
+            paths: vec![bins.server.clone()],
+            executables: vec![bins.server.clone()],
+            command: "redis-server",
+            account: "redis",
+            entrypoint: None,
+            env: vec![image_path(bins)],
+            writable: Vec::new(),
+            data_patches: Vec::new(),
+        }
     }
 
     fn server_files(&self, layout: &Layout) -> Vec<PathBuf> {

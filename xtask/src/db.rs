@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::Subcommand;
 use isoenv::backend::BackendKind;
 use isoenv::engine::EngineKind;
-use isoenv::workflow::{CreateOptions, EnvInfo, UpOutcome, Workspace};
+use isoenv::workflow::{CreateOptions, Down, EnvInfo, UpOutcome, Workspace};
 
 use crate::Context;
 
@@ -21,7 +21,8 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Stop what `up` started (the local server, or the development tunnel).
+    /// Undo `up`: stop the local server or the development tunnel (data kept); in staging,
+    /// remove the container and its volume.
     Down,
     /// Whether what `up` brings up is running and its database answers (exit 1 if not).
     Status {
@@ -35,9 +36,13 @@ pub enum DbCommand {
         engine: EngineKind,
         #[arg(long, default_value = "lightweight", value_parser = parse::<BackendKind>)]
         backend: BackendKind,
-        /// Port on 127.0.0.1 (default: a free one).
+        /// Port on 127.0.0.1 (default: a free one; for docker, one Docker picks at each start).
         #[arg(long)]
         port: Option<u16>,
+        /// The docker backend's image (default: ISOENV_<ENGINE>_IMAGE, else the official
+        /// image, else isoenv's local one when the official cannot be pulled).
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
         /// Variables and activate script only; no server.
         #[arg(long)]
         no_service: bool,
@@ -68,8 +73,9 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove environments whose owner (e.g. a killed `test --isolated`) is gone, and what a
-    /// killed `create` left half-made.
+    /// Remove environments whose owner (e.g. a killed `test --isolated`) is gone, what a
+    /// killed `create` left half-made, and this project's containers and volumes that no
+    /// environment accounts for.
     Gc,
     /// Print the full connection URL, password included.
     Url { name: String },
@@ -120,11 +126,14 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
         }
         DbCommand::Down => match ws.down(&config)? {
-            Some(info) => println!(
+            Down::Stopped(info) => println!(
                 "stopped `{}` (kept; `cargo xtask db up` starts it again)",
                 info.name
             ),
-            None => println!("nothing to stop: `cargo xtask db up` has not created anything"),
+            Down::Removed(name) => println!("removed `{name}` with its container and volume"),
+            Down::Nothing => {
+                println!("nothing to stop: `cargo xtask db up` has not created anything")
+            }
         },
         DbCommand::Status { json } => {
             let report = ws.status(&config)?;
@@ -146,6 +155,7 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             engine,
             backend,
             port,
+            image,
             no_service,
             install,
             json,
@@ -158,6 +168,7 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 service: !no_service,
                 install,
                 owner: None,
+                image,
             };
             let info = ws.create(&opts, &progress)?;
             if json {
@@ -200,20 +211,26 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
         }
         DbCommand::Gc => {
             let removed = ws.gc()?;
-            if removed.is_empty() {
-                println!("nothing to collect");
-            }
-            for name in removed {
+            for name in &removed {
                 println!("removed `{name}` (its owner is gone)");
+            }
+            let leftovers = match ws.gc_containers() {
+                Ok(l) => l,
+                Err(isoenv::Error::Docker(e @ isoenv::docker::DockerError::Unreachable { .. })) => {
+                    progress(&format!("containers not checked: {e}"));
+                    Vec::new()
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for what in &leftovers {
+                println!("removed {what} (no environment accounts for it)");
+            }
+            if removed.is_empty() && leftovers.is_empty() {
+                println!("nothing to collect");
             }
         }
         DbCommand::Url { name } => println!("{}", ws.url(&name)?),
-        DbCommand::Logs { name, lines } => {
-            let path = ws.log_file(&name)?;
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            println!("{}", isoenv::process::tail(&text, lines));
-        }
+        DbCommand::Logs { name, lines } => println!("{}", ws.logs(&name, lines)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -284,11 +301,11 @@ fn print_inspect(e: &EnvInfo) {
         println!("socket:   {} (Unix socket directory)", dir.display());
     }
     if let Some(iso) = &e.isolation {
-        print_isolation(iso);
+        print_isolation(iso, e.backend);
     }
 }
 
-fn print_isolation(iso: &isoenv::backend::Isolation) {
+fn print_isolation(iso: &isoenv::backend::Isolation, backend: BackendKind) {
     println!("manifest: {}", iso.manifest_file.display());
     let m = match &iso.manifest {
         Ok(m) => m,
@@ -304,10 +321,15 @@ fn print_isolation(iso: &isoenv::backend::Isolation) {
             None => println!("  fs {mode} {}", bind.host.display()),
         }
     }
-    println!(
-        "  network: 127.0.0.1:{} on the host; inside only `lo`, no outbound access",
-        m.network.expose.port()
-    );
+    match (backend, m.network.expose.port()) {
+        (BackendKind::Docker, 0) => {
+            println!("  network: a port Docker picks at each start, published on 127.0.0.1")
+        }
+        (BackendKind::Docker, port) => println!("  network: port {port}, published on 127.0.0.1"),
+        (_, port) => println!(
+            "  network: 127.0.0.1:{port} on the host; inside only `lo`, no outbound access"
+        ),
+    }
     let env: Vec<&str> = m.env.keys().map(String::as_str).collect();
     println!("  env: {}", env.join(" "));
     for l in &iso.limits {

@@ -7,6 +7,7 @@ mod db;
 mod demo;
 mod env;
 mod hooks;
+mod image;
 mod test;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,9 @@ enum Command {
     /// The opt-in git pre-commit hook.
     #[command(subcommand)]
     Hooks(hooks::HooksCommand),
+    /// isoenv's local Docker images, built from this machine's installed engines.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// The full pipeline CI runs: fmt, clippy, env check, all tests (isolated).
     Ci,
     /// Measure create/start/handout/throughput figures on this machine (medians, p95, ratios).
@@ -86,6 +90,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Db(cmd) => db::run(&ctx, cmd),
         Command::Test(args) => test::run(&ctx, args),
         Command::Hooks(cmd) => hooks::run(&ctx, cmd),
+        Command::Image(cmd) => image::run(&ctx, cmd),
         Command::Ci => ci::run(&ctx),
         Command::Bench(args) => bench::run(&ctx, args),
         Command::Demo(args) => demo::run(&ctx, args),
