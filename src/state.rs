@@ -145,6 +145,9 @@ pub struct ContainerRecord {
     pub name: String,
     pub volume: String,
     pub image: String,
+    /// The Docker engine it lives on (`DOCKER_HOST` at create; none: the local default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_host: Option<String>,
     /// Whether isoenv started it and has not stopped it since: a container that is not running
     /// then has crashed.
     pub started: bool,

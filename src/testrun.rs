@@ -32,9 +32,8 @@ pub fn plan(
         (_, Some(b)) => b,
         // Development's local backend, as `db up` uses it (WASI_USE_NAMESPACES picks sandbox).
         (Environment::Development, None) => local,
-        (Environment::Staging, None) => return Err(
-            "ENVIRONMENT=staging runs tests in containers (the docker backend), which this version does not have yet; pass --backend lightweight".into(),
-        ),
+        // Staging runs every test run in containers of its own.
+        (Environment::Staging, None) => BackendKind::Docker,
     };
     let mut engines = engines.to_vec();
     if engines.is_empty() {
@@ -127,15 +126,14 @@ mod tests {
             "r"
         )
         .is_err());
-        assert!(plan(
+        let staging = plan(
             Environment::Staging,
             None,
             BackendKind::Lightweight,
             &[],
-            "r"
-        )
-        .unwrap_err()
-        .contains("--backend"));
+            "r",
+        );
+        assert_eq!(staging.unwrap().backend, BackendKind::Docker);
         let s = plan(
             Environment::Staging,
             Some(BackendKind::Lightweight),

@@ -4,10 +4,10 @@
 
 mod containers;
 
-use std::cell::OnceCell;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -163,7 +163,8 @@ pub struct EnvInfo {
 /// What `db down` did.
 #[derive(Debug, Clone)]
 pub enum Down {
-    Stopped(EnvInfo),
+    /// The environment of that name is stopped; its data is kept.
+    Stopped(String),
     /// Staging: the container, its volume and the environment are gone.
     Removed(&'static str),
     /// `up` had made nothing.
@@ -228,7 +229,7 @@ pub struct Workspace {
     /// `DOCKER_HOST`, from the process environment or `.env`.
     docker_host: Option<String>,
     /// The Docker engine, connected on first use (most commands never need it).
-    docker: OnceCell<std::result::Result<Docker, DockerError>>,
+    docker: OnceLock<std::result::Result<Docker, DockerError>>,
 }
 
 impl Workspace {
@@ -246,7 +247,7 @@ impl Workspace {
             user,
             memory_limit: config.sandbox().memory_limit_bytes,
             docker_host: vars.get("DOCKER_HOST").map(str::to_owned),
-            docker: OnceCell::new(),
+            docker: OnceLock::new(),
             vars,
         }
     }
@@ -787,8 +788,8 @@ impl Workspace {
     pub fn down(&self, config: &EnvironmentConfig) -> Result<Down> {
         self.guard(Action::Stop, "bring anything down")?;
         let result = match plan_up(config) {
-            UpPlan::Local { name, .. } => self.stop(name).map(Down::Stopped),
-            UpPlan::Tunnel => self.stop(TUNNEL_ENV).map(Down::Stopped),
+            UpPlan::Local { name, .. } => self.stop(name).map(|i| Down::Stopped(i.name)),
+            UpPlan::Tunnel => self.stop(TUNNEL_ENV).map(|i| Down::Stopped(i.name)),
             UpPlan::Containers { name, .. } => self.destroy(name).map(|()| Down::Removed(name)),
             UpPlan::VerifyProduction => unreachable!("guarded above"),
         };

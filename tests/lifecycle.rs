@@ -14,15 +14,7 @@ use isoenv::workflow::CreateOptions;
 use isoenv::Error;
 
 fn opts(name: &str, engine: EngineKind) -> CreateOptions {
-    CreateOptions {
-        name: name.into(),
-        engine,
-        backend: BackendKind::Lightweight,
-        port: None,
-        service: true,
-        install: false,
-        owner: None,
-    }
+    CreateOptions::server(name, engine, BackendKind::Lightweight)
 }
 
 fn password_of(sb: &Sandbox, name: &str) -> String {

@@ -11,8 +11,8 @@ use bollard::errors::Error as ApiError;
 use bollard::models::{ContainerCreateBody, VolumeCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListImagesOptions,
-    ListVolumesOptions, LogsOptions, RemoveContainerOptions, RemoveVolumeOptions,
-    StopContainerOptions, UploadToContainerOptions,
+    ListVolumesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+    RemoveVolumeOptions, StopContainerOptions, UploadToContainerOptions,
 };
 use futures_util::TryStreamExt;
 
@@ -77,6 +77,13 @@ pub struct Observed {
     pub image: String,
 }
 
+/// An image as the engine has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub id: String,
+    pub labels: HashMap<String, String>,
+}
+
 /// One container or volume carrying isoenv's labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Labelled {
@@ -124,17 +131,29 @@ impl Docker {
         self.rt.block_on(fut).map_err(|e| api_error(context(), &e))
     }
 
-    /// The image's labels, or `None` when the engine does not have it.
-    pub fn image_labels(&self, reference: &str) -> Result<Option<HashMap<String, String>>> {
+    /// The image, or `None` when the engine does not have it.
+    pub fn image(&self, reference: &str) -> Result<Option<Image>> {
         match self.call(
             || format!("cannot inspect image {reference}"),
             self.api.inspect_image(reference),
         ) {
-            Ok(image) => Ok(Some(
-                image.config.and_then(|c| c.labels).unwrap_or_default(),
-            )),
+            Ok(image) => Ok(Some(Image {
+                id: image.id.unwrap_or_default(),
+                labels: image.config.and_then(|c| c.labels).unwrap_or_default(),
+            })),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Removes an image no container uses (an image in use is kept: that is not an error).
+    pub fn remove_unused_image(&self, id: &str) -> Result<()> {
+        match self.call(
+            || format!("cannot remove image {id}"),
+            self.api.remove_image(id, None::<RemoveImageOptions>, None),
+        ) {
+            Err(e) if e.is_not_found() || e.is_conflict() => Ok(()),
+            other => other.map(drop),
         }
     }
 
@@ -412,12 +431,24 @@ fn api_error(context: String, e: &ApiError) -> DockerError {
     }
 }
 
-/// Docker's own message where it sent one, rather than bollard's wrapping.
+/// Docker's own message where it sent one; otherwise the error with its causes (the
+/// connection's own error says more than bollard's wrapping).
 fn text(e: &ApiError) -> String {
     match e {
         ApiError::DockerResponseServerError { message, .. } => message.trim().to_owned(),
         ApiError::DockerStreamError { error } => error.trim().to_owned(),
-        other => other.to_string(),
+        other => {
+            let mut text = other.to_string();
+            let mut cause = std::error::Error::source(other);
+            while let Some(c) = cause {
+                let c_text = c.to_string();
+                if !text.ends_with(&c_text) {
+                    text = format!("{text}: {c_text}");
+                }
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 

@@ -22,6 +22,8 @@ use crate::process::ServiceUser;
 use crate::secret::Secret;
 use crate::state::{ContainerRecord, EnvState, Layout, Status, SCHEMA};
 
+/// How long Docker may still be making a container whose creator was killed.
+const MAKING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a starting container is asked whether it still runs (between protocol probes).
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -42,6 +44,27 @@ impl Workspace {
             .get_or_init(|| Docker::connect(self.docker_host.as_deref()))
             .as_ref()
             .map_err(|e| Error::Docker(e.clone()))
+    }
+
+    /// The engine an environment's container lives on, which must be the one configured now
+    /// (otherwise its container would look missing and `start` would make a second one).
+    fn docker_for(&self, state: &EnvState) -> Result<&Docker> {
+        let recorded = &record(state).docker_host;
+        if recorded != &self.docker_host {
+            let on = |h: &Option<String>| match h {
+                Some(h) => format!("DOCKER_HOST={h}"),
+                None => "the local engine (DOCKER_HOST unset)".to_owned(),
+            };
+            return Err(Error::Env {
+                name: state.name.clone(),
+                message: format!(
+                    "its container lives on {}, but this command talks to {}; set DOCKER_HOST accordingly",
+                    on(recorded),
+                    on(&self.docker_host)
+                ),
+            });
+        }
+        self.docker()
     }
 
     /// This state root on this machine, which owns the containers and volumes.
@@ -71,6 +94,7 @@ impl Workspace {
             name: project.container(&opts.name),
             volume: project.volume(&opts.name),
             image,
+            docker_host: self.docker_host.clone(),
             started: false,
         };
         let mut cleanup = Cleanup {
@@ -135,7 +159,7 @@ impl Workspace {
         let var = format!("ISOENV_{}_IMAGE", kind.as_str().to_ascii_uppercase());
         let asked = asked.or_else(|| self.vars.get(&var));
         let wanted = asked.unwrap_or(engine.container(creds, false).image);
-        let chosen = if docker.image_labels(wanted)?.is_some() {
+        let chosen = if docker.image(wanted)?.is_some() {
             wanted.to_owned()
         } else {
             progress(&format!("pulling {wanted}"));
@@ -160,7 +184,7 @@ impl Workspace {
                 }
             }
         };
-        let labels = docker.image_labels(&chosen)?.unwrap_or_default();
+        let labels = docker.image(&chosen)?.map(|i| i.labels).unwrap_or_default();
         let version = match labels.get(SOURCE_LABEL) {
             Some(source) => source
                 .split_whitespace()
@@ -236,7 +260,7 @@ impl Workspace {
         creds: &Credentials,
         progress: &dyn Fn(&str),
     ) -> Result<()> {
-        let docker = self.docker()?;
+        let docker = self.docker_for(state)?;
         let engine = state.engine.engine();
         let port_key = spec::port_key(&engine.container(creds, false));
         let name = container_name(state).to_owned();
@@ -324,7 +348,7 @@ impl Workspace {
         progress: &dyn Fn(&str),
     ) -> Result<EnvInfo> {
         let (layout, _lock, mut state) = self.open_locked(name)?;
-        let docker = self.docker()?;
+        let docker = self.docker_for(&state)?;
         let creds = read_credentials(&layout)?;
         let record = record(&state).clone();
         let port_key = spec::port_key(&state.engine.engine().container(&creds, false));
@@ -332,7 +356,7 @@ impl Workspace {
             Some(o) if o.running => return Ok(self.info(&state, &layout)),
             Some(_) => {}
             None => {
-                if docker.image_labels(&record.image)?.is_none() {
+                if docker.image(&record.image)?.is_none() {
                     return Err(Error::Env {
                         name: name.into(),
                         message: format!(
@@ -355,23 +379,33 @@ impl Workspace {
     }
 
     pub(super) fn stop_container(&self, state: &mut EnvState, layout: &Layout) -> Result<()> {
-        self.docker()?.stop(container_name(state), STOP_GRACE)?;
+        self.docker_for(state)?
+            .stop(container_name(state), STOP_GRACE)?;
         record_mut(state).started = false;
         save(state, layout)
     }
 
-    /// Removes the container and its volume (the environment's data).
+    /// Removes the container and its volume (the environment's data). A container that a
+    /// killed `create` left is unknown to Docker by name until Docker finishes making it (it
+    /// fills the new volume first), while its volume is already in use: that is waited out.
     pub(super) fn remove_container(&self, state: &EnvState) -> Result<()> {
-        let docker = self.docker()?;
+        let docker = self.docker_for(state)?;
         let record = record(state);
-        docker.remove_container(&record.name)?;
-        docker.remove_volume(&record.volume)?;
-        Ok(())
+        let deadline = Instant::now() + MAKING_TIMEOUT;
+        loop {
+            docker.remove_container(&record.name)?;
+            match docker.remove_volume(&record.volume) {
+                Err(e) if e.is_conflict() && Instant::now() < deadline => {
+                    sleep(Duration::from_millis(50))
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// What Docker says of the environment (`unknown` when the engine cannot be reached).
     pub(super) fn container_status(&self, state: &EnvState) -> (Status, Option<Observed>) {
-        let Ok(docker) = self.docker() else {
+        let Ok(docker) = self.docker_for(state) else {
             return (Status::Unknown, None);
         };
         let record = record(state);
@@ -425,7 +459,7 @@ impl Workspace {
 
     /// The container's last output.
     pub(super) fn container_logs(&self, state: &EnvState, lines: usize) -> Result<String> {
-        Ok(self.docker()?.logs(container_name(state), lines)?)
+        Ok(self.docker_for(state)?.logs(container_name(state), lines)?)
     }
 
     /// Removes this project's containers and volumes that no environment accounts for any more
@@ -472,8 +506,12 @@ impl Workspace {
             bins.version,
             super::fnv1a(&format!("{}{recipe:?}{template:?}", image::FORMAT))
         );
-        let existing = docker.image_labels(&reference)?;
-        if !force && existing.is_some_and(|l| l.get(SOURCE_LABEL) == Some(&source)) {
+        let existing = docker.image(&reference)?;
+        if !force
+            && existing
+                .as_ref()
+                .is_some_and(|i| i.labels.get(SOURCE_LABEL) == Some(&source))
+        {
             return Ok(BuiltImage {
                 reference,
                 version: bins.version,
@@ -491,6 +529,10 @@ impl Workspace {
         let rootfs = image::rootfs(&recipe, &container, template.as_deref()).map_err(image_err)?;
         let changes = image::changes(kind, &recipe, &container, &source);
         docker.import(rootfs, &reference, changes)?;
+        // The tag moved to the new image; the old one is garbage unless a container uses it.
+        if let Some(old) = existing {
+            docker.remove_unused_image(&old.id)?;
+        }
         Ok(BuiltImage {
             reference,
             version: bins.version,

@@ -126,10 +126,9 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
         }
         DbCommand::Down => match ws.down(&config)? {
-            Down::Stopped(info) => println!(
-                "stopped `{}` (kept; `cargo xtask db up` starts it again)",
-                info.name
-            ),
+            Down::Stopped(name) => {
+                println!("stopped `{name}` (kept; `cargo xtask db up` starts it again)")
+            }
             Down::Removed(name) => println!("removed `{name}` with its container and volume"),
             Down::Nothing => {
                 println!("nothing to stop: `cargo xtask db up` has not created anything")
