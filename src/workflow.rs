@@ -29,7 +29,9 @@ use crate::net;
 use crate::process::{tail, ProcessId, ServiceUser};
 use crate::remote::{self, ServerReport};
 use crate::secret::{write_private, Secret};
-use crate::state::{validate_name, EnvState, Layout, Lock, LockError, Status, SCHEMA};
+use crate::state::{
+    validate_name, ContainerRecord, EnvState, Layout, Lock, LockError, Status, SCHEMA,
+};
 use crate::tunnel::{self, TunnelSpec};
 
 pub use containers::BuiltImage;
@@ -155,6 +157,9 @@ pub struct EnvInfo {
     pub activate: PathBuf,
     /// The directory of the server's Unix socket, for clients that can use it (fastest path).
     pub socket_dir: Option<PathBuf>,
+    /// The docker backend's container and volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRecord>,
     /// What confines the server (`inspect` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
@@ -1047,6 +1052,7 @@ impl Workspace {
             socket_dir: endpoint(state, layout)
                 .socket_dir
                 .filter(|_| state.service && state.tunnel.is_none()),
+            container: state.container.clone(),
             isolation: None,
         }
     }

@@ -501,10 +501,15 @@ impl Workspace {
         let reference = image::local_reference(kind, container.image, &bins.version);
         let recipe = engine.image_recipe(&bins);
         let template = self.template(engine, &bins, progress)?;
+        // The cached directory's key (engine, version, init command), wherever the cache is.
+        let cache_key = template
+            .as_deref()
+            .and_then(|t| t.parent()?.file_name())
+            .map(|k| k.to_string_lossy().into_owned());
         let source = format!(
             "{} {:016x}",
             bins.version,
-            super::fnv1a(&format!("{}{recipe:?}{template:?}", image::FORMAT))
+            super::fnv1a(&format!("{}{recipe:?}{cache_key:?}", image::FORMAT))
         );
         let existing = docker.image(&reference)?;
         if !force

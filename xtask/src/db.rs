@@ -299,6 +299,12 @@ fn print_inspect(e: &EnvInfo) {
     if let Some(dir) = &e.socket_dir {
         println!("socket:   {} (Unix socket directory)", dir.display());
     }
+    if let Some(c) = &e.container {
+        println!(
+            "container: {} (image {})\nvolume:   {}",
+            c.name, c.image, c.volume
+        );
+    }
     if let Some(iso) = &e.isolation {
         print_isolation(iso, e.backend);
     }
