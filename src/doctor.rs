@@ -1,16 +1,14 @@
 //! `doctor`: what this machine has for each engine and backend, and how to get what is missing.
 //! It only looks; it changes nothing.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use nix::sched::CloneFlags;
 use serde::Serialize;
 
 use crate::cgroup::{CgroupLayout, Version};
+use crate::docker::{Docker, DockerError};
 use crate::engine::{install_command, EngineKind};
 use crate::envfile::Vars;
 
@@ -54,38 +52,47 @@ pub fn run(vars: &Vars) -> Vec<Check> {
     checks
 }
 
+/// The Docker engine isoenv would use (`DOCKER_HOST`), through the same client as the docker
+/// backend, and the local images it has.
 fn docker(vars: &Vars) -> Check {
-    let host = vars
-        .get("DOCKER_HOST")
-        .unwrap_or("unix:///var/run/docker.sock");
-    let answer = match host.strip_prefix("unix://") {
-        Some(path) => UnixStream::connect(path).and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")?;
-            let mut reply = String::new();
-            s.read_to_string(&mut reply)?;
-            Ok(reply)
-        }),
-        None => Err(std::io::Error::other(format!(
-            "only unix:// hosts are checked here, DOCKER_HOST={host}"
-        ))),
+    let name = "docker".to_owned();
+    let engine = match Docker::connect(vars.get("DOCKER_HOST")) {
+        Ok(d) => d,
+        Err(e) => {
+            let (detail, fix) = match e {
+                DockerError::Unreachable {
+                    host,
+                    cause,
+                    advice,
+                } => (format!("no daemon at {host}: {cause}"), advice),
+                other => (other.to_string(), "see the error".into()),
+            };
+            return Check {
+                name,
+                ok: false,
+                detail,
+                fix: Some(fix),
+            };
+        }
     };
-    match answer {
-        Ok(reply) if reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200") => Check {
-            name: "docker".into(),
-            ok: true,
-            detail: format!("daemon answers at {host}"),
-            fix: None,
-        },
-        other => Check {
-            name: "docker".into(),
-            ok: false,
-            detail: format!(
-                "no daemon at {host}: {}",
-                other.map_or_else(|e| e.to_string(), |r| r.lines().next().unwrap_or_default().to_owned())
+    let local = engine
+        .images_labelled(crate::docker::image::ENGINE_LABEL)
+        .unwrap_or_default();
+    Check {
+        name,
+        ok: true,
+        detail: match local.is_empty() {
+            true => format!(
+                "daemon answers at {}; no local isoenv images (`cargo xtask image build` makes them for engines that reach no registry)",
+                engine.host
             ),
-            fix: Some("start the Docker daemon (e.g. `systemctl start docker` or `dockerd &`), or set DOCKER_HOST".into()),
+            false => format!(
+                "daemon answers at {}; local images: {}",
+                engine.host,
+                local.join(", ")
+            ),
         },
+        fix: None,
     }
 }
 
