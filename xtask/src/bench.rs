@@ -142,10 +142,10 @@ impl Bench {
         self.baselines(&mut report)?;
         self.handouts(&mut report)?;
         self.xtask_start(&mut report)?;
-        report.skipped.push(
-            "docker: the docker backend is not in this version, so there is no container figure yet"
-                .into(),
-        );
+        match isoenv::docker::Docker::connect(self.vars.get("DOCKER_HOST")) {
+            Ok(_) => self.containers(&mut report)?,
+            Err(e) => report.skipped.push(format!("docker: {e}")),
+        }
         Ok(report)
     }
 
@@ -516,6 +516,91 @@ impl Bench {
                     report.measurements.push(serde_json::from_str(line)?);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Docker: `create` → ready with the docker backend, next to a plain `docker run` of the
+    /// same image (isoenv's local one, built or reused first) with the same readiness probe from
+    /// the host. Both include Docker copying the image's data directory into a new volume.
+    fn containers(&self, report: &mut Report) -> Result<()> {
+        let ws = self.workspace(None)?;
+        for engine in EngineKind::ALL {
+            progress(&format!("docker create → ready, {engine}"));
+            let image = ws.build_image(engine, false, &|_| {})?.reference;
+            let e = engine.engine();
+            let creds = e.credentials(isoenv::secret::Secret::new("bench"));
+            let (mut ours, mut plain) = (Vec::new(), Vec::new());
+            for i in 0..self.plan.warm {
+                let name = format!("d{i}");
+                let t = Instant::now();
+                let opts = CreateOptions {
+                    image: Some(image.clone()),
+                    ..CreateOptions::server(&name, engine, BackendKind::Docker)
+                };
+                ws.create(&opts, &|_| {})?;
+                ours.push(ms(t));
+                ws.destroy(&name)?;
+
+                let t = Instant::now();
+                let spec = e.container(&creds, false);
+                let mut run = Command::new("docker");
+                run.args(["run", "-d", "-p"])
+                    .arg(format!("127.0.0.1::{}", spec.port));
+                match engine {
+                    EngineKind::Postgres => run.args(["-e", "POSTGRES_PASSWORD=bench", &image]),
+                    EngineKind::Mysql => run.arg(&image),
+                    EngineKind::Redis => {
+                        run.args([&image, "redis-server", "--requirepass", "bench"])
+                    }
+                };
+                let out = run.stderr(Stdio::inherit()).output()?;
+                if !out.status.success() {
+                    bail!("docker run {image} failed");
+                }
+                let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                let port = Command::new("docker")
+                    .args(["port", &id, &spec.port.to_string()])
+                    .output()?;
+                let port: u16 = String::from_utf8_lossy(&port.stdout)
+                    .lines()
+                    .next()
+                    .and_then(|l| l.rsplit(':').next())
+                    .and_then(|p| p.trim().parse().ok())
+                    .context("docker published no port")?;
+                let endpoint = isoenv::engine::Endpoint {
+                    host: "127.0.0.1".into(),
+                    port,
+                    socket_dir: None,
+                };
+                let deadline = Instant::now() + std::time::Duration::from_secs(60);
+                while e.probe(&endpoint, &creds) != isoenv::engine::Probe::Ready {
+                    if Instant::now() > deadline {
+                        bail!("the plain container of {image} never answered");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(3));
+                }
+                plain.push(ms(t));
+                Command::new("docker")
+                    .args(["rm", "-f", "-v", &id])
+                    .stdout(Stdio::null())
+                    .status()?;
+            }
+            report.measurements.extend(Measurement::of(
+                format!("create → ready, {engine}, docker ({image})"),
+                "ms",
+                &ours,
+            ));
+            report.measurements.extend(Measurement::of(
+                format!("baseline: docker run {image} + the same probe"),
+                "ms",
+                &plain,
+            ));
+            report.measurements.extend(Measurement::ratio_of(
+                format!("create → ready, {engine}, docker / plain docker run"),
+                &ours,
+                &plain,
+            ));
         }
         Ok(())
     }
