@@ -132,7 +132,21 @@ impl Tour<'_> {
         } else {
             say("The sandbox backend needs root (namespaces and cgroups); rerun the demo as root to see it.");
         }
-        say("The docker backend (containers through the Docker API) is not in this version yet.");
+        self.step("Backend `docker` needs an image. Where no registry is reachable, isoenv builds one from this machine's PostgreSQL: its binaries, their libraries and a ready data directory, FROM scratch.")?;
+        match self
+            .ws
+            .build_image(EngineKind::Postgres, false, &|m| println!("    {m}"))
+        {
+            Ok(image) => {
+                let verb = if image.reused { "reused" } else { "built" };
+                println!("    {verb} {}", image.reference);
+                self.backend(BackendKind::Docker)?;
+            }
+            Err(isoenv::Error::Docker(e)) => {
+                say(&format!("The docker backend needs a Docker engine: {e}"))
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
     }
 
@@ -140,6 +154,7 @@ impl Tour<'_> {
         let name = format!("demo-{backend}");
         match backend {
             BackendKind::Sandbox => self.step("Backend `sandbox`: the same PostgreSQL, now inside Linux namespaces, confined by a JSON capability manifest that the kernel enforces.")?,
+            BackendKind::Docker => self.step("Backend `docker`: the same PostgreSQL in a container made through the Docker API, its data in a named volume, its port published on 127.0.0.1 only.")?,
             _ => self.step("Backend `lightweight`: a directory, variables, and the real PostgreSQL server as a local process. No root, no Docker.")?,
         }
         self.step(&format!("Create `{name}`: initialize (or copy a cached) data directory, start the server, wait until it answers a real query."))?;
@@ -164,6 +179,20 @@ impl Tour<'_> {
                 "source {activate} && psql -Atc 'SELECT current_user, version()' && deactivate"
             ),
         )?;
+        if backend == BackendKind::Docker {
+            self.step("The same manifest schema as the sandbox sets the container's limits; Docker reports what it applied.")?;
+            let info = self.ws.inspect(&name)?;
+            let iso = info.isolation.context("a container has a manifest")?;
+            for l in &iso.limits {
+                println!(
+                    "    limit {} {} ({}, enforced: {})",
+                    l.limit, l.value, l.via, l.enforced
+                );
+            }
+            if let Some(c) = info.container {
+                println!("    container {} (image {}), volume {}", c.name, c.image, c.volume);
+            }
+        }
         if backend == BackendKind::Sandbox {
             self.step("Inspect the manifest: these paths, this one port, these limits, and nothing else exist for the server.")?;
             let iso = self
@@ -200,7 +229,7 @@ impl Tour<'_> {
                 ),
             )?;
         }
-        self.step(&format!("Destroy `{name}`: the server stops and its directory is removed; nothing is left running."))?;
+        self.step(&format!("Destroy `{name}`: the server stops and its directory (for docker, its container and volume) is removed; nothing is left running."))?;
         self.ws.destroy(&name)?;
         println!("    destroyed `{name}`");
         Ok(())
