@@ -259,13 +259,10 @@ impl Docker {
             t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),
             ..Default::default()
         };
-        match self.call(
+        already_gone(self.call(
             || format!("cannot stop container {name}"),
             self.api.stop_container(name, Some(options)),
-        ) {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other,
-        }
+        ))
     }
 
     /// Removes the container (running or not) if it exists.
@@ -274,25 +271,21 @@ impl Docker {
             force: true,
             ..Default::default()
         };
-        match self.call(
+        already_gone(self.call(
             || format!("cannot remove container {name}"),
             self.api.remove_container(name, Some(options)),
-        ) {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other,
-        }
+        ))
     }
 
     /// Removes the volume if it exists.
     pub fn remove_volume(&self, name: &str) -> Result<()> {
-        match self.call(
-            || format!("cannot remove volume {name}"),
-            self.api
-                .remove_volume(name, Some(RemoveVolumeOptions { force: true })),
-        ) {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other,
-        }
+        already_gone(
+            self.call(
+                || format!("cannot remove volume {name}"),
+                self.api
+                    .remove_volume(name, Some(RemoveVolumeOptions { force: true })),
+            ),
+        )
     }
 
     pub fn volume_exists(&self, name: &str) -> Result<bool> {
@@ -401,6 +394,14 @@ impl Docker {
             .iter()
             .map(|c| String::from_utf8_lossy(&c.clone().into_bytes()).into_owned())
             .collect())
+    }
+}
+
+/// For calls that make something be gone: "not found" means done.
+fn already_gone(result: Result<()>) -> Result<()> {
+    match result {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
     }
 }
 

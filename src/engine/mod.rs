@@ -306,6 +306,16 @@ fn expand(pattern: &str) -> Vec<PathBuf> {
     found.into_iter().rev().map(|(_, p)| p).collect()
 }
 
+/// A container's command: `base`, then the engine's disposable options when asked for.
+pub(crate) fn container_cmd(base: &[&str], engine: &dyn Engine, disposable: bool) -> Vec<String> {
+    let extra = if disposable {
+        engine.disposable_args()
+    } else {
+        &[]
+    };
+    base.iter().chain(extra).map(|a| (*a).to_owned()).collect()
+}
+
 /// An image's `PATH`: the server's directory, then the usual ones.
 pub(crate) fn image_path(bins: &Binaries) -> (&'static str, String) {
     let dir = bins.server.parent().unwrap_or(Path::new("/"));

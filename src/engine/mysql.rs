@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    existing, find_together, image_path, version_of, Binaries, Container, Credentials, Endpoint,
-    Engine, EngineKind, ImageRecipe, PackageManager, Probe,
+    container_cmd, existing, find_together, image_path, version_of, Binaries, Container,
+    Credentials, Endpoint, Engine, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -143,10 +143,7 @@ impl Engine for Mysql {
     /// The official image initializes the data directory, sets root's password from the file
     /// and then runs the login script once; isoenv's local image runs it at every start.
     fn container(&self, creds: &Credentials, disposable: bool) -> Container {
-        let mut cmd: Vec<String> = INNODB.iter().map(|a| (*a).to_owned()).collect();
-        if disposable {
-            cmd.extend(self.disposable_args().iter().map(|a| (*a).to_owned()));
-        }
+        let cmd = container_cmd(&INNODB, self, disposable);
         Container {
             image: "mariadb:10.11",
             port: 3306,

@@ -8,8 +8,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use super::{
-    existing, find_together, image_path, version_of, Binaries, Container, Credentials, Endpoint,
-    Engine, EngineKind, ImageRecipe, PackageManager, Probe,
+    container_cmd, existing, find_together, image_path, version_of, Binaries, Container,
+    Credentials, Endpoint, Engine, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -155,10 +155,7 @@ impl Engine for Postgres {
     }
 
     fn container(&self, creds: &Credentials, disposable: bool) -> Container {
-        let mut cmd = vec!["postgres".to_owned()];
-        if disposable {
-            cmd.extend(self.disposable_args().iter().map(|a| (*a).to_owned()));
-        }
+        let cmd = container_cmd(&["postgres"], self, disposable);
         Container {
             image: "postgres:15",
             port: 5432,

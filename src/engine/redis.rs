@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    find_together, image_path, version_of, Binaries, Container, Credentials, Endpoint, Engine,
-    EngineKind, ImageRecipe, PackageManager, Probe,
+    container_cmd, find_together, image_path, version_of, Binaries, Container, Credentials,
+    Endpoint, Engine, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::process::{Launch, ServiceUser};
@@ -92,10 +92,7 @@ impl Engine for Redis {
     /// `ps` would show.
     fn container(&self, creds: &Credentials, disposable: bool) -> Container {
         const CONFIG: &str = "/isoenv/redis.conf";
-        let mut cmd = vec!["redis-server".to_owned(), CONFIG.to_owned()];
-        if disposable {
-            cmd.extend(self.disposable_args().iter().map(|a| (*a).to_owned()));
-        }
+        let cmd = container_cmd(&["redis-server", CONFIG], self, disposable);
         let conf = format!(
             "port 6379\nprotected-mode yes\nrequirepass {}\ndir /data\nappendonly no\n\
              databases 256\n",

@@ -190,7 +190,10 @@ impl Tour<'_> {
                 );
             }
             if let Some(c) = info.container {
-                println!("    container {} (image {}), volume {}", c.name, c.image, c.volume);
+                println!(
+                    "    container {} (image {}), volume {}",
+                    c.name, c.image, c.volume
+                );
             }
         }
         if backend == BackendKind::Sandbox {
