@@ -275,9 +275,7 @@ fn db_up_is_idempotent_and_down_stops() {
 }
 
 #[test]
-fn staging_and_production_up_say_what_they_need() {
-    let staging = Project::new("ENVIRONMENT=staging\n");
-    assert!(staging.fails(&["db", "up"]).contains("docker backend"));
+fn production_refuses_to_destroy_or_create() {
     let prod = Project::new(PROD);
     assert!(prod.fails(&["db", "destroy", "dev"]).contains("production"));
     assert!(prod
