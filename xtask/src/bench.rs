@@ -25,7 +25,21 @@ pub struct BenchArgs {
     /// One JSON object per measurement on stdout instead of a Markdown table.
     #[arg(long)]
     json: bool,
+    /// Only these sections (repeatable): create, start, pgbench, baselines, handouts, xtask,
+    /// docker.
+    #[arg(long, value_parser = SECTIONS)]
+    only: Vec<String>,
 }
+
+const SECTIONS: [&str; 7] = [
+    "create",
+    "start",
+    "pgbench",
+    "baselines",
+    "handouts",
+    "xtask",
+    "docker",
+];
 
 struct Plan {
     warm: usize,
@@ -69,6 +83,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
             ),
         scratch: scratch.clone(),
         plan,
+        only: args.only,
     };
     let result = bench.all();
     let _ = std::fs::remove_dir_all(&scratch);
@@ -94,6 +109,8 @@ struct Bench {
     vars: Vars,
     scratch: PathBuf,
     plan: Plan,
+    /// The sections to run (all when empty).
+    only: Vec<String>,
 }
 
 fn progress(what: &str) {
@@ -134,17 +151,30 @@ impl Bench {
                 .push("sandbox: needs root (run `cargo xtask bench` as root)".into());
             &[BackendKind::Lightweight]
         };
-        self.create_to_ready(backends, &mut report)?;
-        if root {
+        let wants = |section: &str| self.only.is_empty() || self.only.iter().any(|s| s == section);
+        if wants("create") {
+            self.create_to_ready(backends, &mut report)?;
+        }
+        if root && wants("start") {
             self.sandbox_start(&mut report)?;
         }
-        self.pgbench(root, &mut report)?;
-        self.baselines(&mut report)?;
-        self.handouts(&mut report)?;
-        self.xtask_start(&mut report)?;
-        match isoenv::docker::Docker::connect(self.vars.get("DOCKER_HOST")) {
-            Ok(_) => self.containers(&mut report)?,
-            Err(e) => report.skipped.push(format!("docker: {e}")),
+        if wants("pgbench") {
+            self.pgbench(root, &mut report)?;
+        }
+        if wants("baselines") {
+            self.baselines(&mut report)?;
+        }
+        if wants("handouts") {
+            self.handouts(&mut report)?;
+        }
+        if wants("xtask") {
+            self.xtask_start(&mut report)?;
+        }
+        if wants("docker") {
+            match isoenv::docker::Docker::connect(self.vars.get("DOCKER_HOST")) {
+                Ok(_) => self.containers(&mut report)?,
+                Err(e) => report.skipped.push(format!("docker: {e}")),
+            }
         }
         Ok(report)
     }
