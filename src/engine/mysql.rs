@@ -129,15 +129,16 @@ impl Engine for Mysql {
             Err(e) => return Probe::NotYet(e.to_string()),
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut head = [0u8; 5];
-        match stream.read_exact(&mut head) {
-            Ok(()) if head[4] == 10 => Probe::Ready,
-            Ok(()) if head[4] == 0xff => {
-                Probe::NotYet("server answered with an error packet".into())
-            }
-            Ok(()) => Probe::Failed(format!("unexpected handshake byte {:#x}", head[4])),
-            Err(e) => Probe::NotYet(e.to_string()),
+        let mut head = [0u8; 4];
+        if let Err(e) = stream.read_exact(&mut head) {
+            return Probe::NotYet(e.to_string());
         }
+        let len = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
+        let mut payload = vec![0u8; len.min(512)];
+        if let Err(e) = stream.read_exact(&mut payload) {
+            return Probe::NotYet(e.to_string());
+        }
+        greeting(&payload)
     }
 
     /// The official image initializes the data directory, sets root's password from the file
@@ -218,6 +219,26 @@ impl Engine for Mysql {
     }
 }
 
+/// What the server's first packet says: a protocol-10 handshake (ready), or an error packet
+/// (`0xff`, code, message), which is final when the server refuses this client's host.
+fn greeting(payload: &[u8]) -> Probe {
+    match payload {
+        [10, ..] => Probe::Ready,
+        [0xff, lo, hi, message @ ..] => {
+            let code = u16::from_le_bytes([*lo, *hi]);
+            let message = String::from_utf8_lossy(message);
+            let text = format!("error {code}: {}", message.trim_start_matches('#'));
+            // 1129: host blocked, 1130: host not allowed; retrying cannot help.
+            match code {
+                1129 | 1130 => Probe::Failed(text),
+                _ => Probe::NotYet(text),
+            }
+        }
+        [other, ..] => Probe::Failed(format!("unexpected handshake byte {other:#x}")),
+        [] => Probe::NotYet("empty packet".into()),
+    }
+}
+
 /// "mariadbd  Ver 10.11.19-MariaDB-0+deb12u1 for debian-linux-gnu" -> "10.11.19-MariaDB".
 fn pick_version(text: &str) -> Option<String> {
     let v = text.split_whitespace().skip_while(|w| *w != "Ver").nth(1)?;
@@ -253,16 +274,26 @@ fn socket(layout: &Layout) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings() {
+        assert_eq!(greeting(&[10, b'1', b'0']), Probe::Ready);
+        let refused = [&[0xff, 0x6a, 0x04][..], b"Host '172.17.0.1' is not allowed"].concat();
+        assert!(
+            matches!(greeting(&refused), Probe::Failed(m) if m.contains("1130") && m.contains("not allowed"))
+        );
+        let busy = [&[0xff, 0x10, 0x04][..], b"Too many connections"].concat();
+        assert!(matches!(greeting(&busy), Probe::NotYet(m) if m.contains("1040")));
+    }
+
     #[test]
     fn versions() {
         let maria =
             "mariadbd  Ver 10.11.19-MariaDB-0+deb12u1 for debian-linux-gnu on x86_64 (Debian 12)";
-        assert_eq!(
-            super::pick_version(maria).as_deref(),
-            Some("10.11.19-MariaDB")
-        );
+        assert_eq!(pick_version(maria).as_deref(), Some("10.11.19-MariaDB"));
         let mysql =
             "/usr/sbin/mysqld  Ver 8.0.36 for Linux on x86_64 (MySQL Community Server - GPL)";
-        assert_eq!(super::pick_version(mysql).as_deref(), Some("8.0.36"));
+        assert_eq!(pick_version(mysql).as_deref(), Some("8.0.36"));
     }
 }

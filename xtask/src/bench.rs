@@ -579,7 +579,7 @@ impl Bench {
                     .arg(format!("127.0.0.1::{}", spec.port));
                 match engine {
                     EngineKind::Postgres => run.args(["-e", "POSTGRES_PASSWORD=bench", &image]),
-                    EngineKind::Mysql => run.arg(&image),
+                    EngineKind::Mysql => run.args(["-e", "MARIADB_ROOT_PASSWORD=bench", &image]),
                     EngineKind::Redis => {
                         run.args([&image, "redis-server", "--requirepass", "bench"])
                     }
