@@ -257,14 +257,28 @@ fn postgres_sandbox_is_confined_and_leaves_nothing() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
 
-    // Its own pids: exactly the sandbox's processes (plus the probe itself).
-    let out = inside(init, Some(service_uid), &["ls", "/proc"]);
-    let seen: Vec<i32> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    assert!(seen.contains(&1), "{seen:?}");
-    assert_eq!(seen.len(), pids_in_namespace(init).len() + 1, "{seen:?}");
+    // Its own pids: exactly the sandbox's processes (plus the probe itself). PostgreSQL starts
+    // and ends background workers at any time, so the two views are compared until they are
+    // taken without one in between (host pids visible inside would never match).
+    let views = (0..20).map(|_| {
+        let out = inside(init, Some(service_uid), &["ls", "/proc"]);
+        let seen: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        (seen, pids_in_namespace(init).len() + 1)
+    });
+    let mut last = None;
+    for (seen, expected) in views {
+        assert!(seen.contains(&1), "{seen:?}");
+        if seen.len() == expected {
+            last = None;
+            break;
+        }
+        last = Some((seen, expected));
+        sleep(Duration::from_millis(50));
+    }
+    assert_eq!(last, None, "/proc inside vs the sandbox's processes");
 
     // The network: only lo; nothing outside reachable, not even the host's loopback.
     let out = inside(init, None, &["cat", "/proc/net/dev"]);
