@@ -523,26 +523,13 @@ impl Workspace {
             pid.stop(Signal::SIGKILL, Duration::from_secs(5));
             return Err(e);
         }
-        let ep = endpoint(state, layout);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let failure = loop {
-            match engine.probe(&ep, creds) {
-                Probe::Ready => return Ok(()),
-                Probe::Failed(m) => {
-                    break format!("{} answered but is not usable: {m}", engine.kind())
-                }
-                Probe::NotYet(m) if !pid.is_alive() => {
-                    break format!("{} exited during start-up ({m})", engine.kind())
-                }
-                Probe::NotYet(m) if Instant::now() > deadline => {
-                    break format!(
-                        "{} did not accept connections within {}s ({m})",
-                        engine.kind(),
-                        READY_TIMEOUT.as_secs()
-                    )
-                }
-                Probe::NotYet(_) => sleep(Duration::from_millis(3)),
-            }
+        let failure =
+            wait_ready(engine, &endpoint(state, layout), creds, |m| {
+                Ok((!pid.is_alive())
+                    .then(|| format!("{} exited during start-up ({m})", engine.kind())))
+            })?;
+        let Some(failure) = failure else {
+            return Ok(());
         };
         pid.stop(Signal::SIGKILL, Duration::from_secs(5));
         let _ = state.backend.backend().release(&layout.dir);
@@ -1187,6 +1174,41 @@ fn remote_check(what: &str, db: &DatabaseConfig, result: Result<ServerReport>) -
             ok: false,
             detail: e.to_string(),
         },
+    }
+}
+
+/// Probes until the engine answers its own protocol, or says why it never will: it answered
+/// wrongly, `gone` (asked between probes, with the last probe's message) reports the server
+/// gone, or the time is up. `None` means ready.
+fn wait_ready(
+    engine: &dyn Engine,
+    endpoint: &Endpoint,
+    creds: &Credentials,
+    mut gone: impl FnMut(&str) -> Result<Option<String>>,
+) -> Result<Option<String>> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let message = match engine.probe(endpoint, creds) {
+            Probe::Ready => return Ok(None),
+            Probe::Failed(m) => {
+                return Ok(Some(format!(
+                    "{} answered but is not usable: {m}",
+                    engine.kind()
+                )))
+            }
+            Probe::NotYet(m) => m,
+        };
+        if let Some(failure) = gone(&message)? {
+            return Ok(Some(failure));
+        }
+        if Instant::now() > deadline {
+            return Ok(Some(format!(
+                "{} did not accept connections within {}s ({message})",
+                engine.kind(),
+                READY_TIMEOUT.as_secs()
+            )));
+        }
+        sleep(Duration::from_millis(3));
     }
 }
 

@@ -161,7 +161,7 @@ pub struct Plan<'a> {
 }
 
 /// The server's port inside, as Docker names it.
-pub fn port_key(container: &Container) -> String {
+fn port_key(container: &Container) -> String {
     format!("{}/tcp", container.port)
 }
 
@@ -268,6 +268,7 @@ pub fn fallback(
 /// gone.
 pub fn is_leftover(
     labels: &HashMap<String, String>,
+    alive: impl Fn(&ProcessId) -> bool,
     env_dir_exists: impl Fn(&str) -> bool,
 ) -> bool {
     let owner_gone = labels.get(OWNER_LABEL).is_some_and(|o| {
@@ -275,7 +276,7 @@ pub fn is_leftover(
             .split_once(':')
             .and_then(|(pid, start)| Some((pid.parse().ok()?, start.parse().ok()?)));
         match parsed {
-            Some((pid, start_time)) => !ProcessId { pid, start_time }.is_alive(),
+            Some((pid, start_time)) => !alive(&ProcessId { pid, start_time }),
             None => false,
         }
     });
@@ -436,14 +437,12 @@ mod tests {
     fn status_from_record_and_observation() {
         let seen = |running| Observed {
             running,
-            state: String::new(),
             exit_code: 0,
             oom_killed: false,
             host_port: None,
             memory: 0,
             nano_cpus: 0,
             pids_limit: 0,
-            image: String::new(),
         };
         assert_eq!(status(true, None), Status::Missing);
         assert_eq!(status(false, None), Status::Missing);
@@ -476,15 +475,16 @@ mod tests {
     #[test]
     fn leftovers_are_owned_by_the_dead_or_have_no_directory() {
         let mut labels = HashMap::from([(ENV_LABEL.to_owned(), "dev".to_owned())]);
-        assert!(!is_leftover(&labels, |_| true));
-        assert!(is_leftover(&labels, |_| false));
-        let me = ProcessId::of(std::process::id() as i32).unwrap();
-        labels.insert(OWNER_LABEL.into(), format!("{}:{}", me.pid, me.start_time));
-        assert!(!is_leftover(&labels, |_| true));
-        labels.insert(
-            OWNER_LABEL.into(),
-            format!("{}:{}", me.pid, me.start_time + 1),
-        );
-        assert!(is_leftover(&labels, |_| true));
+        let live = ProcessId {
+            pid: 42,
+            start_time: 7,
+        };
+        let alive = |p: &ProcessId| *p == live;
+        assert!(!is_leftover(&labels, alive, |_| true));
+        assert!(is_leftover(&labels, alive, |_| false));
+        labels.insert(OWNER_LABEL.into(), "42:7".into());
+        assert!(!is_leftover(&labels, alive, |_| true));
+        labels.insert(OWNER_LABEL.into(), "42:8".into());
+        assert!(is_leftover(&labels, alive, |_| true), "a recycled pid");
     }
 }

@@ -65,16 +65,13 @@ type Result<T> = std::result::Result<T, DockerError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     pub running: bool,
-    /// Docker's word for the state: `created`, `running`, `exited`, ...
-    pub state: String,
     pub exit_code: i64,
     pub oom_killed: bool,
-    /// The host port published for the server's port, once running.
+    /// The host port published for the container's (one) port, once running.
     pub host_port: Option<u16>,
     pub memory: i64,
     pub nano_cpus: i64,
     pub pids_limit: i64,
-    pub image: String,
 }
 
 /// An image as the engine has it.
@@ -160,7 +157,7 @@ impl Docker {
     /// The tags of the images carrying `label` (`key=value`).
     pub fn images_labelled(&self, label: &str) -> Result<Vec<String>> {
         let options = ListImagesOptions {
-            filters: Some(HashMap::from([("label".into(), vec![label.to_owned()])])),
+            filters: label_filter(label),
             ..Default::default()
         };
         let images = self.call(
@@ -299,9 +296,8 @@ impl Docker {
         }
     }
 
-    /// The container's state, or `None` when it does not exist. `port` is the server's port
-    /// inside (e.g. `5432/tcp`).
-    pub fn inspect(&self, name: &str, port: &str) -> Result<Option<Observed>> {
+    /// The container's state, or `None` when it does not exist.
+    pub fn inspect(&self, name: &str) -> Result<Option<Observed>> {
         let c = match self.call(
             || format!("cannot inspect container {name}"),
             self.api.inspect_container(name, None),
@@ -315,22 +311,17 @@ impl Docker {
         let host_port = c
             .network_settings
             .and_then(|n| n.ports)
-            .and_then(|mut ports| ports.remove(port).flatten())
-            .and_then(|bindings| {
-                bindings
-                    .into_iter()
-                    .find_map(|b| b.host_port.and_then(|p| p.parse().ok()))
-            });
+            .into_iter()
+            .flat_map(|ports| ports.into_values().flatten().flatten())
+            .find_map(|b| b.host_port.and_then(|p| p.parse().ok()));
         Ok(Some(Observed {
             running: state.running.unwrap_or(false),
-            state: state.status.map(|s| s.to_string()).unwrap_or_default(),
             exit_code: state.exit_code.unwrap_or(0),
             oom_killed: state.oom_killed.unwrap_or(false),
             host_port,
             memory: host.memory.unwrap_or(0),
             nano_cpus: host.nano_cpus.unwrap_or(0),
             pids_limit: host.pids_limit.unwrap_or(0),
-            image: c.config.and_then(|c| c.image).unwrap_or_default(),
         }))
     }
 
@@ -338,7 +329,7 @@ impl Docker {
     pub fn containers_labelled(&self, label: &str) -> Result<Vec<Labelled>> {
         let options = ListContainersOptions {
             all: true,
-            filters: Some(HashMap::from([("label".into(), vec![label.to_owned()])])),
+            filters: label_filter(label),
             ..Default::default()
         };
         let list = self.call(
@@ -361,7 +352,7 @@ impl Docker {
 
     pub fn volumes_labelled(&self, label: &str) -> Result<Vec<Labelled>> {
         let options = ListVolumesOptions {
-            filters: Some(HashMap::from([("label".into(), vec![label.to_owned()])])),
+            filters: label_filter(label),
         };
         let list = self.call(
             || format!("cannot list volumes labelled {label}"),
@@ -395,6 +386,11 @@ impl Docker {
             .map(|c| String::from_utf8_lossy(&c.clone().into_bytes()).into_owned())
             .collect())
     }
+}
+
+/// The list filter for objects carrying `label` (`key` or `key=value`).
+fn label_filter(label: &str) -> Option<HashMap<String, Vec<String>>> {
+    Some(HashMap::from([("label".into(), vec![label.to_owned()])]))
 }
 
 /// For calls that make something be gone: "not found" means done.

@@ -2,23 +2,24 @@
 //! stopped and removed through the Docker API, and recorded in the environment's state like any
 //! other server (so `list`, `url`, the exports and the activate script work the same).
 
+use std::collections::HashMap;
 use std::fs;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use super::{
-    endpoint, finish, now, read_credentials, save, write_client_files, Cleanup, CreateOptions,
-    EnvInfo, Workspace, READY_TIMEOUT, STOP_GRACE,
+    endpoint, finish, now, read_credentials, save, wait_ready, write_client_files, Cleanup,
+    CreateOptions, EnvInfo, Workspace, STOP_GRACE,
 };
 use crate::backend::docker::{self as spec, addresses, Plan, Project};
 use crate::backend::{BackendKind, Isolation};
 use crate::cgroup::Enforcement;
 use crate::docker::image::{self, SOURCE_LABEL};
 use crate::docker::{Docker, Observed};
-use crate::engine::{Credentials, Engine, Probe};
+use crate::engine::{Credentials, Engine};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, Bytes, Manifest};
-use crate::process::ServiceUser;
+use crate::process::{ProcessId, ServiceUser};
 use crate::secret::Secret;
 use crate::state::{ContainerRecord, EnvState, Layout, Status, SCHEMA};
 
@@ -262,7 +263,6 @@ impl Workspace {
     ) -> Result<()> {
         let docker = self.docker_for(state)?;
         let engine = state.engine.engine();
-        let port_key = spec::port_key(&engine.container(creds, false));
         let name = container_name(state).to_owned();
         let failed = |state: &mut EnvState, failure: String| -> Result<()> {
             let _ = docker.stop(&name, Duration::from_secs(5));
@@ -290,12 +290,9 @@ impl Workspace {
         }
         record_mut(state).started = true;
         save(state, layout)?;
-        let port = docker.inspect(&name, &port_key)?.and_then(|o| o.host_port);
+        let port = docker.inspect(&name)?.and_then(|o| o.host_port);
         let Some(port) = port else {
-            return failed(
-                state,
-                format!("Docker published no host port for {port_key}"),
-            );
+            return failed(state, "Docker published no host port".into());
         };
         if port != state.port {
             state.port = port;
@@ -308,34 +305,20 @@ impl Workspace {
             engine.kind(),
             state.host
         ));
-        let ep = endpoint(state, layout);
-        let deadline = Instant::now() + READY_TIMEOUT;
         let mut checked = Instant::now();
-        let failure = loop {
-            match engine.probe(&ep, creds) {
-                Probe::Ready => return Ok(()),
-                Probe::Failed(m) => {
-                    break format!("{} answered but is not usable: {m}", engine.kind())
-                }
-                Probe::NotYet(m) if Instant::now() > deadline => {
-                    break format!(
-                        "{} did not accept connections within {}s ({m})",
-                        engine.kind(),
-                        READY_TIMEOUT.as_secs()
-                    )
-                }
-                Probe::NotYet(m) => {
-                    if checked.elapsed() >= LIVENESS_EVERY {
-                        checked = Instant::now();
-                        match docker.inspect(&name, &port_key)? {
-                            Some(o) if o.running => {}
-                            Some(o) => break exited(engine, &o, &m),
-                            None => break format!("container {name} vanished during start-up"),
-                        }
-                    }
-                    sleep(Duration::from_millis(3));
-                }
+        let failure = wait_ready(engine, &endpoint(state, layout), creds, |m| {
+            if checked.elapsed() < LIVENESS_EVERY {
+                return Ok(None);
             }
+            checked = Instant::now();
+            Ok(match docker.inspect(&name)? {
+                Some(o) if o.running => None,
+                Some(o) => Some(exited(engine, &o, m)),
+                None => Some(format!("container {name} vanished during start-up")),
+            })
+        })?;
+        let Some(failure) = failure else {
+            return Ok(());
         };
         failed(state, failure)
     }
@@ -351,8 +334,7 @@ impl Workspace {
         let docker = self.docker_for(&state)?;
         let creds = read_credentials(&layout)?;
         let record = record(&state).clone();
-        let port_key = spec::port_key(&state.engine.engine().container(&creds, false));
-        match docker.inspect(&record.name, &port_key)? {
+        match docker.inspect(&record.name)? {
             Some(o) if o.running => return Ok(self.info(&state, &layout)),
             Some(_) => {}
             None => {
@@ -409,9 +391,7 @@ impl Workspace {
             return (Status::Unknown, None);
         };
         let record = record(state);
-        let creds = state.engine.engine().credentials(Secret::default());
-        let port_key = spec::port_key(&state.engine.engine().container(&creds, false));
-        match docker.inspect(&record.name, &port_key) {
+        match docker.inspect(&record.name) {
             Ok(o) => (spec::status(record.started, o.as_ref()), o),
             Err(_) => (Status::Unknown, None),
         }
@@ -470,15 +450,18 @@ impl Workspace {
         let docker = self.docker()?;
         let filter = self.project().filter();
         let dir_exists = |env: &str| self.layout(env).dir.is_dir();
+        let leftover = |labels: &HashMap<String, String>| {
+            spec::is_leftover(labels, ProcessId::is_alive, dir_exists)
+        };
         let mut removed = Vec::new();
         for c in docker.containers_labelled(&filter)? {
-            if spec::is_leftover(&c.labels, dir_exists) {
+            if leftover(&c.labels) {
                 docker.remove_container(&c.name)?;
                 removed.push(format!("container {}", c.name));
             }
         }
         for v in docker.volumes_labelled(&filter)? {
-            if spec::is_leftover(&v.labels, dir_exists) {
+            if leftover(&v.labels) {
                 docker.remove_volume(&v.name)?;
                 removed.push(format!("volume {}", v.name));
             }
