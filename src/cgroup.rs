@@ -102,6 +102,17 @@ pub struct Setting {
     pub via: String,
 }
 
+impl Setting {
+    fn outcome(&self, via: String, enforced: bool) -> Enforcement {
+        Enforcement {
+            limit: self.limit.clone(),
+            value: self.value.clone(),
+            via,
+            enforced,
+        }
+    }
+}
+
 /// The groups to make for one sandbox and the limits to write into them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -242,10 +253,12 @@ pub struct Enforcement {
 }
 
 impl Plan {
-    /// Makes the groups and writes the limits. A limit the kernel refuses is reported as not
-    /// enforced (never silently assumed); the groups made are in the result even on error.
+    /// Makes the groups and writes the limits. A limit the kernel refuses, or whose group this
+    /// user may not create (rootless), is reported as not enforced with the reason (never
+    /// silently assumed); the groups made are in the result even on error.
     pub fn apply(&self) -> (Vec<PathBuf>, io::Result<Vec<Enforcement>>) {
         let mut made = Vec::new();
+        let mut refused: Vec<(&Path, String)> = Vec::new();
         for dir in &self.groups {
             if let Some(parent) = dir.parent() {
                 // v2: the parent must delegate the controllers to its children.
@@ -257,6 +270,9 @@ impl Plan {
             match fs::create_dir(dir) {
                 Ok(()) => made.push(dir.clone()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => made.push(dir.clone()),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    refused.push((dir, e.to_string()))
+                }
                 Err(e) => {
                     return (
                         made,
@@ -272,6 +288,13 @@ impl Plan {
             .settings
             .iter()
             .map(|s| {
+                let why = refused
+                    .iter()
+                    .find(|(dir, _)| s.writes.first().is_some_and(|(f, _)| f.starts_with(dir)));
+                if let Some((dir, e)) = why {
+                    let why = refusal(&s.via, &dir.display().to_string(), e);
+                    return s.outcome(format!("{}: {why}", s.via), false);
+                }
                 let enforced = !s.writes.is_empty()
                     && s.writes.iter().enumerate().all(|(i, (file, value))| {
                         // memsw/swap files exist only with swap accounting; skipping them is safe.
@@ -282,32 +305,64 @@ impl Plan {
                             Err(_) => false,
                         }
                     });
-                Enforcement {
-                    limit: s.limit.clone(),
-                    value: s.value.clone(),
-                    via: s.via.clone(),
-                    enforced,
-                }
+                s.outcome(s.via.clone(), enforced)
             })
             .collect();
         (made, Ok(result))
+    }
+
+    /// What [`Plan::apply`] would achieve, without making anything: a stopped sandbox's
+    /// limits, each "applied at start" only where this user may create its group.
+    pub fn preview(&self) -> Vec<Enforcement> {
+        self.settings
+            .iter()
+            .map(|s| {
+                let parent = s
+                    .writes
+                    .first()
+                    .and_then(|(file, _)| file.parent()?.parent());
+                let allowed = parent.map(|parent| {
+                    nix::unistd::access(parent, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+                        let what = format!("a group in {}", parent.display());
+                        refusal(&s.via, &what, &io::Error::from(e).to_string())
+                    })
+                });
+                let via = match allowed {
+                    None => s.via.clone(),
+                    Some(Ok(())) => format!("{}, applied at start", s.via),
+                    Some(Err(why)) => format!("{}: {why}", s.via),
+                };
+                s.outcome(via, false)
+            })
+            .collect()
     }
 
     /// Whether the files still hold the planned values (what `inspect` reports).
     pub fn verify(&self) -> Vec<Enforcement> {
         self.settings
             .iter()
-            .map(|s| Enforcement {
-                limit: s.limit.clone(),
-                value: s.value.clone(),
-                via: s.via.clone(),
-                enforced: !s.writes.is_empty()
-                    && s.writes.iter().take(1).all(|(file, value)| {
-                        fs::read_to_string(file).is_ok_and(|t| same_value(&t, value))
-                    }),
+            .map(|s| {
+                let holds = s.writes.first().is_some_and(|(file, value)| {
+                    fs::read_to_string(file).is_ok_and(|t| same_value(&t, value))
+                });
+                s.outcome(s.via.clone(), holds)
             })
             .collect()
     }
+}
+
+/// Why a group could not be made, said plainly: cgroup v1 has no delegation to unprivileged
+/// users at all, and v2 only where the subtree was delegated (systemd's `Delegate=yes`).
+fn refusal(via: &str, what: &str, e: &str) -> String {
+    let hint = match (
+        nix::unistd::geteuid().is_root(),
+        via.starts_with("cgroup v1"),
+    ) {
+        (false, true) => "cgroup v1 limits need root",
+        (false, false) => "cgroup v2 limits need this subtree delegated to the user",
+        (true, _) => "the cgroup hierarchy is read-only or not ours here",
+    };
+    format!("cannot create {what} ({e}); {hint}")
 }
 
 /// v1 rounds memory limits to pages and prints `max` as a huge number; compare loosely.

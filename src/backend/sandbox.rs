@@ -45,12 +45,6 @@ impl Backend for Sandbox {
     }
 
     fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "the sandbox backend needs root (namespaces, bind mounts and cgroup limits); run as root, or use --backend lightweight",
-            ));
-        }
         let file = manifest_file(&s.layout.dir);
         let manifest = Manifest::load(&file).map_err(io::Error::other)?;
         if manifest.network.expose.port() != s.port {
@@ -80,6 +74,7 @@ impl Backend for Sandbox {
                 .collect(),
             stop_signal: s.engine.stop_signal() as i32,
             manifest,
+            user_namespace: !nix::unistd::geteuid().is_root(),
         };
         let exe = match std::env::var_os(SUPERVISOR_VAR) {
             Some(p) => PathBuf::from(p),
@@ -89,9 +84,10 @@ impl Backend for Sandbox {
             .arg(SUPERVISOR_COMMAND)
             .arg(serde_json::to_string(&request)?);
         supervisor.parent_death = s.launch.parent_death;
-        // The supervisor itself runs as root; it drops privileges for what runs inside.
-        let root = crate::process::ServiceUser::invoker();
-        let pid = supervisor.spawn_detached(&root, &s.layout.dir, &s.layout.log)?;
+        // The supervisor runs as the invoker (root, or rootless); what runs inside is the
+        // service user.
+        let invoker = crate::process::ServiceUser::invoker();
+        let pid = supervisor.spawn_detached(&invoker, &s.layout.dir, &s.layout.log)?;
         wait_ready(pid, &s.layout.dir, &s.layout.log, &exe)?;
         Ok(pid)
     }
@@ -110,7 +106,7 @@ impl Backend for Sandbox {
         let manifest = Manifest::load(&file);
         let record = Record::load(dir).filter(|r| r.supervisor.is_alive());
         let limits = match (&record, &manifest) {
-            (Some(r), _) => r.plan.verify(),
+            (Some(r), _) => r.limits(),
             (None, Ok(m)) => planned(&m.limits),
             (None, Err(_)) => Vec::new(),
         };
@@ -130,21 +126,7 @@ fn planned(limits: &manifest::Limits) -> Vec<Enforcement> {
         return Vec::new();
     };
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    layout
-        .plan(&own, "isoenv-plan", limits)
-        .settings
-        .into_iter()
-        .map(|s| Enforcement {
-            enforced: false,
-            via: if s.writes.is_empty() {
-                s.via
-            } else {
-                format!("{}, applied at start", s.via)
-            },
-            limit: s.limit,
-            value: s.value,
-        })
-        .collect()
+    layout.plan(&own, "isoenv-plan", limits).preview()
 }
 
 pub fn manifest_file(dir: &Path) -> PathBuf {

@@ -55,7 +55,8 @@ impl Engine for Redis {
         None
     }
 
-    /// Clients forwarded to loopback would all pass protected mode, so a password is always set.
+    /// Clients of a sandbox's or container's exposed port all come from loopback, which
+    /// protected mode trusts, so a password is always set.
     fn configure(
         &self,
         layout: &Layout,

@@ -4,8 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -14,6 +13,7 @@ use std::process::{Command, Stdio};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
+use nix::sys::statvfs::FsFlags;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
@@ -25,9 +25,11 @@ const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 /// Top-level links of a merged-/usr system (`/lib -> usr/lib`), recreated so that binaries'
 /// interpreter and library paths resolve inside the binds.
 const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+/// The parts of sysfs that exist inside.
+const SYS_PARTS: [&str; 2] = ["class/net", "devices/virtual/net"];
 
 /// Runs in the cloned child. Reports "ok" or the error on `ready`, then supervises.
-pub(super) fn main(req: &Request, listener: &TcpListener, go: RawFd, ready: RawFd) -> isize {
+pub(super) fn main(req: &Request, channel: RawFd, go: RawFd, ready: RawFd) -> isize {
     // SAFETY: the fds were made for this child by the supervisor and are owned here alone.
     let (mut go, mut ready) = unsafe { (File::from_raw_fd(go), File::from_raw_fd(ready)) };
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
@@ -39,9 +41,10 @@ pub(super) fn main(req: &Request, listener: &TcpListener, go: RawFd, ready: RawF
         return 1;
     }
     drop(go);
-    // The host's listener stays with the supervisor.
-    let _ = nix::unistd::close(listener.as_raw_fd());
-    match setup(req).and_then(|()| start(req)) {
+    let started = setup(req).and_then(|()| start(req, channel));
+    // Only the server needed it, before its exec.
+    let _ = nix::unistd::close(channel);
+    match started {
         Ok(server) => {
             let _ = ready.write_all(b"ok");
             drop(ready);
@@ -73,6 +76,7 @@ fn setup(req: &Request) -> Result<(), String> {
         }
     }
     devices(&root, memory)?;
+    sys(&root)?;
     let proc = root.join("proc");
     mkdir(&proc)?;
     mount(
@@ -124,23 +128,74 @@ fn bind_all(root: &Path, binds: &[Bind]) -> Result<(), String> {
                 File::create(&target).map_err(|e| format!("{}: {e}", target.display()))?;
             }
         }
-        mount(
-            Some(&bind.host),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| format!("cannot bind {}: {e}", bind.host.display()))?;
-        let mut flags =
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        if bind.mode == Mode::Ro {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-            .map_err(|e| format!("cannot restrict {}: {e}", bind.host.display()))?;
+        bind_mount(&bind.host, &target, bind.mode)?;
     }
     Ok(())
+}
+
+/// Binds `host` (with what is mounted below it) on `target`, then takes away setuid and device
+/// files and, for `ro`, writes: the flags of a bind are only changed by a second remount.
+fn bind_mount(host: &Path, target: &Path, mode: Mode) -> Result<(), String> {
+    mount(
+        Some(host),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot bind {}: {e}", host.display()))?;
+    let mut flags = MsFlags::MS_REMOUNT
+        | MsFlags::MS_BIND
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | kept_flags(target)?;
+    if mode == Mode::Ro {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("cannot restrict {}: {e}", host.display()))
+}
+
+/// The flags a remount must repeat: in a user namespace the kernel locks those of mounts that
+/// came from the host (`noexec`, atime, read-only), and refuses a remount that would drop them.
+fn kept_flags(target: &Path) -> Result<MsFlags, String> {
+    let have = nix::sys::statvfs::statvfs(target)
+        .map_err(|e| format!("cannot read the flags of {}: {e}", target.display()))?
+        .flags();
+    Ok([
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st, _)| have.contains(*st))
+    .fold(MsFlags::empty(), |all, (_, ms)| all | ms))
+}
+
+/// A `/sys` holding only the network view: a sysfs mounted in the sandbox's network namespace
+/// lists that namespace's interfaces (just `lo`), and nothing else of the host's devices,
+/// kernel or cgroups is granted. The whole sysfs is mounted aside and dropped again.
+fn sys(root: &Path) -> Result<(), String> {
+    let whole = root.join(".sysfs");
+    mkdir(&whole)?;
+    mount(
+        Some("sysfs"),
+        &whole,
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot mount sysfs: {e}"))?;
+    // `class/net/lo` is a link to `../../devices/virtual/net/lo`.
+    for part in SYS_PARTS {
+        let target = root.join("sys").join(part);
+        mkdir(&target)?;
+        bind_mount(&whole.join(part), &target, Mode::Ro)?;
+    }
+    umount2(&whole, MntFlags::MNT_DETACH).map_err(|e| format!("cannot detach sysfs: {e}"))?;
+    fs::remove_dir(&whole).map_err(|e| format!("cannot remove {}: {e}", whole.display()))
 }
 
 fn devices(root: &Path, memory: u64) -> Result<(), String> {
@@ -260,7 +315,7 @@ fn loopback_up() -> io::Result<()> {
 /// Makes this process unprivileged for good: no capabilities (bounding set included), no way
 /// to regain any (no_new_privs), the service user's uid and gid and no other group. Runs in a
 /// freshly forked child of the single-threaded init.
-fn drop_privileges(user: &Account, last_cap: i32) -> io::Result<()> {
+fn drop_privileges(user: &Account, last_cap: i32, user_namespace: bool) -> io::Result<()> {
     for cap in 0..=last_cap {
         // SAFETY: prctl with integer arguments.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
@@ -271,10 +326,14 @@ fn drop_privileges(user: &Account, last_cap: i32) -> io::Result<()> {
         }
     }
     nix::sys::prctl::set_no_new_privs()?;
-    nix::unistd::setgroups(&[])?;
+    // A user namespace denies setgroups (see `id_maps`).
+    if !user_namespace {
+        nix::unistd::setgroups(&[])?;
+    }
     let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
     nix::unistd::setresgid(gid, gid, gid)?;
-    // Leaving uid 0 clears the permitted, effective and ambient sets.
+    // Leaving uid 0 clears the permitted, effective and ambient sets; in a user namespace the
+    // uid is already non-zero, and exec clears them (no file capabilities, empty ambient set).
     nix::unistd::setresuid(uid, uid, uid)?;
     Ok(())
 }
@@ -286,10 +345,11 @@ fn last_cap() -> i32 {
         .unwrap_or(63)
 }
 
-/// Spawns the server, unprivileged, with only the manifest's environment.
-fn start(req: &Request) -> Result<Pid, String> {
+/// Spawns the server, unprivileged, with only the manifest's environment, under the filter
+/// that hands it the exposed port (see [`super::handoff`]).
+fn start(req: &Request, channel: RawFd) -> Result<Pid, String> {
     let cap = last_cap();
-    let user = req.user.clone();
+    let (user, user_namespace) = (req.user.clone(), req.user_namespace);
     let mut cmd = Command::new(&req.program);
     cmd.args(&req.args)
         .env_clear()
@@ -297,12 +357,14 @@ fn start(req: &Request) -> Result<Pid, String> {
         .current_dir("/")
         .stdin(Stdio::null());
     let blocked = handled_signals();
-    // SAFETY: only system calls. The mask init blocks for itself would otherwise be inherited
-    // (std does not reset it), and a server like Redis would never see its stop signal.
+    // SAFETY: init is single-threaded, so the child may allocate. The mask init blocks for
+    // itself would otherwise be inherited (std does not reset it), and a server like Redis
+    // would never see its stop signal.
     unsafe {
         cmd.pre_exec(move || {
             blocked.thread_unblock()?;
-            drop_privileges(&user, cap)
+            drop_privileges(&user, cap, user_namespace)?;
+            super::handoff::install(channel)
         });
     }
     cmd.spawn()

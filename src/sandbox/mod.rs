@@ -1,9 +1,9 @@
 //! The namespace sandbox runtime: one supervisor process per sandbox.
 //!
 //! ```text
-//! supervisor (host namespaces, root)       makes the cgroups, forwards 127.0.0.1:PORT inside
+//! supervisor (host namespaces, root)       makes the cgroups, listens on 127.0.0.1:PORT
 //!   └─ init (pid 1 of new mount/pid/net/ipc/uts/cgroup namespaces)
-//!        └─ server (unprivileged)          the engine, on the sandbox's own loopback
+//!        └─ server (unprivileged)          the engine; its bind() of PORT gets the host socket
 //! ```
 //!
 //! The supervisor is a separate executable (`cargo xtask` re-runs itself, see
@@ -12,7 +12,7 @@
 //! made is recorded in `sandbox.json` (outside the sandbox) so that a later command can remove
 //! leftovers after a SIGKILL.
 
-mod forward;
+mod handoff;
 mod init;
 
 use std::fs;
@@ -55,6 +55,9 @@ pub struct Request {
     /// The server's graceful-stop signal, sent when the supervisor is asked to stop.
     pub stop_signal: i32,
     pub manifest: Manifest,
+    /// Rootless: the namespaces belong to a new user namespace in which only `user` exists,
+    /// mapped to the invoker (see [`id_maps`]).
+    pub user_namespace: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +85,22 @@ impl Record {
 
     pub fn load(dir: &Path) -> Option<Self> {
         serde_json::from_slice(&fs::read(Self::path(dir)).ok()?).ok()
+    }
+
+    /// The limits as they stand: what the files hold now, and for a limit that could not be
+    /// set at start, why.
+    pub fn limits(&self) -> Vec<Enforcement> {
+        self.plan
+            .verify()
+            .into_iter()
+            .map(|now| {
+                self.enforcement
+                    .iter()
+                    .find(|e| e.limit == now.limit && !e.enforced)
+                    .cloned()
+                    .unwrap_or(now)
+            })
+            .collect()
     }
 
     fn save(&self, dir: &Path) -> io::Result<()> {
@@ -197,14 +216,21 @@ impl Supervisor {
                 format!("cannot create {}: {e}", root.display()),
             ));
         }
-        match spawn_init(req, &listener, &record.cgroups) {
+        let channel = match handoff::channel() {
+            Ok(c) => c,
+            Err(e) => return Err(fail(&record, format!("cannot make a socket pair: {e}"))),
+        };
+        match spawn_init(req, &listener, &channel, &record.cgroups) {
             Ok(init) => {
-                let forwarding = fs::File::open(format!("/proc/{init}/ns/net"))
-                    .and_then(|netns| forward::start(listener, netns.into(), expose.port()));
-                if let Err(e) = forwarding {
+                let handing = handoff::receive(&channel.0)
+                    .and_then(|notify| handoff::serve(notify, listener));
+                if let Err(e) = handing {
                     let _ = kill(init, Signal::SIGKILL);
                     let _ = waitpid(init, None);
-                    return Err(fail(&record, format!("cannot forward {expose}: {e}")));
+                    return Err(fail(
+                        &record,
+                        format!("cannot hand {expose} to the server: {e}"),
+                    ));
                 }
                 record.init = Some(init.as_raw());
                 if let Err(e) = record.save(&req.dir) {
@@ -274,35 +300,45 @@ fn wait_signal(set: &SigSet, timeout: Duration) -> Option<Signal> {
 
 /// Clones init into new namespaces, moves it into the cgroups, lets it set up and waits for its
 /// verdict. Returns init's pid once the server has been started inside.
-fn spawn_init(req: &Request, listener: &TcpListener, cgroups: &[PathBuf]) -> Result<Pid, String> {
+fn spawn_init(
+    req: &Request,
+    listener: &TcpListener,
+    channel: &(OwnedFd, OwnedFd),
+    cgroups: &[PathBuf],
+) -> Result<Pid, String> {
     let (go_read, go_write) = pipe()?;
     let (ready_read, ready_write) = pipe()?;
-    let flags = CloneFlags::CLONE_NEWNS
+    let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
+    if req.user_namespace {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
     let mut stack = vec![0u8; 1 << 20];
     let child = {
         let (go, ready) = (go_read.as_raw_fd(), ready_write.as_raw_fd());
         let (go_w, ready_r) = (go_write.as_raw_fd(), ready_read.as_raw_fd());
+        let (ours, theirs) = (channel.0.as_raw_fd(), channel.1.as_raw_fd());
+        let host = listener.as_raw_fd();
         // SAFETY: the supervisor is single-threaded here (it was just exec'd and has spawned no
         // thread), so the child may run ordinary Rust code, as after fork().
         unsafe {
             nix::sched::clone(
                 Box::new(move || {
-                    let _ = nix::unistd::close(go_w);
-                    let _ = nix::unistd::close(ready_r);
-                    init::main(req, listener, go, ready)
+                    // The supervisor's ends, and the host's listener, stay with it.
+                    for fd in [go_w, ready_r, ours, host] {
+                        let _ = nix::unistd::close(fd);
+                    }
+                    init::main(req, theirs, go, ready)
                 }),
                 &mut stack,
                 flags,
                 Some(libc::SIGCHLD),
             )
         }
-        .map_err(|e| {
-            format!("cannot create the sandbox's namespaces: {e} (the sandbox backend needs root, or CAP_SYS_ADMIN)")
-        })?
+        .map_err(|e| clone_error(e, req.user_namespace))?
     };
     drop((go_read, ready_write));
     let abort = |message: String| {
@@ -310,6 +346,9 @@ fn spawn_init(req: &Request, listener: &TcpListener, cgroups: &[PathBuf]) -> Res
         let _ = waitpid(child, None);
         message
     };
+    if req.user_namespace {
+        id_maps(child, &req.user).map_err(abort)?;
+    }
     cgroup::attach(cgroups, child.as_raw()).map_err(|e| abort(e.to_string()))?;
     fs::File::from(go_write)
         .write_all(b"go")
@@ -323,6 +362,33 @@ fn spawn_init(req: &Request, listener: &TcpListener, cgroups: &[PathBuf]) -> Res
     } else {
         Err(abort(verdict))
     }
+}
+
+fn clone_error(e: nix::errno::Errno, user_namespace: bool) -> String {
+    if user_namespace {
+        format!(
+            "cannot create a user namespace: {e}. Unprivileged user namespaces are disabled or exhausted on this machine (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone, or an AppArmor/SELinux policy); run as root, or use --backend lightweight"
+        )
+    } else {
+        format!("cannot create the sandbox's namespaces: {e} (needs CAP_SYS_ADMIN)")
+    }
+}
+
+/// Rootless: maps the service user to itself, the one mapping an unprivileged process may
+/// write. Init keeps its capabilities inside (it created the namespace) and the server runs as
+/// that non-zero uid; root inside maps to nobody outside, so nothing inside is root on the host.
+/// `setgroups` must be denied first, so the server keeps the invoker's supplementary groups.
+fn id_maps(child: Pid, user: &Account) -> Result<(), String> {
+    let proc = PathBuf::from(format!("/proc/{child}"));
+    for (file, text) in [
+        ("setgroups", "deny".to_owned()),
+        ("uid_map", format!("{0} {0} 1\n", user.uid)),
+        ("gid_map", format!("{0} {0} 1\n", user.gid)),
+    ] {
+        fs::write(proc.join(file), text)
+            .map_err(|e| format!("cannot write {}: {e}", proc.join(file).display()))?;
+    }
+    Ok(())
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {

@@ -326,7 +326,7 @@ impl Bench {
             if let Some(s) = &sandbox {
                 let i = info("pg-sandbox")?;
                 t.push((
-                    "sandbox TCP (forwarded)",
+                    "sandbox TCP (exposed port)",
                     "127.0.0.1".into(),
                     i.port,
                     s.dir.clone(),
@@ -383,7 +383,7 @@ impl Bench {
                 .extend(Measurement::of(format!("pgbench -S, {label}"), "tps", tps));
         }
         for (ours, base) in [
-            ("sandbox TCP (forwarded)", "direct TCP"),
+            ("sandbox TCP (exposed port)", "direct TCP"),
             ("sandbox Unix socket", "direct Unix socket"),
         ] {
             if let (Some(o), Some(b)) = (get(ours), get(base)) {

@@ -466,7 +466,7 @@ fn full_demo() {
         for expected in [
             "limit memory 512M",
             "/etc/shadow: does not exist",
-            "network interfaces: lo \n",
+            "network interfaces (/sys/class/net): lo \n",
             "destroyed `demo-sandbox`",
         ] {
             assert!(said.contains(expected), "missing `{expected}`:\n{said}");

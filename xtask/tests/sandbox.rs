@@ -75,7 +75,7 @@ impl<'a> Sandbox<'a> {
             .unwrap_or_else(|| panic!("no {controller} cgroup in {:?}", self.cgroups()))
     }
 
-    /// The engine's server process (the child of init that is not the forwarder).
+    /// The engine's server process (init's child running `binary`).
     fn server(&self, binary: &str) -> i32 {
         let init = self.init();
         children(init)
@@ -104,6 +104,15 @@ impl<'a> Sandbox<'a> {
             .ok(&["db", "url", &self.name])
             .trim()
             .to_owned()
+    }
+
+    /// `client` (a shell command) prints 42 through the activate script.
+    fn answers(&self, client: &str) {
+        let activate = self.dir().join("bin/activate");
+        let script = format!("source {} && {client}", activate.display());
+        let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}: {}", self.name, text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
     }
 
     fn port(&self) -> u16 {
@@ -135,6 +144,36 @@ impl<'a> Sandbox<'a> {
         let dir = self.dir().to_string_lossy().into_owned();
         assert!(!mounts.contains(&dir), "host mounts under {dir}");
     }
+}
+
+/// The processes holding the host's listening TCP socket on 127.0.0.1:`port`.
+fn listeners(port: u16) -> Vec<i32> {
+    // /proc/net/tcp: "sl local_address rem_address st ... inode"; 0A is LISTEN.
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = read(Path::new("/proc/net/tcp"))
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    assert!(!inodes.is_empty(), "nothing listens on 127.0.0.1:{port}");
+    let mut pids: Vec<i32> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    fs::read_link(fd.path())
+                        .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+                })
+            })
+        })
+        .collect();
+    pids.sort();
+    pids
 }
 
 fn children(pid: i32) -> Vec<i32> {
@@ -239,7 +278,16 @@ fn postgres_sandbox_is_confined_and_leaves_nothing() {
 
     // The filesystem is the manifest's and nothing else.
     let root = PathBuf::from(format!("/proc/{server}/root"));
-    for absent in ["etc/shadow", "root", "home", "var", "sys", "usr/sbin"] {
+    for absent in [
+        "etc/shadow",
+        "root",
+        "home",
+        "var",
+        "usr/sbin",
+        "sys/fs/cgroup",
+        "sys/kernel",
+        "sys/class/block",
+    ] {
         assert!(!root.join(absent).exists(), "/{absent} is visible inside");
     }
     assert!(root.join("usr/lib/postgresql").is_dir());
@@ -281,6 +329,15 @@ fn postgres_sandbox_is_confined_and_leaves_nothing() {
     assert_eq!(last, None, "/proc inside vs the sandbox's processes");
 
     // The network: only lo; nothing outside reachable, not even the host's loopback.
+    let out = inside(init, None, &["ls", "/sys/class/net"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "lo",
+        "{}",
+        text(&out)
+    );
+    let out = inside(init, None, &["cat", "/sys/class/net/lo/operstate"]);
+    assert!(out.status.success(), "{}", text(&out));
     let out = inside(init, None, &["cat", "/proc/net/dev"]);
     let ifaces: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -315,7 +372,17 @@ fn postgres_sandbox_is_confined_and_leaves_nothing() {
         .success());
     assert_eq!(nix::unistd::gethostname().unwrap(), host_name);
 
-    // From the host: the exposed port answers on 127.0.0.1 and demands the password.
+    // From the host: the exposed port answers on 127.0.0.1 and demands the password. The
+    // listening socket is the server's own (handed over, no forwarder), and the server's TCP
+    // listener does not exist inside.
+    assert_eq!(listeners(sb.port()), [server]);
+    let out = inside(init, None, &["cat", "/proc/net/tcp"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out)
+    );
     let url = sb.url();
     assert_eq!(tcp_query(&url, "SELECT 1").unwrap(), ["1"]);
     let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
@@ -439,21 +506,24 @@ fn oom_kills(memory: &Path) -> u64 {
         .map_or(0, |n| n.parse().unwrap())
 }
 
+/// The other engines: their server binary and a client query that prints 42.
+const OTHER_ENGINES: [(&str, &str, &str); 2] = [
+    (
+        "mysql",
+        "mariadbd",
+        "mariadb -h 127.0.0.1 -P $DB_PORT -u $DB_USER -p$DB_PASSWORD -N -e 'SELECT 40+2'",
+    ),
+    (
+        "redis",
+        "redis-server",
+        "redis-cli -p $DB_PORT EVAL 'return 40+2' 0",
+    ),
+];
+
 #[test]
 fn mysql_and_redis_run_confined_too() {
     let project = Project::new("");
-    for (engine, binary, client) in [
-        (
-            "mysql",
-            "mariadbd",
-            "mariadb -h 127.0.0.1 -P $DB_PORT -u $DB_USER -p$DB_PASSWORD -N -e 'SELECT 40+2'",
-        ),
-        (
-            "redis",
-            "redis-server",
-            "redis-cli -p $DB_PORT EVAL 'return 40+2' 0",
-        ),
-    ] {
+    for (engine, binary, client) in OTHER_ENGINES {
         let sb = Sandbox::create(&project, engine, engine);
         let server = sb.server(binary);
         assert_ne!(status_field(server, "Uid"), "0");
@@ -467,12 +537,10 @@ fn mysql_and_redis_run_confined_too() {
             "bash is not in the manifest"
         );
 
-        // A real client through the activate script and the forwarded port.
-        let activate = sb.dir().join("bin/activate");
-        let script = format!("source {} && {client}", activate.display());
-        let out = Command::new("bash").args(["-c", &script]).output().unwrap();
-        assert!(out.status.success(), "{engine}: {}", text(&out));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+        // A real client through the activate script and the exposed port, which the server
+        // itself listens on.
+        assert_eq!(listeners(sb.port()), [server], "{engine}");
+        sb.answers(client);
         let bad = match engine {
             "mysql" => format!(
                 "mariadb -h 127.0.0.1 -P {} -u isoenv -pwrong -e 'SELECT 1'",
@@ -575,47 +643,171 @@ fn bad_manifests_are_refused_with_their_json_path_and_change_nothing() {
     project.ok(&["db", "destroy", "bad"]);
 }
 
+/// Without root: the same sandbox inside a user namespace that maps only the invoker, and an
+/// honest report that cgroup limits cannot be set.
 #[test]
-fn without_root_the_sandbox_says_so_and_creates_nothing() {
-    let project = Project::new("ISOENV_CACHE_DIR=cache\n");
-    fs::write(
-        project.env_file(),
-        format!(
-            "WASI_SANDBOX_DIR={}\nISOENV_CACHE_DIR={}\n",
-            project.state().display(),
-            project.dir.path().join("cache").display()
-        ),
+fn without_root_the_sandbox_runs_in_a_user_namespace_and_says_what_it_cannot_enforce() {
+    let project = Project::unprivileged("");
+    let sb = Sandbox::create(&project, "pg", "postgres");
+    let (init, server) = (sb.init(), sb.server("postgres"));
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+
+    // Its own user namespace, in which only the invoker exists: root inside is nobody outside.
+    assert_ne!(
+        fs::read_link(format!("/proc/{server}/ns/user")).unwrap(),
+        fs::read_link("/proc/self/ns/user").unwrap()
+    );
+    let map = read(Path::new(&format!("/proc/{server}/uid_map")));
+    assert_eq!(
+        map.split_whitespace().collect::<Vec<_>>(),
+        [nobody.uid.to_string(), nobody.uid.to_string(), "1".into()]
+    );
+    assert_eq!(status_field(server, "Uid"), nobody.uid.to_string());
+    assert_eq!(status_field(server, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(server, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(server, "NoNewPrivs"), "1");
+
+    // The same confinement: the manifest's files, only `lo`, the port handed to the server.
+    let root = PathBuf::from(format!("/proc/{server}/root"));
+    assert!(!root.join("etc/shadow").exists());
+    assert!(!root.join("root").exists());
+    assert!(root.join("usr/lib/postgresql").is_dir());
+    let nets: Vec<String> = fs::read_dir(root.join("sys/class/net"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(nets, ["lo"]);
+    assert_eq!(listeners(sb.port()), [server]);
+    let url = sb.url();
+    assert_eq!(tcp_query(&url, "SELECT 6*7").unwrap(), ["42"]);
+    let password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
+    let err = tcp_query(&url.replace(password, "wrong-password"), "SELECT 1").unwrap_err();
+    assert!(format!("{err:?}").contains("password authentication failed"));
+
+    // No limit is claimed that the kernel does not enforce, and each says why.
+    let v1 = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" - cgroup ") && l.contains("memory"));
+    let inspect = project.ok(&["db", "inspect", "pg"]);
+    for limit in ["memory 512M", "cpu 1", "pids 256"] {
+        let line = inspect
+            .lines()
+            .find(|l| l.contains(&format!("limit {limit} ")))
+            .unwrap_or_else(|| panic!("no `limit {limit}` in {inspect}"));
+        if v1 {
+            assert!(
+                line.contains("cgroup v1 limits need root") && line.ends_with("NOT enforced)"),
+                "{line}"
+            );
+        } else {
+            assert!(
+                line.ends_with("NOT enforced)") || line.ends_with(", enforced)"),
+                "{line}"
+            );
+        }
+    }
+    let log = fs::read_to_string(sb.dir().join("log/server.log")).unwrap();
+    assert!(log.contains("is NOT enforced"), "{log}");
+    assert!(sb.cgroups().is_empty() || !v1, "{:?}", sb.cgroups());
+
+    // Stop, start, SIGKILL of the supervisor, destroy: nothing is left, as with root.
+    let (cgroups, port) = (sb.cgroups(), sb.port());
+    project.ok(&["db", "stop", "pg"]);
+    sb.assert_gone(init, &cgroups, port);
+    // Stopped, it does not promise limits for the next start either.
+    let inspect = project.ok(&["db", "inspect", "pg"]);
+    assert_eq!(
+        inspect.matches("cgroup v1 limits need root").count(),
+        if v1 { 3 } else { 0 },
+        "{inspect}"
+    );
+    assert!(!v1 || !inspect.contains("applied at start"), "{inspect}");
+    project.ok(&["db", "start", "pg"]);
+    let members = pids_in_namespace(sb.init());
+    assert!(members.len() > 2, "{members:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sb.supervisor()),
+        nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    let chown = Command::new("chown")
-        .arg("-R")
-        .arg(format!("{}:{}", nobody.uid, nobody.gid))
-        .arg(project.dir.path())
-        .status()
-        .unwrap();
-    assert!(chown.success());
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_xtask"))
-        .arg("--env-file")
-        .arg(project.env_file())
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while members.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+    assert!(members.iter().all(|&p| !alive(p)), "the sandbox survived");
+    project.ok(&["db", "destroy", "pg"]);
+    assert!(!sb.dir().exists());
+
+    // The other engines run rootless too.
+    for (engine, binary, client) in OTHER_ENGINES {
+        let sb = Sandbox::create(&project, engine, engine);
+        let server = sb.server(binary);
+        assert_eq!(status_field(server, "Uid"), nobody.uid.to_string());
+        assert_eq!(status_field(server, "CapEff"), "0000000000000000");
+        assert_eq!(listeners(sb.port()), [server], "{engine}");
+        sb.answers(client);
+        project.ok(&["db", "destroy", engine]);
+        assert!(!sb.dir().exists());
+    }
+}
+
+/// Where user namespaces are disabled, a non-root user gets a clear error and nothing is made.
+/// The test disables them only inside a user namespace of its own: `max_user_namespaces` is
+/// per namespace, so the machine is untouched.
+#[test]
+fn without_user_namespaces_the_sandbox_says_so_and_creates_nothing() {
+    let project = Project::unprivileged("");
+    let create = project.cmd(&[
+        "db",
+        "create",
+        "x",
+        "--engine",
+        "redis",
+        "--backend",
+        "sandbox",
+    ]);
+    // Capabilities come with the exec after the map is written (root inside from then on).
+    let mut child = Command::new("unshare");
+    child
         .args([
-            "db",
-            "create",
-            "x",
-            "--engine",
-            "redis",
-            "--backend",
-            "sandbox",
+            "--user",
+            "--",
+            "sh",
+            "-c",
+            "read go && exec sh -c \"$0\" sh \"$@\"",
         ])
-        .env("HOME", "/nonexistent")
-        .env_remove("WASI_SANDBOX_DIR")
-        .output()
+        .arg("echo 0 > /proc/sys/user/max_user_namespaces && exec \"$@\"")
+        .arg(create.get_program())
+        .args(create.get_args());
+    for (var, value) in create.get_envs() {
+        match value {
+            Some(v) => child.env(var, v),
+            None => child.env_remove(var),
+        };
+    }
+    let mut child = child
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let ours = fs::read_link("/proc/self/ns/user").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns == ours) {
+        assert!(Instant::now() < deadline, "unshare made no user namespace");
+        sleep(Duration::from_millis(5));
+    }
+    // Root (the test) maps every id the run needs, so ownership looks the same inside.
+    for file in ["uid_map", "gid_map"] {
+        fs::write(format!("/proc/{pid}/{file}"), "0 0 65536\n").unwrap();
+    }
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
     let said = text(&out);
     assert!(!out.status.success(), "{said}");
-    assert!(said.contains("needs root"), "{said}");
+    assert!(said.contains("cannot create a user namespace"), "{said}");
     assert!(said.contains("--backend lightweight"), "{said}");
     assert!(
         !project.state().join("x").exists(),

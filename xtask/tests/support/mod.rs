@@ -14,6 +14,8 @@ use tempfile::TempDir;
 /// A project directory with its own `.env` and state root.
 pub struct Project {
     pub dir: TempDir,
+    /// Commands run as this user (`setpriv`), not as the test's own.
+    user: Option<nix::unistd::User>,
 }
 
 impl Project {
@@ -24,8 +26,25 @@ impl Project {
             .unwrap();
         // Servers run as an unprivileged user, which must be able to reach the state root.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let p = Project { dir };
+        let p = Project { dir, user: None };
         p.write_env(env);
+        p
+    }
+
+    /// A project whose commands run as `nobody` (the test itself runs as root). Its files and
+    /// its cache are nobody's own.
+    pub fn unprivileged(env: &str) -> Self {
+        let mut p = Self::new(env);
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        p.user = Some(nobody.clone());
+        p.write_env(env);
+        let chown = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{}:{}", nobody.uid, nobody.gid))
+            .arg(p.dir.path())
+            .status()
+            .unwrap();
+        assert!(chown.success());
         p
     }
 
@@ -38,7 +57,11 @@ impl Project {
     }
 
     pub fn write_env(&self, env: &str) {
-        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache");
+        // The shared cache is the test's own user's; another user gets one of its own.
+        let cache = match self.user {
+            None => Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache"),
+            Some(_) => self.dir.path().join("cache"),
+        };
         let text = format!(
             "WASI_SANDBOX_DIR={}\nISOENV_CACHE_DIR={}\n{env}",
             self.state().display(),
@@ -48,7 +71,17 @@ impl Project {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        let mut cmd = match &self.user {
+            None => Command::new(env!("CARGO_BIN_EXE_xtask")),
+            Some(user) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={}", user.uid))
+                    .arg(format!("--regid={}", user.gid))
+                    .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_xtask")])
+                    .env("HOME", "/nonexistent");
+                c
+            }
+        };
         cmd.arg("--env-file").arg(self.env_file()).args(args);
         for var in [
             "ENVIRONMENT",
