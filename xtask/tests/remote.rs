@@ -237,26 +237,24 @@ fn tunnel_up_query_detect_repair_and_down() {
     assert_eq!(text(&out).trim(), "2", "{}", text(&out));
     assert!(dev.run(&["db", "status"]).status.success());
 
-    // Killing ssh is detected by status, and `up` repairs it on the same port.
+    // Killing ssh is detected by status, and `up` repairs it on the same port. SIGKILL is
+    // asynchronous: status may only be asked once ssh is really gone (or a zombie), or it could
+    // still see the tunnel running and then find the forwarded port closed.
     let pid = up["pid"].as_i64().unwrap() as i32;
+    let state_root = dev.state().display().to_string();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let status = dev.run(&["db", "status"]);
-        if !status.status.success() {
-            assert!(
-                text(&status).contains("ssh tunnel: crashed"),
-                "{}",
-                text(&status)
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status never noticed the dead tunnel"
-        );
-        sleep(Duration::from_millis(20));
+    while processes_mentioning(&state_root).contains(&pid) {
+        assert!(Instant::now() < deadline, "ssh {pid} survived SIGKILL");
+        sleep(Duration::from_millis(5));
     }
+    let status = dev.run(&["db", "status"]);
+    assert!(!status.status.success(), "{}", text(&status));
+    assert!(
+        text(&status).contains("ssh tunnel: crashed"),
+        "{}",
+        text(&status)
+    );
     let again = dev.json(&["db", "up", "--json"]);
     assert_eq!(again["outcome"], "started", "{again}");
     assert_eq!(again["port"].as_u64(), Some(local_port));
@@ -265,7 +263,6 @@ fn tunnel_up_query_detect_repair_and_down() {
 
     // `down` closes it: no ssh process of this project is left.
     dev.ok(&["db", "down"]);
-    let state_root = dev.state().display().to_string();
     assert_eq!(processes_mentioning(&state_root), Vec::<i32>::new());
     let status = dev.run(&["db", "status"]);
     assert!(!status.status.success());
