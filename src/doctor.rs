@@ -97,7 +97,7 @@ fn docker(vars: &Vars) -> Check {
 }
 
 /// Really creates the namespaces the sandbox uses, in a throwaway child.
-fn namespaces() -> Check {
+pub fn namespaces() -> Check {
     let root = nix::unistd::geteuid().is_root();
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
