@@ -46,8 +46,14 @@ fn isolated(engine: EngineKind, case: &str) {
     match engine {
         EngineKind::Postgres => {
             let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
-            c.execute("INSERT INTO accounts (owner) VALUES ($1)", &[&case])
-                .unwrap();
+            let id: i32 = c
+                .query_one(
+                    "INSERT INTO accounts (owner) VALUES ($1) RETURNING id",
+                    &[&case],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(id, 2, "{case}: the sequence was not set back");
             let owners: Vec<String> = c
                 .query("SELECT owner FROM accounts ORDER BY id", &[])
                 .unwrap()
@@ -61,6 +67,11 @@ fn isolated(engine: EngineKind, case: &str) {
             let mut c = mysql::Conn::new(mysql::Opts::from_url(db.url()).unwrap()).unwrap();
             c.exec_drop("INSERT INTO accounts (owner) VALUES (?)", (case,))
                 .unwrap();
+            assert_eq!(
+                c.last_insert_id(),
+                2,
+                "{case}: AUTO_INCREMENT was not set back"
+            );
             let owners: Vec<String> = c.query("SELECT owner FROM accounts ORDER BY id").unwrap();
             assert_eq!(owners, ["seed", case]);
         }
@@ -111,26 +122,180 @@ fifty!(postgres_db, isoenv::engine::EngineKind::Postgres);
 fifty!(mysql_db, isoenv::engine::EngineKind::Mysql);
 fifty!(redis_db, isoenv::engine::EngineKind::Redis);
 
-/// A database dropped by its guard is gone from the server.
-#[test]
-fn a_released_postgres_database_is_dropped() {
-    let db = claim(EngineKind::Postgres, "released");
-    let name = db.name().to_owned();
-    let admin_url = db.url().replace(&format!("/{name}"), "/postgres");
-    give_back(db);
-    let mut admin = postgres::Client::connect(&admin_url, postgres::NoTls).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while admin
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+/// The admin URL of the server a test database lives on.
+fn admin_url(db: &TestDb, admin_db: &str) -> String {
+    db.url()
+        .replace(&format!("/{}", db.name()), &format!("/{admin_db}"))
+}
+
+fn pg_oid(admin: &mut postgres::Client, name: &str) -> Option<u32> {
+    admin
+        .query_opt("SELECT oid FROM pg_database WHERE datname = $1", &[&name])
         .unwrap()
-        .is_some()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} was never dropped"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        .map(|r| r.get(0))
+}
+
+fn pg_owners(url: &str) -> Vec<String> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    c.query("SELECT owner FROM accounts", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A released database is given back clean, not remade: the same database (same oid) stays,
+/// and what the test wrote is gone.
+#[test]
+fn a_released_postgres_database_is_recycled_clean() {
+    let db = claim(EngineKind::Postgres, "recycled");
+    let (name, url) = (db.name().to_owned(), db.url().to_owned());
+    let mut admin =
+        postgres::Client::connect(&admin_url(&db, "postgres"), postgres::NoTls).unwrap();
+    let oid = pg_oid(&mut admin, &name);
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute("INSERT INTO accounts (owner) VALUES ('recycled-marker')")
+        .unwrap();
+    give_back(db);
+    assert_eq!(
+        pg_oid(&mut admin, &name),
+        oid,
+        "{name} was remade, not recycled"
+    );
+    assert!(
+        c.is_closed() || c.simple_query("SELECT 1").is_err(),
+        "the test's connection outlived its release"
+    );
+    assert!(!pg_owners(&url).contains(&"recycled-marker".to_owned()));
+}
+
+/// A test that changed the schema or a seeded row gets its database remade: the next holder
+/// sees neither.
+#[test]
+fn a_postgres_database_changed_beyond_its_rows_is_remade() {
+    let db = claim(EngineKind::Postgres, "ddl");
+    let (name, url) = (db.name().to_owned(), db.url().to_owned());
+    let mut admin =
+        postgres::Client::connect(&admin_url(&db, "postgres"), postgres::NoTls).unwrap();
+    let oid = pg_oid(&mut admin, &name);
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(
+        "CREATE TABLE ddl_probe (x int); UPDATE accounts SET owner = 'tampered' WHERE owner = 'seed';
+         ALTER TABLE accounts ADD COLUMN probe int",
+    )
+    .unwrap();
+    drop(c);
+    give_back(db);
+    assert_ne!(
+        pg_oid(&mut admin, &name),
+        oid,
+        "{name} was handed back with a changed schema"
+    );
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let probe: bool = c
+        .query_one("SELECT to_regclass('ddl_probe') IS NOT NULL OR EXISTS (SELECT 1 FROM information_schema.columns WHERE column_name = 'probe')", &[])
+        .unwrap()
+        .get(0);
+    assert!(!probe, "the schema change survived");
+    assert!(!pg_owners(&url).contains(&"tampered".to_owned()));
+}
+
+/// A test process that dies holding a database (no release ran) leaves it dirty; the next
+/// claimer sees its holder is gone and resets it before handing it out.
+#[test]
+fn a_crashed_holders_postgres_database_is_reset_before_reuse() {
+    const CHILD: &str = "ISOENV_TEST_CRASH_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let db = blocking::postgres().unwrap();
+        let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+        c.batch_execute("INSERT INTO accounts (owner) VALUES ('crashed-marker')")
+            .unwrap();
+        println!("CLAIMED {}", db.name());
+        std::process::abort();
     }
+    let probe = claim(EngineKind::Postgres, "crash-probe");
+    let server = admin_url(&probe, "postgres");
+    give_back(probe);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_crashed_holders_postgres_database_is_reset_before_reuse",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("ISOENV_POSTGRES_URL", &server)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let name = stdout
+        .lines()
+        .find_map(|l| l.split("CLAIMED ").nth(1))
+        .unwrap_or_else(|| panic!("the child claimed nothing: {stdout}"))
+        .to_owned();
+    assert!(!out.status.success(), "the child was meant to abort");
+    // Clean free databases are handed out first; hold them until the crashed one comes.
+    let mut held = Vec::new();
+    let found = loop {
+        let db = blocking::postgres().unwrap();
+        if db.name() == name {
+            break db;
+        }
+        held.push(db);
+        assert!(held.len() < 64, "{name} never came back into the pool");
+    };
+    let owners = pg_owners(found.url());
+    assert!(!owners.contains(&"crashed-marker".to_owned()), "{owners:?}");
+}
+
+fn my_tables(url: &str) -> Vec<String> {
+    use mysql::prelude::Queryable;
+    let mut c = mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
+    c.query("SELECT CONCAT(TABLE_NAME, ':', COLUMN_NAME) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()")
+        .unwrap()
+}
+
+/// MariaDB: a released database is emptied in place; one whose schema a test changed is made
+/// again, so the next holder sees neither the rows nor the change.
+#[test]
+fn released_mysql_databases_are_recycled_clean_or_remade() {
+    use mysql::prelude::Queryable;
+    let db = claim(EngineKind::Mysql, "recycled");
+    let url = db.url().to_owned();
+    let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+    c.query_drop("INSERT INTO accounts (owner) VALUES ('recycled-marker')")
+        .unwrap();
+    let before = my_tables(&url);
+    let table_id = |url: &str| -> Option<u64> {
+        let mut c = mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
+        c.query_first("SELECT TABLE_ID FROM information_schema.INNODB_SYS_TABLES WHERE NAME = CONCAT(DATABASE(), '/accounts')")
+            .unwrap()
+    };
+    let id = table_id(&url);
+    give_back(db);
+    assert_eq!(table_id(&url), id, "the database was remade, not recycled");
+    let owners: Vec<String> = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap())
+        .unwrap()
+        .query("SELECT owner FROM accounts")
+        .unwrap();
+    assert!(
+        !owners.contains(&"recycled-marker".to_owned()),
+        "{owners:?}"
+    );
+
+    let db = claim(EngineKind::Mysql, "ddl");
+    let url = db.url().to_owned();
+    let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+    c.query_drop("CREATE TABLE ddl_probe (x int); ALTER TABLE accounts ADD COLUMN probe int; UPDATE accounts SET owner = 'tampered'")
+        .unwrap();
+    drop(c);
+    give_back(db);
+    assert_eq!(my_tables(&url), before, "the schema change survived");
+    let owners: Vec<String> = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap())
+        .unwrap()
+        .query("SELECT owner FROM accounts")
+        .unwrap();
+    assert!(!owners.contains(&"tampered".to_owned()), "{owners:?}");
 }
 
 /// The async API, driven by a minimal executor (no runtime needed).

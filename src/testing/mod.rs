@@ -24,22 +24,16 @@
 mod mysql;
 mod postgres;
 mod redis;
+mod server;
 
-use std::collections::HashMap;
 use std::fs;
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::engine::EngineKind;
-use crate::envfile::Vars;
-use crate::process::ProcessId;
-use crate::testrun::url_var;
-use crate::workflow::{CreateOptions, Workspace};
-use crate::EnvironmentConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestingError {
@@ -112,14 +106,17 @@ pub mod blocking {
     use super::*;
 
     pub fn postgres() -> Result<TestDb> {
+        server::in_use();
         postgres::Pool::get()?.handout()
     }
 
     pub fn mysql() -> Result<TestDb> {
+        server::in_use();
         mysql::Pool::get()?.handout()
     }
 
     pub fn redis() -> Result<TestDb> {
+        server::in_use();
         redis::Pool::get()?.handout()
     }
 }
@@ -171,80 +168,6 @@ fn off_thread<T: Send + 'static>(f: fn() -> T) -> impl Future<Output = T> {
         }
     });
     Handle(shared)
-}
-
-/// The admin URL of the server for `engine`: the test run's, or one provisioned for this
-/// process on first use.
-fn server_url(engine: EngineKind) -> Result<String> {
-    if let Ok(url) = std::env::var(url_var(engine)) {
-        return Ok(url);
-    }
-    static SERVERS: OnceLock<Mutex<HashMap<EngineKind, String>>> = OnceLock::new();
-    let servers = SERVERS.get_or_init(Default::default);
-    let mut servers = servers.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(url) = servers.get(&engine) {
-        return Ok(url.clone());
-    }
-    let url = provision(engine).map_err(|source| TestingError::Provision {
-        engine,
-        source: Box::new(source),
-    })?;
-    servers.insert(engine, url.clone());
-    Ok(url)
-}
-
-/// Creates a server owned by this process in a shared temporary state root. It is spawned
-/// from a thread that lives as long as the process, so it gets its stop signal when the test
-/// process exits; what it leaves on disk is collected by the next provisioning.
-fn provision(engine: EngineKind) -> crate::Result<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("isoenv-keeper".into())
-        .spawn(move || {
-            let _ = tx.send(provision_here(engine));
-            // The server's parent-death signal is tied to this thread: keep it alive.
-            loop {
-                std::thread::park();
-            }
-        })
-        .map_err(|e| crate::Error::Io {
-            context: "cannot start the isoenv keeper thread".into(),
-            cause: e,
-        })?;
-    rx.recv().unwrap_or_else(|_| {
-        Err(crate::Error::Unsupported(
-            "the isoenv keeper thread died".into(),
-        ))
-    })
-}
-
-fn provision_here(engine: EngineKind) -> crate::Result<String> {
-    let base = std::env::temp_dir().join(format!("isoenv-testing-{}", nix::unistd::geteuid()));
-    fs::create_dir_all(&base).map_err(|e| io(&base, e))?;
-    // Servers run unprivileged when we are root: they must reach the state root.
-    fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).map_err(|e| io(&base, e))?;
-    let vars = Vars::from_pairs([
-        ("WASI_SANDBOX_DIR", base.join("state").display().to_string()),
-        ("ISOENV_CACHE_DIR", base.join("cache").display().to_string()),
-    ]);
-    let config = EnvironmentConfig::from_vars(&vars, &base)?;
-    let ws = Workspace::new(&config, vars);
-    ws.gc()?;
-    let me = ProcessId::of(std::process::id() as i32).map_err(|e| io(Path::new("/proc"), e))?;
-    let name = format!("t{}-{}", me.pid, engine);
-    let opts = CreateOptions {
-        owner: Some(me),
-        ..CreateOptions::server(&name, engine, crate::backend::BackendKind::Lightweight)
-    };
-    ws.create(&opts, &|_| {})?;
-    ws.url(&name)
-}
-
-fn io(path: &Path, source: std::io::Error) -> crate::Error {
-    crate::Error::Io {
-        context: format!("cannot prepare {}", path.display()),
-        cause: source,
-    }
 }
 
 /// The migrations for `engine`, in order, and a hash of their names and contents.
@@ -333,55 +256,14 @@ fn shared<P: Sync>(
     Ok(p)
 }
 
-/// What a pool's background thread is asked to do.
-enum Work {
-    /// Top the pool up to [`pool_size`].
-    Refill,
-    /// Drop a released database.
-    Drop(String),
-}
-
-/// A pool's background thread (PostgreSQL, MariaDB). Its errors cannot reach a test, so they
-/// are printed; a handout that finds the pool empty makes its database itself.
-struct Worker(Mutex<mpsc::Sender<Work>>);
-
-impl Worker {
-    fn spawn(
-        engine: EngineKind,
-        url: &str,
-        mut step: impl FnMut(Work) -> Result<()> + Send + 'static,
-    ) -> Result<Worker> {
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("isoenv-{engine}-pool"))
-            .spawn(move || {
-                for w in rx {
-                    if let Err(e) = step(w) {
-                        eprintln!("isoenv::testing: {e}");
-                    }
-                }
-            })
-            .map_err(|e| TestingError::Server {
-                engine,
-                server: redact(url),
-                message: format!("cannot start the pool thread: {e}"),
-            })?;
-        let worker = Worker(Mutex::new(tx));
-        worker.send(Work::Refill);
-        Ok(worker)
-    }
-
-    fn send(&self, w: Work) {
-        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).send(w);
-    }
-}
-
-/// How many databases each pool keeps made ahead of time.
+/// How many databases a pool makes ahead of time when its schema is first set up
+/// (`ISOENV_POOL_SIZE`, default: one per CPU, as many as tests run at once). Released databases
+/// are given back clean, so a pool grows only to the most tests ever run at once.
 fn pool_size() -> usize {
     std::env::var("ISOENV_POOL_SIZE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from))
 }
 
 #[cfg(test)]

@@ -1,7 +1,11 @@
-//! MariaDB/MySQL: a database per test with the migrations applied, some made ahead of time.
-//! The pool is a table in the server's `isoenv` database, claimed with `FOR UPDATE SKIP
-//! LOCKED`, so every test process shares it.
+//! MariaDB/MySQL: databases with the migrations applied, recycled. A released database is
+//! given back clean (the tables the test wrote emptied, their `AUTO_INCREMENT` set back) and
+//! proven clean by a check of its schema and seeded rows; only a database a test changed
+//! beyond its rows is made again. The pool is a table in the server's `isoenv` database, so
+//! every test process shares it; a lease names the connection that holds it, so a crashed test
+//! process's databases are recognised and reset by the next claimer.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -9,16 +13,94 @@ use mysql::prelude::Queryable;
 
 use super::{
     migrations, pool_size, redact, shared, unique, with_database, Result, TestDb, TestingError,
-    Work, Worker,
 };
 use crate::engine::EngineKind;
 
+const SCHEMA: &str = "CREATE DATABASE IF NOT EXISTS isoenv;
+    CREATE TABLE IF NOT EXISTS isoenv.template (schema_hash char(16) PRIMARY KEY,
+        recyclable bool NOT NULL, tables longtext NOT NULL, expected text NOT NULL) ENGINE=InnoDB;
+    CREATE TABLE IF NOT EXISTS isoenv.clone (name varchar(64) PRIMARY KEY,
+        schema_hash char(16) NOT NULL, holder bigint unsigned NULL) ENGINE=InnoDB";
+
+/// A free database, or one whose holder's connection is gone (connection ids are never reused).
+const CLAIM: &str = "SELECT name, holder IS NOT NULL FROM isoenv.clone WHERE schema_hash = ?
+    AND (holder IS NULL OR holder NOT IN (SELECT id FROM information_schema.PROCESSLIST))
+    ORDER BY holder IS NOT NULL LIMIT 1 FOR UPDATE SKIP LOCKED";
+
+/// The schema as the information schema describes it, without the database's own name, so
+/// every database made from the same migrations has the same one. `AUTO_INCREMENT` is part of
+/// it: a reset must set it back.
+const FINGERPRINT: &str = "SELECT MD5(GROUP_CONCAT(x ORDER BY x SEPARATOR '\\n')) FROM (
+    SELECT CONCAT_WS(':', 't', TABLE_NAME, TABLE_TYPE, IFNULL(ENGINE, '-'), IFNULL(AUTO_INCREMENT, '-'),
+        IFNULL(TABLE_COLLATION, '-'), CREATE_OPTIONS, TABLE_COMMENT) x
+        FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'c', TABLE_NAME, COLUMN_NAME, ORDINAL_POSITION, IFNULL(COLUMN_DEFAULT, '-'),
+        IS_NULLABLE, COLUMN_TYPE, IFNULL(COLLATION_NAME, '-'), EXTRA, COLUMN_COMMENT,
+        IFNULL(GENERATION_EXPRESSION, '-'))
+        FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'i', TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX, COLUMN_NAME, NON_UNIQUE, INDEX_TYPE)
+        FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'k', CONSTRAINT_NAME, TABLE_NAME, COLUMN_NAME, IFNULL(REFERENCED_TABLE_NAME, '-'),
+        IFNULL(REFERENCED_COLUMN_NAME, '-'))
+        FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'h', CONSTRAINT_NAME, TABLE_NAME, MD5(CHECK_CLAUSE))
+        FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'r', ROUTINE_NAME, ROUTINE_TYPE, MD5(ROUTINE_DEFINITION))
+        FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'g', TRIGGER_NAME, EVENT_OBJECT_TABLE, ACTION_TIMING, EVENT_MANIPULATION,
+        MD5(ACTION_STATEMENT))
+        FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'v', TABLE_NAME, MD5(REPLACE(VIEW_DEFINITION, DATABASE(), '')))
+        FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()
+    UNION ALL SELECT CONCAT_WS(':', 'e', EVENT_NAME, MD5(EVENT_DEFINITION))
+        FROM information_schema.EVENTS WHERE EVENT_SCHEMA = DATABASE()
+    ) f";
+
+/// How a database of one schema is made clean again and proven clean.
+struct Template {
+    hash: String,
+    recyclable: bool,
+    /// The tables that are empty in a fresh database, with the `AUTO_INCREMENT` they start at.
+    tables: Vec<Table>,
+    /// The check query (fingerprint and seeded rows) and its value for a fresh database.
+    check: String,
+    expected: String,
+}
+
+/// A base table of a fresh database.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Table {
+    name: String,
+    auto_increment: Option<u64>,
+    /// The rows it holds when fresh, if any.
+    seed: Option<Seed>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Seed {
+    /// A query for a hash of the table's rows, and its value when fresh.
+    hash_query: String,
+    hash: String,
+    /// The statement that puts the rows back.
+    insert: String,
+}
+
+/// What the template record keeps.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    tables: Vec<Table>,
+    check: String,
+}
+
 pub(super) struct Pool {
     url: String,
-    hash: String,
     files: Vec<(PathBuf, String)>,
+    template: Template,
+    /// Idle admin connections. Leases name the connection that claimed them, so these stay
+    /// open for the process's lifetime.
     idle: Mutex<Vec<mysql::Conn>>,
-    worker: Worker,
+    /// A connection into each database this process has reset, kept for its next reset.
+    inside: Mutex<HashMap<String, mysql::Conn>>,
 }
 
 impl Pool {
@@ -28,77 +110,406 @@ impl Pool {
     }
 
     fn new() -> Result<Pool> {
-        let url = super::server_url(EngineKind::Mysql)?;
+        let url = super::server::url(EngineKind::Mysql)?;
         let (files, hash) = migrations(EngineKind::Mysql)?;
         let mut admin = connect(&url)?;
-        admin
-            .query_drop(
-                "CREATE DATABASE IF NOT EXISTS isoenv;
-                 CREATE TABLE IF NOT EXISTS isoenv.pool (name varchar(64) PRIMARY KEY, schema_hash char(16) NOT NULL) ENGINE=InnoDB",
-            )
-            .map_err(|e| server_error(&url, e))?;
-        let mut conn = connect(&url)?;
-        let (wurl, whash, wfiles) = (url.clone(), hash.clone(), files.clone());
-        let worker = Worker::spawn(EngineKind::Mysql, &url, move |w| {
-            match w {
-                Work::Drop(name) => conn
-                    .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                    .map_err(CreateError::Server),
-                Work::Refill => refill(&mut conn, &whash, &wfiles),
+        let err = |e: mysql::Error| server_error(&url, e);
+        let template = match load(&mut admin, &hash) {
+            Ok(Some(t)) => t,
+            _ => {
+                admin.query_drop(SCHEMA).map_err(err)?;
+                let _: Option<i64> = admin
+                    .query_first("SELECT GET_LOCK('isoenv_setup', 600)")
+                    .map_err(err)?;
+                let built = match load(&mut admin, &hash).map_err(err)? {
+                    Some(t) => Ok(t),
+                    None => build(&mut admin, &url, &hash, &files),
+                };
+                admin
+                    .query_drop("DO RELEASE_LOCK('isoenv_setup')")
+                    .map_err(err)?;
+                built?
             }
-            .map_err(|e| create_error(&wurl, e))
-        })?;
+        };
         Ok(Pool {
             url,
-            hash,
             files,
+            template,
             idle: Mutex::new(vec![admin]),
-            worker,
+            inside: Mutex::new(HashMap::new()),
         })
     }
 
-    pub(super) fn handout(&'static self) -> Result<TestDb> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut conn = match idle {
-            Some(c) => c,
-            None => connect(&self.url)?,
-        };
-        let claimed = claim(&mut conn, &self.hash).map_err(|e| server_error(&self.url, e))?;
-        let name = match claimed {
-            Some(name) => name,
-            // The pool ran dry (many tests at once): make one now.
-            None => {
-                let name = format!("isoenv_t_{}", unique());
-                create(&mut conn, &name, &self.files).map_err(|e| create_error(&self.url, e))?;
-                name
-            }
-        };
+    fn admin(&self) -> Result<mysql::Conn> {
+        match self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            Some(c) => Ok(c),
+            None => connect(&self.url),
+        }
+    }
+
+    fn put_back(&self, admin: mysql::Conn) {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
-        self.worker.send(Work::Refill);
-        let dropped = name.clone();
+            .push(admin);
+    }
+
+    pub(super) fn handout(&'static self) -> Result<TestDb> {
+        let mut admin = self.admin()?;
+        let claimed = claim(&mut admin, &self.template.hash).map_err(|e| self.error(e))?;
+        let name = match claimed {
+            Some((name, dirty)) => {
+                // Its last holder died with it: give it back clean before handing it out.
+                if dirty && !self.reset(&name) {
+                    self.remake(&mut admin, &name)?;
+                }
+                name
+            }
+            // More tests at once than databases so far: one more, which stays in the pool.
+            None => {
+                let name = format!("isoenv_c_{}", unique());
+                admin
+                    .exec_drop(
+                        "INSERT INTO isoenv.clone VALUES (?, ?, CONNECTION_ID())",
+                        (&name, &self.template.hash),
+                    )
+                    .map_err(|e| self.error(e))?;
+                self.remake(&mut admin, &name)?;
+                name
+            }
+        };
+        self.put_back(admin);
+        let released = name.clone();
         Ok(TestDb {
             engine: EngineKind::Mysql,
             url: with_database(&self.url, &name),
             name,
-            release: Some(Box::new(move || self.worker.send(Work::Drop(dropped)))),
+            release: Some(Box::new(move || self.release(&released))),
         })
+    }
+
+    /// Gives a database back: clean, or made again when its test changed more than rows.
+    fn release(&self, name: &str) {
+        let outcome = self.admin().and_then(|mut admin| {
+            let done = if self.reset(name) {
+                Ok(())
+            } else {
+                self.remake(&mut admin, name)
+            };
+            let freed = match done {
+                Ok(()) => admin.exec_drop(
+                    "UPDATE isoenv.clone SET holder = NULL WHERE name = ?",
+                    (name,),
+                ),
+                Err(_) => admin.exec_drop("DELETE FROM isoenv.clone WHERE name = ?", (name,)),
+            };
+            freed.map_err(|e| self.error(e))?;
+            self.put_back(admin);
+            done
+        });
+        if let Err(e) = outcome {
+            eprintln!("isoenv::testing: {e}");
+        }
+    }
+
+    /// Ends the test's leftover sessions, empties the tables it wrote and sets their
+    /// `AUTO_INCREMENT` back, then checks the database is exactly as a fresh one. False when it
+    /// is not or cannot be.
+    fn reset(&self, name: &str) -> bool {
+        if !self.template.recyclable {
+            return false;
+        }
+        let cached = self
+            .inside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let url = with_database(&self.url, name);
+        let Some(mut conn) = cached.or_else(|| connect(&url).ok()) else {
+            return false;
+        };
+        let mut result = reset(&mut conn, &self.template);
+        // A kept connection may have been ended by another process's reset: reconnect once.
+        if result.is_err() {
+            let Ok(fresh) = connect(&url) else {
+                return false;
+            };
+            conn = fresh;
+            result = reset(&mut conn, &self.template);
+        }
+        let clean = matches!(result, Ok(true));
+        if clean {
+            self.inside
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_owned(), conn);
+        }
+        clean
+    }
+
+    /// Makes the database `name` again from the migrations.
+    fn remake(&self, admin: &mut mysql::Conn, name: &str) -> Result<()> {
+        self.inside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        admin
+            .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+            .map_err(|e| self.error(e))?;
+        create(admin, name, &self.files).map_err(|e| create_error(&self.url, e))
+    }
+
+    fn error(&self, e: mysql::Error) -> TestingError {
+        server_error(&self.url, e)
     }
 }
 
-fn claim(conn: &mut mysql::Conn, hash: &str) -> Result<Option<String>, mysql::Error> {
+fn claim(conn: &mut mysql::Conn, hash: &str) -> Result<Option<(String, bool)>, mysql::Error> {
     let mut tx = conn.start_transaction(mysql::TxOpts::default())?;
-    let name: Option<String> = tx.exec_first(
-        "SELECT name FROM isoenv.pool WHERE schema_hash = ? LIMIT 1 FOR UPDATE SKIP LOCKED",
-        (hash,),
-    )?;
-    if let Some(name) = &name {
-        tx.exec_drop("DELETE FROM isoenv.pool WHERE name = ?", (name,))?;
+    let claimed: Option<(String, bool)> = tx.exec_first(CLAIM, (hash,))?;
+    if let Some((name, _)) = &claimed {
+        tx.exec_drop(
+            "UPDATE isoenv.clone SET holder = CONNECTION_ID() WHERE name = ?",
+            (name,),
+        )?;
     }
     tx.commit()?;
-    Ok(name)
+    Ok(claimed)
+}
+
+/// One reset of the database `conn` is in; `Ok(false)` when it is not clean afterwards.
+fn reset(conn: &mut mysql::Conn, template: &Template) -> Result<bool, mysql::Error> {
+    let others: Vec<u64> = conn.query(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
+    )?;
+    for id in &others {
+        // Gone already is fine.
+        let _ = conn.query_drop(format!("KILL CONNECTION {id}"));
+    }
+    if !others.is_empty() {
+        // KILL only flags the session; wait until its transaction is rolled back and it is gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let left: Option<u64> = conn.query_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
+            )?;
+            if left == Some(0) || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    let written: Option<String> = conn.query_first(written_query(&template.tables))?;
+    let statements = reset_statements(&template.tables, written.as_deref().unwrap_or(""));
+    if !statements.is_empty() {
+        conn.query_drop(statements)?;
+    }
+    let state: Option<String> = conn.query_first(&template.check)?;
+    Ok(state.as_deref() == Some(template.expected.as_str()))
+}
+
+/// One query naming (comma-separated) the tables a test wrote: rows where there were none,
+/// seeded rows changed, or an `AUTO_INCREMENT` moved.
+fn written_query(tables: &[Table]) -> String {
+    if tables.is_empty() {
+        return "SELECT ''".into();
+    }
+    let parts: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            let quoted = t.name.replace('`', "``");
+            let literal = t.name.replace('\'', "''");
+            let mut changed = match &t.seed {
+                None => format!("EXISTS(SELECT 1 FROM `{quoted}`)"),
+                Some(seed) => format!("({}) <> '{}'", seed.hash_query, seed.hash),
+            };
+            if let Some(n) = t.auto_increment {
+                changed.push_str(&format!(
+                    " OR (SELECT AUTO_INCREMENT FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = '{literal}') <> {n}"
+                ));
+            }
+            format!("IF({changed}, '{}', NULL)", literal.replace(',', ""))
+        })
+        .collect();
+    format!("SELECT CONCAT_WS(',', {})", parts.join(", "))
+}
+
+/// The statements that give the `written` tables their fresh rows (foreign key checks off, so
+/// in any order) and `AUTO_INCREMENT` back: a pure decision.
+fn reset_statements(tables: &[Table], written: &str) -> String {
+    let written: Vec<&str> = written.split(',').filter(|w| !w.is_empty()).collect();
+    let mut sql = String::new();
+    for t in tables.iter().filter(|t| written.contains(&t.name.as_str())) {
+        let name = t.name.replace('`', "``");
+        sql.push_str(&format!("DELETE FROM `{name}`;"));
+        if let Some(seed) = &t.seed {
+            sql.push_str(&seed.insert);
+            sql.push(';');
+        }
+        if let Some(n) = t.auto_increment {
+            sql.push_str(&format!("ALTER TABLE `{name}` AUTO_INCREMENT = {n};"));
+        }
+    }
+    if sql.is_empty() {
+        return sql;
+    }
+    format!("SET FOREIGN_KEY_CHECKS = 0;{sql}SET FOREIGN_KEY_CHECKS = 1")
+}
+
+fn load(admin: &mut mysql::Conn, hash: &str) -> Result<Option<Template>, mysql::Error> {
+    let row: Option<(bool, String, String)> = admin.exec_first(
+        "SELECT recyclable, tables, expected FROM isoenv.template WHERE schema_hash = ?",
+        (hash,),
+    )?;
+    let Some((recyclable, tables, expected)) = row else {
+        return Ok(None);
+    };
+    let Ok(Record { tables, check }) = serde_json::from_str(&tables) else {
+        return Ok(None);
+    };
+    Ok(Some(Template {
+        hash: hash.to_owned(),
+        recyclable,
+        tables,
+        check,
+        expected,
+    }))
+}
+
+/// Makes a first database from the migrations, reads from it what resetting one takes, records
+/// that, drops databases of other schemas that no live test holds, and makes the first ones.
+fn build(
+    admin: &mut mysql::Conn,
+    url: &str,
+    hash: &str,
+    files: &[(PathBuf, String)],
+) -> Result<Template> {
+    let err = |e: mysql::Error| server_error(url, e);
+    let first = format!("isoenv_c_{}", unique());
+    create(admin, &first, files).map_err(|e| create_error(url, e))?;
+    let template = plan(admin, &first, hash).map_err(err)?;
+    admin
+        .exec_drop(
+            "INSERT INTO isoenv.template VALUES (?, ?, ?, ?)",
+            (
+                hash,
+                template.recyclable,
+                serde_json::json!({"tables": template.tables, "check": template.check}).to_string(),
+                &template.expected,
+            ),
+        )
+        .map_err(err)?;
+    admin
+        .exec_drop(
+            "INSERT INTO isoenv.clone VALUES (?, ?, NULL)",
+            (&first, hash),
+        )
+        .map_err(err)?;
+    let stale: Vec<String> = admin
+        .exec(
+            "SELECT name FROM isoenv.clone WHERE schema_hash <> ? AND (holder IS NULL
+                 OR holder NOT IN (SELECT id FROM information_schema.PROCESSLIST))",
+            (hash,),
+        )
+        .map_err(err)?;
+    for name in stale {
+        admin
+            .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+            .map_err(err)?;
+        admin
+            .exec_drop("DELETE FROM isoenv.clone WHERE name = ?", (&name,))
+            .map_err(err)?;
+    }
+    admin
+        .exec_drop(
+            "DELETE FROM isoenv.template WHERE schema_hash <> ? AND schema_hash NOT IN
+                 (SELECT schema_hash FROM isoenv.clone)",
+            (hash,),
+        )
+        .map_err(err)?;
+    for _ in 1..pool_size() {
+        let name = format!("isoenv_c_{}", unique());
+        create(admin, &name, files).map_err(|e| create_error(url, e))?;
+        admin
+            .exec_drop(
+                "INSERT INTO isoenv.clone VALUES (?, ?, NULL)",
+                (&name, hash),
+            )
+            .map_err(err)?;
+    }
+    Ok(template)
+}
+
+/// Reads, in a freshly migrated database, what resetting one takes.
+fn plan(admin: &mut mysql::Conn, db: &str, hash: &str) -> Result<Template, mysql::Error> {
+    admin.select_db(db)?;
+    let found: Vec<(String, String, Option<u64>)> = admin.query(
+        "SELECT TABLE_NAME, TABLE_TYPE, AUTO_INCREMENT FROM information_schema.TABLES
+         WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME",
+    )?;
+    // Sequences keep state a row reset does not restore; MyISAM-like engines without
+    // transactions are reset the same way.
+    let recyclable = found.iter().all(|(_, kind, _)| kind != "SEQUENCE");
+    admin.query_drop("SET SESSION group_concat_max_len = 1073741824")?;
+    let mut tables = Vec::new();
+    let mut check = vec![format!("({FINGERPRINT})")];
+    for (name, kind, auto_increment) in found {
+        if kind != "BASE TABLE" {
+            continue;
+        }
+        let quoted = name.replace('`', "``");
+        let columns: Vec<String> = admin.exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND EXTRA NOT LIKE '%GENERATED%'
+             ORDER BY ORDINAL_POSITION",
+            (&name,),
+        )?;
+        let columns: Vec<String> = columns
+            .iter()
+            .map(|c| format!("`{}`", c.replace('`', "``")))
+            .collect();
+        let quoted_row = columns
+            .iter()
+            .map(|c| format!("QUOTE({c})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let hash_query = format!(
+            "SELECT IFNULL(MD5(GROUP_CONCAT(r ORDER BY r SEPARATOR '\\n')), '') FROM (SELECT CONCAT_WS(',', {quoted_row}) r FROM `{quoted}`) s"
+        );
+        let values: Option<String> = admin.query_first(format!(
+            "SELECT GROUP_CONCAT(CONCAT('(', CONCAT_WS(',', {quoted_row}), ')') SEPARATOR ',') FROM `{quoted}`"
+        ))?;
+        let seed = match values {
+            Some(values) => {
+                let hash: Option<String> = admin.query_first(&hash_query)?;
+                check.push(format!("({hash_query})"));
+                Some(Seed {
+                    insert: format!(
+                        "INSERT INTO `{quoted}` ({}) VALUES {values}",
+                        columns.join(", ")
+                    ),
+                    hash: hash.unwrap_or_default(),
+                    hash_query,
+                })
+            }
+            None => None,
+        };
+        tables.push(Table {
+            name,
+            auto_increment,
+            seed,
+        });
+    }
+    let check = format!("SELECT CONCAT_WS(' ', {})", check.join(", "));
+    let expected: Option<String> = admin.query_first(&check)?;
+    admin.select_db("isoenv")?;
+    Ok(Template {
+        hash: hash.to_owned(),
+        recyclable,
+        tables,
+        check,
+        expected: expected.unwrap_or_default(),
+    })
 }
 
 enum CreateError {
@@ -129,33 +540,15 @@ fn create(
     applied
 }
 
-fn refill(
-    conn: &mut mysql::Conn,
-    hash: &str,
-    files: &[(PathBuf, String)],
-) -> Result<(), CreateError> {
-    let have: usize = conn
-        .exec_first(
-            "SELECT count(*) FROM isoenv.pool WHERE schema_hash = ?",
-            (hash,),
-        )
-        .map_err(CreateError::Server)?
-        .unwrap_or(0);
-    for _ in have..pool_size() {
-        let name = format!("isoenv_p_{}", unique());
-        create(conn, &name, files)?;
-        conn.exec_drop("INSERT INTO isoenv.pool VALUES (?, ?)", (&name, hash))
-            .map_err(CreateError::Server)?;
-    }
-    Ok(())
-}
-
+/// A connection whose `GROUP_CONCAT` is long enough to hash seeded tables whole.
 fn connect(url: &str) -> Result<mysql::Conn> {
     let opts = mysql::Opts::from_url(url).map_err(|e| TestingError::Server {
         engine: EngineKind::Mysql,
         server: redact(url),
         message: e.to_string(),
     })?;
+    let opts = mysql::OptsBuilder::from_opts(opts)
+        .init(vec!["SET SESSION group_concat_max_len = 1073741824"]);
     mysql::Conn::new(opts).map_err(|e| server_error(url, e))
 }
 
@@ -174,5 +567,46 @@ fn server_error(url: &str, e: mysql::Error) -> TestingError {
         engine: EngineKind::Mysql,
         server: redact(url),
         message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str, ai: Option<u64>, seed: bool) -> Table {
+        Table {
+            name: name.into(),
+            auto_increment: ai,
+            seed: seed.then(|| Seed {
+                hash_query: "SELECT 'h'".into(),
+                hash: "h".into(),
+                insert: format!("INSERT INTO `{name}` (`x`) VALUES ('1')"),
+            }),
+        }
+    }
+
+    #[test]
+    fn only_written_tables_are_reset_and_seeds_put_back() {
+        let tables = [
+            table("a", Some(1), false),
+            table("b", None, false),
+            table("c", Some(5), true),
+        ];
+        assert_eq!(reset_statements(&tables, ""), "");
+        assert_eq!(
+            reset_statements(&tables, "b,c"),
+            "SET FOREIGN_KEY_CHECKS = 0;DELETE FROM `b`;DELETE FROM `c`;\
+             INSERT INTO `c` (`x`) VALUES ('1');ALTER TABLE `c` AUTO_INCREMENT = 5;\
+             SET FOREIGN_KEY_CHECKS = 1"
+        );
+    }
+
+    #[test]
+    fn written_tables_are_found_by_rows_seed_hash_and_auto_increment() {
+        let q = written_query(&[table("a", Some(3), false), table("c", None, true)]);
+        assert!(q.contains("IF(EXISTS(SELECT 1 FROM `a`) OR (SELECT AUTO_INCREMENT"));
+        assert!(q.contains("<> 3, 'a', NULL)"));
+        assert!(q.contains("IF((SELECT 'h') <> 'h', 'c', NULL)"));
     }
 }

@@ -1,28 +1,128 @@
-//! PostgreSQL: clones of a migrated template database, some made ahead of time. The pool is a
-//! table in the server's `postgres` database, claimed with `FOR UPDATE SKIP LOCKED`, so every
-//! test process shares it.
+//! PostgreSQL: clones of a migrated template database, recycled. A released clone is given back
+//! clean (its rows deleted, its sequences reset) and proven clean by a check that also notices
+//! any schema change; only a clone a test changed beyond its rows is made again from the
+//! template. The pool is a table in the server's `postgres` database, so every test process
+//! shares it; a lease names the admin connection that holds it, so a crashed test process's
+//! clones are recognised and reset by the next claimer.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::{
     migrations, pool_size, redact, shared, unique, with_database, Result, TestDb, TestingError,
-    Work, Worker,
 };
 use crate::engine::EngineKind;
 
 /// Serializes schema setup and template builds across processes.
 const SETUP_LOCK: i64 = 0x6973_6f65_6e76; // "isoenv"
 
-const CLAIM: &str = "DELETE FROM isoenv_pool WHERE name = \
-    (SELECT name FROM isoenv_pool WHERE template = $1 LIMIT 1 FOR UPDATE SKIP LOCKED) \
-    RETURNING name";
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS isoenv_template (
+        name text PRIMARY KEY, reset text, \"check\" text NOT NULL, expected text NOT NULL);
+    CREATE TABLE IF NOT EXISTS isoenv_clone (
+        name text PRIMARY KEY, template text NOT NULL, holder int, since timestamptz);";
+
+/// Takes a free clone, or one whose holder's connection is gone (then `dirty`). The lease is
+/// the claiming connection's backend: it lives as long as the test process.
+const CLAIM: &str = "UPDATE isoenv_clone c SET holder = pg_backend_pid(), since = clock_timestamp()
+    FROM (SELECT name, holder IS NOT NULL AS dirty FROM isoenv_clone
+          WHERE template = $1 AND (holder IS NULL OR NOT EXISTS (
+              SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since))
+          ORDER BY holder IS NOT NULL LIMIT 1 FOR UPDATE SKIP LOCKED) f
+    WHERE c.name = f.name RETURNING c.name, f.dirty";
+
+/// Ends every other session in the clone (a test's leftover connections must not write after
+/// the reset), waiting for each to exit.
+const TERMINATE: &str = "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+    WHERE datname = current_database() AND pid <> pg_backend_pid();";
+
+/// The per-database catalogs: any DDL adds, updates or deletes rows in one of them, so their
+/// row counts and newest row versions (`xmin`) fingerprint the schema. In-place updates
+/// (VACUUM's statistics) keep `xmin`; planner statistics are left out on purpose.
+const CATALOGS: &[&str] = &[
+    "pg_class",
+    "pg_attribute",
+    "pg_attrdef",
+    "pg_constraint",
+    "pg_index",
+    "pg_inherits",
+    "pg_partitioned_table",
+    "pg_type",
+    "pg_enum",
+    "pg_range",
+    "pg_proc",
+    "pg_aggregate",
+    "pg_trigger",
+    "pg_event_trigger",
+    "pg_rewrite",
+    "pg_policy",
+    "pg_sequence",
+    "pg_depend",
+    "pg_description",
+    "pg_seclabel",
+    "pg_init_privs",
+    "pg_default_acl",
+    "pg_largeobject_metadata",
+    "pg_extension",
+    "pg_language",
+    "pg_cast",
+    "pg_transform",
+    "pg_operator",
+    "pg_opclass",
+    "pg_opfamily",
+    "pg_amop",
+    "pg_amproc",
+    "pg_collation",
+    "pg_conversion",
+    "pg_statistic_ext",
+    "pg_ts_config",
+    "pg_ts_config_map",
+    "pg_ts_dict",
+    "pg_ts_parser",
+    "pg_ts_template",
+    "pg_foreign_data_wrapper",
+    "pg_foreign_server",
+    "pg_foreign_table",
+    "pg_user_mapping",
+    "pg_publication",
+    "pg_publication_namespace",
+    "pg_publication_rel",
+];
+
+/// The template's user relations: name, kind, and whether a plain `DELETE` could be diverted
+/// (rules, triggers that fire even in replica mode) or reach outside (foreign tables).
+const RELATIONS: &str = "SELECT format('%I.%I', n.nspname, c.relname), c.relkind::text,
+        c.relkind = 'f'
+        OR EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = c.oid)
+        OR EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgenabled = 'A')
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'm', 'f') AND c.relpersistence <> 't'
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
+    ORDER BY 1";
+
+const SEQUENCES: &str = "SELECT format('SELECT setval(%L, %s, %s);',
+        format('%I.%I', schemaname, sequencename), coalesce(last_value, start_value),
+        CASE WHEN last_value IS NULL THEN 'false' ELSE 'true' END)
+    FROM pg_sequences WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+    ORDER BY 1";
+
+/// How a clone of one template is made clean again and proven clean.
+struct Template {
+    name: String,
+    /// The statements that give a clone back clean; `None` when only a new clone will do.
+    reset: Option<String>,
+    /// A query whose one value is `expected` exactly when the clone is as the template was.
+    check: String,
+    expected: String,
+}
 
 pub(super) struct Pool {
     url: String,
-    template: String,
-    /// Idle admin connections: a handout takes one, so handouts do not queue behind each other.
+    template: Template,
+    /// Idle admin connections. Leases name the backend that claimed them, so these stay open
+    /// for the process's lifetime.
     idle: Mutex<Vec<postgres::Client>>,
-    worker: Worker,
+    /// A connection into each clone this process has reset, kept for its next reset.
+    inside: Mutex<HashMap<String, postgres::Client>>,
 }
 
 impl Pool {
@@ -32,129 +132,401 @@ impl Pool {
     }
 
     fn new() -> Result<Pool> {
-        let url = super::server_url(EngineKind::Postgres)?;
+        let url = super::server::url(EngineKind::Postgres)?;
         let err = |e: postgres::Error| server_error(&url, e);
         let mut admin = connect(&url)?;
         let (files, hash) = migrations(EngineKind::Postgres)?;
-        let template = format!("isoenv_tpl_{hash}");
-        admin
-            .batch_execute(&format!(
-                "SELECT pg_advisory_lock({SETUP_LOCK});
-                 CREATE TABLE IF NOT EXISTS isoenv_pool (name text PRIMARY KEY, template text NOT NULL);
-                 CREATE TABLE IF NOT EXISTS isoenv_templates (name text PRIMARY KEY);"
-            ))
-            .map_err(err)?;
-        let built = admin
-            .query_opt(
-                "SELECT 1 FROM isoenv_templates WHERE name = $1",
-                &[&template],
-            )
-            .map_err(err)?
-            .is_some();
-        if !built {
-            // A build that died half-way left an unmarked database: start again.
-            for sql in [
-                format!("DROP DATABASE IF EXISTS {template} WITH (FORCE)"),
-                format!("CREATE DATABASE {template}"),
-            ] {
-                admin.batch_execute(&sql).map_err(err)?;
+        let name = format!("isoenv_tpl_{hash}");
+        let template = match load(&mut admin, &name).map_err(err)? {
+            Some(t) => t,
+            None => {
+                admin
+                    .batch_execute(&format!("SELECT pg_advisory_lock({SETUP_LOCK}); {SCHEMA}"))
+                    .map_err(err)?;
+                let built = match load(&mut admin, &name).map_err(err)? {
+                    Some(t) => Ok(t),
+                    None => build(&mut admin, &url, &name, &files),
+                };
+                admin
+                    .batch_execute(&format!("SELECT pg_advisory_unlock({SETUP_LOCK})"))
+                    .map_err(err)?;
+                built?
             }
-            let mut tpl = connect(&with_database(&url, &template))?;
-            for (file, sql) in &files {
-                tpl.batch_execute(sql)
-                    .map_err(|e| TestingError::Migration {
-                        file: file.clone(),
-                        message: e
-                            .as_db_error()
-                            .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
-                    })?;
-            }
-            drop(tpl);
-            admin
-                .batch_execute(&format!(
-                    "ALTER DATABASE {template} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"
-                ))
-                .map_err(err)?;
-            admin
-                .execute("INSERT INTO isoenv_templates VALUES ($1)", &[&template])
-                .map_err(err)?;
-        }
-        admin
-            .batch_execute(&format!("SELECT pg_advisory_unlock({SETUP_LOCK})"))
-            .map_err(err)?;
-
-        let mut client = connect(&url)?;
-        let (wurl, wtpl) = (url.clone(), template.clone());
-        let worker = Worker::spawn(EngineKind::Postgres, &url, move |w| {
-            match w {
-                Work::Drop(name) => {
-                    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                }
-                Work::Refill => refill(&mut client, &wtpl),
-            }
-            .map_err(|e| server_error(&wurl, e))
-        })?;
+        };
         Ok(Pool {
             url,
             template,
             idle: Mutex::new(vec![admin]),
-            worker,
+            inside: Mutex::new(HashMap::new()),
         })
     }
 
-    pub(super) fn handout(&'static self) -> Result<TestDb> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut client = match idle {
-            Some(c) if !c.is_closed() => c,
-            _ => connect(&self.url)?,
-        };
-        let err = |e: postgres::Error| server_error(&self.url, e);
-        let claimed = client.query_opt(CLAIM, &[&self.template]).map_err(err)?;
-        let name = match claimed {
-            Some(row) => row.get::<_, String>(0),
-            // The pool ran dry (many tests at once): make one now.
-            None => {
-                let name = format!("isoenv_t_{}", unique());
-                client
-                    .batch_execute(&format!(
-                        "CREATE DATABASE {name} TEMPLATE {}",
-                        self.template
-                    ))
-                    .map_err(err)?;
-                name
-            }
-        };
+    fn admin(&self) -> Result<postgres::Client> {
+        match self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => connect(&self.url),
+        }
+    }
+
+    fn put_back(&self, admin: postgres::Client) {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(client);
-        self.worker.send(Work::Refill);
-        let dropped = name.clone();
+            .push(admin);
+    }
+
+    pub(super) fn handout(&'static self) -> Result<TestDb> {
+        let mut admin = self.admin()?;
+        let err = |e: postgres::Error| server_error(&self.url, e);
+        let claimed = admin
+            .query_opt(CLAIM, &[&self.template.name])
+            .map_err(err)?;
+        let name = match claimed {
+            Some(row) => {
+                let name: String = row.get(0);
+                // Its last holder died with it: give it back clean before handing it out.
+                if row.get::<_, bool>(1) && !self.reset(&name) {
+                    self.remake(&mut admin, &name)?;
+                }
+                name
+            }
+            // More tests at once than clones so far: one more, which stays in the pool.
+            None => {
+                let name = format!("isoenv_c_{}", unique());
+                admin
+                    .execute(
+                        "INSERT INTO isoenv_clone VALUES ($1, $2, pg_backend_pid(), clock_timestamp())",
+                        &[&name, &self.template.name],
+                    )
+                    .map_err(err)?;
+                self.remake(&mut admin, &name)?;
+                name
+            }
+        };
+        self.put_back(admin);
+        let released = name.clone();
         Ok(TestDb {
             engine: EngineKind::Postgres,
             url: with_database(&self.url, &name),
             name,
-            release: Some(Box::new(move || self.worker.send(Work::Drop(dropped)))),
+            release: Some(Box::new(move || self.release(&released))),
         })
+    }
+
+    /// Gives a clone back: clean, or made again when its test changed more than rows.
+    fn release(&self, name: &str) {
+        let outcome = self.admin().and_then(|mut admin| {
+            let done = if self.reset(name) {
+                Ok(())
+            } else {
+                self.remake(&mut admin, name)
+            };
+            let freed = match done {
+                Ok(()) => admin.execute(
+                    "UPDATE isoenv_clone SET holder = NULL, since = NULL WHERE name = $1",
+                    &[&name],
+                ),
+                Err(_) => admin.execute("DELETE FROM isoenv_clone WHERE name = $1", &[&name]),
+            };
+            freed.map_err(|e| server_error(&self.url, e))?;
+            self.put_back(admin);
+            done
+        });
+        if let Err(e) = outcome {
+            eprintln!("isoenv::testing: {e}");
+        }
+    }
+
+    /// Deletes the clone's rows and resets its sequences, then checks that it is exactly as the
+    /// template was. False when it is not (the test ran DDL, changed seeded rows) or cannot be.
+    fn reset(&self, name: &str) -> bool {
+        let Some(reset) = &self.template.reset else {
+            return false;
+        };
+        let sql = format!("{TERMINATE}{reset}{};", self.template.check);
+        let url = with_database(&self.url, name);
+        let cached = self
+            .inside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let Some(mut client) = cached.or_else(|| connect(&url).ok()) else {
+            return false;
+        };
+        let mut result = client.simple_query(&sql);
+        // A kept connection may have been ended by another process's reset: reconnect once.
+        if result.is_err() && client.is_closed() {
+            let Ok(fresh) = connect(&url) else {
+                return false;
+            };
+            client = fresh;
+            result = client.simple_query(&sql);
+        }
+        let clean =
+            matches!(&result, Ok(m) if last_value(m) == Some(self.template.expected.as_str()));
+        if clean {
+            self.inside
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_owned(), client);
+        }
+        clean
+    }
+
+    /// Makes the clone `name` again from the template.
+    fn remake(&self, admin: &mut postgres::Client, name: &str) -> Result<()> {
+        self.inside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name} TEMPLATE {}", self.template.name),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .map_err(|e| server_error(&self.url, e))?;
+        }
+        Ok(())
     }
 }
 
-fn refill(client: &mut postgres::Client, template: &str) -> Result<(), postgres::Error> {
-    let have: i64 = client
-        .query_one(
-            "SELECT count(*) FROM isoenv_pool WHERE template = $1",
-            &[&template],
-        )?
+fn load(admin: &mut postgres::Client, name: &str) -> Result<Option<Template>, postgres::Error> {
+    let exists: bool = admin
+        .query_one("SELECT to_regclass('isoenv_template') IS NOT NULL", &[])?
         .get(0);
-    for _ in have..pool_size() as i64 {
-        let name = format!("isoenv_p_{}", unique());
-        client.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))?;
-        client.execute(
-            "INSERT INTO isoenv_pool VALUES ($1, $2)",
-            &[&name, &template],
-        )?;
+    if !exists {
+        return Ok(None);
+    }
+    Ok(admin
+        .query_opt(
+            "SELECT reset, \"check\", expected FROM isoenv_template WHERE name = $1",
+            &[&name],
+        )?
+        .map(|row| Template {
+            name: name.to_owned(),
+            reset: row.get(0),
+            check: row.get(1),
+            expected: row.get(2),
+        }))
+}
+
+/// Builds the template (a build that died half-way left an unmarked database: start again),
+/// records how its clones are reset and checked, removes older templates no test holds, and
+/// makes the first clones.
+fn build(
+    admin: &mut postgres::Client,
+    url: &str,
+    name: &str,
+    files: &[(std::path::PathBuf, String)],
+) -> Result<Template> {
+    let err = |e: postgres::Error| server_error(url, e);
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin.batch_execute(&sql).map_err(err)?;
+    }
+    let mut tpl = connect(&with_database(url, name))?;
+    for (file, sql) in files {
+        tpl.batch_execute(sql)
+            .map_err(|e| TestingError::Migration {
+                file: file.clone(),
+                message: e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+            })?;
+    }
+    let template = plan(&mut tpl, name).map_err(err)?;
+    drop(tpl);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"
+        ))
+        .map_err(err)?;
+    admin
+        .execute(
+            "INSERT INTO isoenv_template VALUES ($1, $2, $3, $4)",
+            &[&name, &template.reset, &template.check, &template.expected],
+        )
+        .map_err(err)?;
+    collect_old(admin, name).map_err(err)?;
+    for _ in 0..pool_size() {
+        let clone = format!("isoenv_c_{}", unique());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {clone} TEMPLATE {name}"))
+            .map_err(err)?;
+        admin
+            .execute(
+                "INSERT INTO isoenv_clone VALUES ($1, $2, NULL, NULL)",
+                &[&clone, &name],
+            )
+            .map_err(err)?;
+    }
+    Ok(template)
+}
+
+/// Reads, in the freshly migrated template, what resetting a clone takes.
+fn plan(tpl: &mut postgres::Client, name: &str) -> Result<Template, postgres::Error> {
+    let mut relations = Vec::new();
+    let mut recyclable = true;
+    for row in tpl.query(RELATIONS, &[])? {
+        let (name, kind, blocks): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+        recyclable &= !blocks;
+        let seed = match kind.as_str() {
+            "r" => {
+                let sql = format!(
+                    "SELECT json_agg(x)::text, (SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum)
+                         FROM pg_attribute WHERE attrelid = '{name}'::regclass AND attnum > 0
+                           AND NOT attisdropped AND attgenerated = '')
+                     FROM ONLY {name} x"
+                );
+                let row = tpl.query_one(&sql, &[])?;
+                row.get::<_, Option<String>>(0).map(|rows| Seed {
+                    rows,
+                    columns: row.get(1),
+                })
+            }
+            _ => None,
+        };
+        relations.push(Relation {
+            table: kind == "r",
+            name,
+            seed,
+        });
+    }
+    let sequences: Vec<String> = tpl
+        .query(SEQUENCES, &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = reset_plan(&relations, &sequences, fingerprint(), recyclable);
+    let expected = last_value(&tpl.simple_query(&format!("{};", plan.check))?)
+        .unwrap_or_default()
+        .to_owned();
+    Ok(Template {
+        name: name.to_owned(),
+        reset: plan.reset,
+        check: plan.check,
+        expected,
+    })
+}
+
+/// A user relation of the template.
+struct Relation {
+    /// `schema.name`, quoted.
+    name: String,
+    /// A table (else a materialized view, whose rows are checked, never rewritten).
+    table: bool,
+    /// The rows it holds in the template, if any.
+    seed: Option<Seed>,
+}
+
+/// A table's rows in the template, as JSON, with the columns they are inserted into (all but
+/// generated ones).
+struct Seed {
+    rows: String,
+    columns: String,
+}
+
+/// One value per catalog: its row count and newest row version.
+fn fingerprint() -> String {
+    let parts: Vec<String> = CATALOGS
+        .iter()
+        .map(|c| format!("(SELECT count(*) || '/' || coalesce(max(xmin::text::bigint), 0) FROM pg_catalog.{c})"))
+        // A session's temporary schema stays once made; it is not the test's schema.
+        .chain(std::iter::once("(SELECT count(*) || '/' || coalesce(max(xmin::text::bigint), 0) FROM pg_catalog.pg_namespace WHERE nspname !~ '^pg_(toast_)?temp_')".to_owned()))
+        .collect();
+    parts.join(" || ' ' || ")
+}
+
+/// What giving a clone back clean takes, from the template's relations and its sequences'
+/// `setval` statements: tables empty in the template are emptied, seeded tables whose rows
+/// differ from the seed get the seed back (in replica mode, so foreign keys impose no order),
+/// sequences are set back, and the check is the catalog fingerprint plus a hash of every
+/// relation that has rows. Without a usable reset (rules, `ALWAYS` triggers, foreign tables, a
+/// seed that cannot be quoted) every released clone is made again.
+fn reset_plan(
+    relations: &[Relation],
+    sequences: &[String],
+    fingerprint: String,
+    recyclable: bool,
+) -> Plan {
+    const QUOTE: &str = "$isoenv_seed$";
+    let mut recyclable = recyclable;
+    let mut reset = String::from("SET LOCAL session_replication_role = replica;");
+    let mut check = vec![fingerprint];
+    for r in relations {
+        let only = if r.table { "ONLY " } else { "" };
+        let hash = format!(
+            "(SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {only}{} x)",
+            r.name
+        );
+        match (&r.seed, r.table) {
+            (None, true) => reset.push_str(&format!("DELETE FROM ONLY {};", r.name)),
+            (None, false) => check.push(hash),
+            (Some(seed), _) => {
+                recyclable &= !seed.rows.contains(QUOTE) && !seed.rows.contains("$isoenv$");
+                reset.push_str(&format!(
+                    "DO $isoenv$ BEGIN IF {hash} IS DISTINCT FROM (SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM json_populate_recordset(NULL::{name}, {QUOTE}{rows}{QUOTE}) x) THEN \
+                     DELETE FROM ONLY {name}; INSERT INTO {name} ({columns}) OVERRIDING SYSTEM VALUE \
+                     SELECT {columns} FROM json_populate_recordset(NULL::{name}, {QUOTE}{rows}{QUOTE}); END IF; END $isoenv$;",
+                    name = r.name,
+                    rows = seed.rows,
+                    columns = seed.columns,
+                ));
+                check.push(hash);
+            }
+        }
+    }
+    for setval in sequences {
+        reset.push_str(setval);
+    }
+    Plan {
+        reset: recyclable.then_some(reset),
+        check: format!("SELECT {}", check.join(" || ' ' || ")),
+    }
+}
+
+struct Plan {
+    reset: Option<String>,
+    check: String,
+}
+
+/// Drops clones of other templates that no live test holds, and those templates once no clone
+/// of theirs is left.
+fn collect_old(admin: &mut postgres::Client, current: &str) -> Result<(), postgres::Error> {
+    let stale = admin.query(
+        "DELETE FROM isoenv_clone c WHERE template <> $1 AND (holder IS NULL OR NOT EXISTS (
+             SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since))
+         RETURNING name",
+        &[&current],
+    )?;
+    for row in stale {
+        let clone: String = row.get(0);
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {clone} WITH (FORCE)"))?;
+    }
+    let old = admin.query(
+        "DELETE FROM isoenv_template t WHERE name <> $1
+             AND NOT EXISTS (SELECT 1 FROM isoenv_clone c WHERE c.template = t.name)
+         RETURNING name",
+        &[&current],
+    )?;
+    for row in old {
+        let template: String = row.get(0);
+        admin.batch_execute(&format!(
+            "ALTER DATABASE {template} WITH IS_TEMPLATE false; DROP DATABASE IF EXISTS {template}"
+        ))?;
     }
     Ok(())
+}
+
+/// The last value of the last row of a simple query's results.
+fn last_value(messages: &[postgres::SimpleQueryMessage]) -> Option<&str> {
+    messages.iter().rev().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(row) => row.get(0),
+        _ => None,
+    })
 }
 
 fn connect(url: &str) -> Result<postgres::Client> {

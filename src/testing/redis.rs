@@ -22,7 +22,7 @@ impl Pool {
     }
 
     fn new() -> Result<Pool> {
-        let url = with_database(&super::server_url(EngineKind::Redis)?, "0");
+        let url = with_database(&super::server::url(EngineKind::Redis)?, "0");
         let err = |e: redis::RedisError| server_error(&url, e);
         let mut conn = redis::Client::open(url.as_str())
             .and_then(|c| c.get_connection())

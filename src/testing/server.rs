@@ -1,0 +1,321 @@
+//! Where a test's server comes from: the one `cargo xtask test --isolated` exports
+//! (`ISOENV_<ENGINE>_URL`), else one shared by every test process of the run (nextest starts a
+//! process per test; cargo a process per test binary), else one for this process alone.
+//!
+//! A run's server belongs to the runner process (the test process's parent). A small watchdog,
+//! forked from the process that made the server, stops it when the runner exits, or after
+//! `ISOENV_IDLE_TIMEOUT` seconds without a handout, so nothing outlives the run; the next
+//! provisioning removes its directory.
+
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::Signal;
+
+use crate::backend::BackendKind;
+use crate::engine::EngineKind;
+use crate::envfile::Vars;
+use crate::process::ProcessId;
+use crate::state::Status;
+use crate::testrun::url_var;
+use crate::workflow::{CreateOptions, Workspace};
+use crate::EnvironmentConfig;
+
+use super::{Result, TestingError};
+
+/// How long a run's server waits for another handout before it stops, when its runner lives on.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Who a provisioned server belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The test runner (nextest, or cargo): every test process it starts shares the server.
+    Run(ProcessId),
+    /// This process alone (a test binary started by hand).
+    Process(ProcessId),
+}
+
+/// The admin URL of the server for `engine`.
+pub(super) fn url(engine: EngineKind) -> Result<String> {
+    if let Ok(url) = std::env::var(url_var(engine)) {
+        return Ok(url);
+    }
+    static SERVERS: Mutex<Vec<(EngineKind, String)>> = Mutex::new(Vec::new());
+    let mut servers = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, url)) = servers.iter().find(|(e, _)| *e == engine) {
+        return Ok(url.clone());
+    }
+    let url = provision(engine).map_err(|source| TestingError::Provision {
+        engine,
+        source: Box::new(source),
+    })?;
+    servers.push((engine, url.clone()));
+    Ok(url)
+}
+
+/// Marks the run's servers as in use, so the idle timeout counts from the last handout.
+pub(super) fn in_use() {
+    if let Some(files) = ALIVE.get() {
+        for file in files.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = nix::sys::stat::utimensat(
+                None,
+                file,
+                &nix::sys::time::TimeSpec::UTIME_NOW,
+                &nix::sys::time::TimeSpec::UTIME_NOW,
+                nix::sys::stat::UtimensatFlags::FollowSymlink,
+            );
+        }
+    }
+}
+
+/// The files whose modification time says when this process last handed out a database.
+static ALIVE: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
+
+/// A test runner is this process's parent when cargo or nextest started it.
+fn owner() -> crate::Result<Owner> {
+    let me = ProcessId::of(std::process::id() as i32).map_err(|e| io(Path::new("/proc"), e))?;
+    let runner =
+        std::env::var_os("NEXTEST_RUN_ID").is_some() || std::env::var_os("CARGO").is_some();
+    if runner {
+        let parent = nix::unistd::getppid().as_raw();
+        if let Ok(p) = ProcessId::of(parent) {
+            if parent > 1 {
+                return Ok(Owner::Run(p));
+            }
+        }
+    }
+    Ok(Owner::Process(me))
+}
+
+fn provision(engine: EngineKind) -> crate::Result<String> {
+    match owner()? {
+        Owner::Run(runner) => shared(engine, runner),
+        Owner::Process(me) => own(engine, me),
+    }
+}
+
+/// The state root every test process of this user shares, reachable by the unprivileged
+/// service user when we are root.
+fn workspace() -> crate::Result<(PathBuf, Workspace)> {
+    let base = std::env::temp_dir().join(format!("isoenv-testing-{}", nix::unistd::geteuid()));
+    fs::create_dir_all(&base).map_err(|e| io(&base, e))?;
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).map_err(|e| io(&base, e))?;
+    let vars = Vars::from_pairs([
+        ("WASI_SANDBOX_DIR", base.join("state").display().to_string()),
+        ("ISOENV_CACHE_DIR", base.join("cache").display().to_string()),
+    ]);
+    let config = EnvironmentConfig::from_vars(&vars, &base)?;
+    Ok((base, Workspace::new(&config, vars)))
+}
+
+/// The run's server: made by the first test process that asks, found by the others.
+fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
+    let (base, ws) = workspace()?;
+    let name = format!("run-{}-{}-{engine}", runner.pid, runner.start_time);
+    // One process makes the server; the others wait here, then find it.
+    let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
+    let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
+    ws.gc()?;
+    let running = ws
+        .inspect(&name)
+        .is_ok_and(|info| info.status == Status::Running);
+    if !running {
+        if ws.inspect(&name).is_ok() {
+            ws.destroy(&name)?;
+        }
+        let opts = CreateOptions {
+            owner: Some(runner),
+            ..CreateOptions::server(&name, engine, BackendKind::Lightweight)
+        };
+        let info = ws.create(&opts, &|_| {})?;
+        let alive = info.dir.join("alive");
+        fs::write(&alive, b"").map_err(|e| io(&alive, e))?;
+        if let Some(pid) = info.pid {
+            let server = ProcessId::of(pid).map_err(|e| io(Path::new("/proc"), e))?;
+            watch(server, engine.engine().stop_signal(), runner, &alive)
+                .map_err(|e| io(&alive, e))?;
+        }
+    }
+    let alive = ws.layout(&name).dir.join("alive");
+    ALIVE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(alive);
+    in_use();
+    ws.url(&name)
+}
+
+/// A server owned by this process, spawned from a thread that lives as long as the process,
+/// so it gets its stop signal when the process exits; what it leaves on disk is collected by
+/// the next provisioning.
+fn own(engine: EngineKind, me: ProcessId) -> crate::Result<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("isoenv-keeper".into())
+        .spawn(move || {
+            let _ = tx.send(own_here(engine, me));
+            // The server's parent-death signal is tied to this thread: keep it alive.
+            loop {
+                std::thread::park();
+            }
+        })
+        .map_err(|e| crate::Error::Io {
+            context: "cannot start the isoenv keeper thread".into(),
+            cause: e,
+        })?;
+    rx.recv().unwrap_or_else(|_| {
+        Err(crate::Error::Unsupported(
+            "the isoenv keeper thread died".into(),
+        ))
+    })
+}
+
+fn own_here(engine: EngineKind, me: ProcessId) -> crate::Result<String> {
+    let (_, ws) = workspace()?;
+    ws.gc()?;
+    let name = format!("t{}-{}", me.pid, engine);
+    let opts = CreateOptions {
+        owner: Some(me),
+        ..CreateOptions::server(&name, engine, BackendKind::Lightweight)
+    };
+    ws.create(&opts, &|_| {})?;
+    ws.url(&name)
+}
+
+fn io(path: &Path, source: std::io::Error) -> crate::Error {
+    crate::Error::Io {
+        context: format!("cannot prepare {}", path.display()),
+        cause: source,
+    }
+}
+
+/// Forks the watchdog of a run's server: it sends `signal` to the server (SIGKILL after 30 s)
+/// once the runner has exited, the server's directory is gone, or `alive` has not been touched
+/// for the idle timeout, and exits with the server. Both processes are held by pidfds, so a
+/// recycled pid is never signalled.
+fn watch(
+    server: ProcessId,
+    signal: Signal,
+    runner: ProcessId,
+    alive: &Path,
+) -> std::io::Result<()> {
+    let server_fd = pidfd(server)?;
+    let runner_fd = pidfd(runner)?;
+    let alive = std::ffi::CString::new(alive.as_os_str().as_bytes())?;
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let idle = std::env::var("ISOENV_IDLE_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(IDLE_TIMEOUT, Duration::from_secs)
+        .as_secs() as i64;
+    // SAFETY: the child calls only async-signal-safe system calls on memory prepared above (no
+    // allocation, no locks) and ends with `_exit`.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { .. } => Ok(()),
+        nix::unistd::ForkResult::Child => unsafe {
+            watchdog(
+                server_fd.as_raw_fd(),
+                runner_fd.as_raw_fd(),
+                null.as_raw_fd(),
+                &alive,
+                idle,
+                signal as i32,
+            )
+        },
+    }
+}
+
+fn pidfd(p: ProcessId) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open returns a new descriptor we own, or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // Opened after a check could race with pid reuse: check again with the fd held.
+    if !p.is_alive() {
+        return Err(std::io::Error::other(format!("process {} is gone", p.pid)));
+    }
+    Ok(fd)
+}
+
+/// The watchdog's body, in the forked child. Leaves the test's session and output (a runner
+/// waits for processes holding its pipes), keeps only its two pidfds, and polls.
+unsafe fn watchdog(
+    server: RawFd,
+    runner: RawFd,
+    null: RawFd,
+    alive: &std::ffi::CStr,
+    idle: i64,
+    signal: i32,
+) -> ! {
+    libc::setsid();
+    for fd in 0..3 {
+        libc::dup2(null, fd);
+    }
+    libc::dup2(server, 3);
+    libc::dup2(runner, 4);
+    libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+    let mut fds = [
+        libc::pollfd {
+            fd: 3,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: 4,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        fds[0].revents = 0;
+        fds[1].revents = 0;
+        libc::poll(fds.as_mut_ptr(), 2, 1000);
+        if fds[0].revents != 0 {
+            libc::_exit(0);
+        }
+        if fds[1].revents != 0 || idle_for(alive) > idle {
+            break;
+        }
+    }
+    libc::syscall(
+        libc::SYS_pidfd_send_signal,
+        3,
+        signal,
+        std::ptr::null::<libc::siginfo_t>(),
+        0u32,
+    );
+    if libc::poll(fds.as_mut_ptr(), 1, 30_000) == 0 {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            3,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        );
+    }
+    libc::_exit(0)
+}
+
+/// Seconds since `alive` was touched; very long when it is gone (the environment was removed).
+unsafe fn idle_for(alive: &std::ffi::CStr) -> i64 {
+    let mut st: libc::stat = std::mem::zeroed();
+    if libc::stat(alive.as_ptr(), &mut st) != 0 {
+        return i64::MAX;
+    }
+    let mut now: libc::timespec = std::mem::zeroed();
+    libc::clock_gettime(libc::CLOCK_REALTIME, &mut now);
+    now.tv_sec - st.st_mtime
+}
