@@ -145,7 +145,7 @@ fn pg_owners(url: &str) -> Vec<String> {
 }
 
 /// A released database is given back clean, not remade: the same database (same oid) stays,
-/// and what the test wrote is gone.
+/// what the test wrote is gone, and the test's open connection is ended.
 #[test]
 fn a_released_postgres_database_is_recycled_clean() {
     let db = claim(EngineKind::Postgres, "recycled");

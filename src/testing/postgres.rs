@@ -17,23 +17,36 @@ use crate::engine::EngineKind;
 const SETUP_LOCK: i64 = 0x6973_6f65_6e76; // "isoenv"
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS isoenv_template (
-        name text PRIMARY KEY, reset text, \"check\" text NOT NULL, expected text NOT NULL);
+        name text PRIMARY KEY, reset text, quick text NOT NULL, quick_expected text NOT NULL,
+        full_check text NOT NULL, expected text NOT NULL);
     CREATE TABLE IF NOT EXISTS isoenv_clone (
-        name text PRIMARY KEY, template text NOT NULL, holder int, since timestamptz);";
+        name text PRIMARY KEY, template text NOT NULL, holder int, since timestamptz,
+        catalog_writes bigint NOT NULL DEFAULT 0);";
 
-/// Takes a free clone, or one whose holder's connection is gone (then `dirty`). The lease is
-/// the claiming connection's backend: it lives as long as the test process.
+/// Takes a free clone, or one whose holder's connection is gone (then `dirty`), with the
+/// catalog writes counted at its last reset. The lease is the claiming connection's backend: it
+/// lives as long as the test process.
 const CLAIM: &str = "UPDATE isoenv_clone c SET holder = pg_backend_pid(), since = clock_timestamp()
     FROM (SELECT name, holder IS NOT NULL AS dirty FROM isoenv_clone
           WHERE template = $1 AND (holder IS NULL OR NOT EXISTS (
               SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since))
           ORDER BY holder IS NOT NULL LIMIT 1 FOR UPDATE SKIP LOCKED) f
-    WHERE c.name = f.name RETURNING c.name, f.dirty";
+    WHERE c.name = f.name RETURNING c.name, f.dirty, c.catalog_writes";
 
 /// Ends every other session in the clone (a test's leftover connections must not write after
 /// the reset), waiting for each to exit.
-const TERMINATE: &str = "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
-    WHERE datname = current_database() AND pid <> pg_backend_pid();";
+const TERMINATE: &str =
+    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_get_activity(NULL) \
+    WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+    AND pid <> pg_backend_pid();";
+
+/// Rows written to this database's own catalogs, as the statistics count them: zero in a new
+/// clone, and unchanged by a reset. A session's counts are flushed when it exits, and every
+/// other session has exited once [`TERMINATE`] returns.
+const CATALOG_WRITES: &str = "(SELECT coalesce(sum(pg_stat_get_tuples_inserted(oid)
+        + pg_stat_get_tuples_updated(oid) + pg_stat_get_tuples_deleted(oid)), 0)
+    FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace AND relkind = 'r'
+      AND NOT relisshared AND relname NOT IN ('pg_statistic', 'pg_statistic_ext_data'))";
 
 /// The per-database catalogs: any DDL adds, updates or deletes rows in one of them, so their
 /// row counts and newest row versions (`xmin`) fingerprint the schema. In-place updates
@@ -110,8 +123,15 @@ struct Template {
     name: String,
     /// The statements that give a clone back clean; `None` when only a new clone will do.
     reset: Option<String>,
-    /// A query whose one value is `expected` exactly when the clone is as the template was.
-    check: String,
+    /// A query for the catalog writes and a value that is `quick_expected` when the clone is
+    /// clean, as far as the statistics and `pg_class` tell: the usual path, a few
+    /// milliseconds.
+    quick: String,
+    quick_expected: String,
+    /// A query whose one value is `expected` exactly when the clone's schema and seeded rows are
+    /// as the template's (every catalog's fingerprint): asked when the quick one disagrees, e.g.
+    /// after a test used a temporary table.
+    full_check: String,
     expected: String,
 }
 
@@ -181,14 +201,19 @@ impl Pool {
         let claimed = admin
             .query_opt(CLAIM, &[&self.template.name])
             .map_err(err)?;
-        let name = match claimed {
+        let (name, writes) = match claimed {
             Some(row) => {
-                let name: String = row.get(0);
+                let (name, dirty, writes): (String, bool, i64) =
+                    (row.get(0), row.get(1), row.get(2));
                 // Its last holder died with it: give it back clean before handing it out.
-                if row.get::<_, bool>(1) && !self.reset(&name) {
-                    self.remake(&mut admin, &name)?;
+                match dirty.then(|| self.reset(&name, writes)) {
+                    Some(Some(now)) => (name, now),
+                    Some(None) => {
+                        self.remake(&mut admin, &name)?;
+                        (name, 0)
+                    }
+                    None => (name, writes),
                 }
-                name
             }
             // More tests at once than clones so far: one more, which stays in the pool.
             None => {
@@ -200,7 +225,7 @@ impl Pool {
                     )
                     .map_err(err)?;
                 self.remake(&mut admin, &name)?;
-                name
+                (name, 0)
             }
         };
         self.put_back(admin);
@@ -209,28 +234,27 @@ impl Pool {
             engine: EngineKind::Postgres,
             url: with_database(&self.url, &name),
             name,
-            release: Some(Box::new(move || self.release(&released))),
+            release: Some(Box::new(move || self.release(&released, writes))),
         })
     }
 
     /// Gives a clone back: clean, or made again when its test changed more than rows.
-    fn release(&self, name: &str) {
+    fn release(&self, name: &str, writes: i64) {
         let outcome = self.admin().and_then(|mut admin| {
-            let done = if self.reset(name) {
-                Ok(())
-            } else {
-                self.remake(&mut admin, name)
+            let done = match self.reset(name, writes) {
+                Some(now) => Ok(now),
+                None => self.remake(&mut admin, name).map(|()| 0),
             };
             let freed = match done {
-                Ok(()) => admin.execute(
-                    "UPDATE isoenv_clone SET holder = NULL, since = NULL WHERE name = $1",
-                    &[&name],
+                Ok(now) => admin.execute(
+                    "UPDATE isoenv_clone SET holder = NULL, since = NULL, catalog_writes = $2 WHERE name = $1",
+                    &[&name, &now],
                 ),
                 Err(_) => admin.execute("DELETE FROM isoenv_clone WHERE name = $1", &[&name]),
             };
             freed.map_err(|e| server_error(&self.url, e))?;
             self.put_back(admin);
-            done
+            done.map(drop)
         });
         if let Err(e) = outcome {
             eprintln!("isoenv::testing: {e}");
@@ -238,39 +262,42 @@ impl Pool {
     }
 
     /// Deletes the clone's rows and resets its sequences, then checks that it is exactly as the
-    /// template was. False when it is not (the test ran DDL, changed seeded rows) or cannot be.
-    fn reset(&self, name: &str) -> bool {
-        let Some(reset) = &self.template.reset else {
-            return false;
-        };
-        let sql = format!("{TERMINATE}{reset}{};", self.template.check);
+    /// template was: the catalog writes counted at its last reset (`writes`) unchanged and the
+    /// quick check as expected, else every catalog's fingerprint. The clone's catalog writes
+    /// now, or `None` when it is not clean (the test ran DDL, changed seeded rows) or cannot be
+    /// made so.
+    fn reset(&self, name: &str, writes: i64) -> Option<i64> {
+        let reset = self.template.reset.as_ref()?;
+        let sql = format!("{TERMINATE}{reset}{};", self.template.quick);
         let url = with_database(&self.url, name);
         let cached = self
             .inside
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        let Some(mut client) = cached.or_else(|| connect(&url).ok()) else {
-            return false;
-        };
+        let mut client = cached.or_else(|| connect(&url).ok())?;
         let mut result = client.simple_query(&sql);
         // A kept connection may have been ended by another process's reset: reconnect once.
         if result.is_err() && client.is_closed() {
-            let Ok(fresh) = connect(&url) else {
-                return false;
-            };
-            client = fresh;
+            client = connect(&url).ok()?;
             result = client.simple_query(&sql);
         }
-        let clean =
-            matches!(&result, Ok(m) if last_value(m) == Some(self.template.expected.as_str()));
+        let messages = result.ok()?;
+        let (now, quick) = last_row(&messages)?;
+        let now: i64 = now.parse().ok()?;
+        let clean = (now == writes && quick == self.template.quick_expected)
+            || last_value(
+                &client
+                    .simple_query(&format!("{};", self.template.full_check))
+                    .ok()?,
+            ) == Some(self.template.expected.as_str());
         if clean {
             self.inside
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(name.to_owned(), client);
         }
-        clean
+        clean.then_some(now)
     }
 
     /// Makes the clone `name` again from the template.
@@ -300,14 +327,16 @@ fn load(admin: &mut postgres::Client, name: &str) -> Result<Option<Template>, po
     }
     Ok(admin
         .query_opt(
-            "SELECT reset, \"check\", expected FROM isoenv_template WHERE name = $1",
+            "SELECT reset, quick, quick_expected, full_check, expected FROM isoenv_template WHERE name = $1",
             &[&name],
         )?
         .map(|row| Template {
             name: name.to_owned(),
             reset: row.get(0),
-            check: row.get(1),
-            expected: row.get(2),
+            quick: row.get(1),
+            quick_expected: row.get(2),
+            full_check: row.get(3),
+            expected: row.get(4),
         }))
 }
 
@@ -346,8 +375,15 @@ fn build(
         .map_err(err)?;
     admin
         .execute(
-            "INSERT INTO isoenv_template VALUES ($1, $2, $3, $4)",
-            &[&name, &template.reset, &template.check, &template.expected],
+            "INSERT INTO isoenv_template VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &name,
+                &template.reset,
+                &template.quick,
+                &template.quick_expected,
+                &template.full_check,
+                &template.expected,
+            ],
         )
         .map_err(err)?;
     collect_old(admin, name).map_err(err)?;
@@ -400,14 +436,19 @@ fn plan(tpl: &mut postgres::Client, name: &str) -> Result<Template, postgres::Er
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let plan = reset_plan(&relations, &sequences, fingerprint(), recyclable);
-    let expected = last_value(&tpl.simple_query(&format!("{};", plan.check))?)
+    let plan = reset_plan(&relations, &sequences, recyclable);
+    let quick_expected = last_row(&tpl.simple_query(&format!("{};", plan.quick))?)
+        .map(|(_, v)| v.to_owned())
+        .unwrap_or_default();
+    let expected = last_value(&tpl.simple_query(&format!("{};", plan.full_check))?)
         .unwrap_or_default()
         .to_owned();
     Ok(Template {
         name: name.to_owned(),
         reset: plan.reset,
-        check: plan.check,
+        quick: plan.quick,
+        quick_expected,
+        full_check: plan.full_check,
         expected,
     })
 }
@@ -429,15 +470,15 @@ struct Seed {
     columns: String,
 }
 
-/// One value per catalog: its row count and newest row version.
-fn fingerprint() -> String {
-    let parts: Vec<String> = CATALOGS
-        .iter()
-        .map(|c| format!("(SELECT count(*) || '/' || coalesce(max(xmin::text::bigint), 0) FROM pg_catalog.{c})"))
-        // A session's temporary schema stays once made; it is not the test's schema.
-        .chain(std::iter::once("(SELECT count(*) || '/' || coalesce(max(xmin::text::bigint), 0) FROM pg_catalog.pg_namespace WHERE nspname !~ '^pg_(toast_)?temp_')".to_owned()))
-        .collect();
-    parts.join(" || ' ' || ")
+/// A catalog's row count and newest row version.
+fn catalog_fingerprint(catalog: &str) -> String {
+    // A session's temporary schema stays once made; it is not the test's schema.
+    let filter = if catalog == "pg_namespace" {
+        " WHERE nspname !~ '^pg_(toast_)?temp_'"
+    } else {
+        ""
+    };
+    format!("(SELECT count(*) || '/' || coalesce(max(xmin::text::bigint), 0) FROM pg_catalog.{catalog}{filter})")
 }
 
 /// What giving a clone back clean takes, from the template's relations and its sequences'
@@ -446,16 +487,11 @@ fn fingerprint() -> String {
 /// sequences are set back, and the check is the catalog fingerprint plus a hash of every
 /// relation that has rows. Without a usable reset (rules, `ALWAYS` triggers, foreign tables, a
 /// seed that cannot be quoted) every released clone is made again.
-fn reset_plan(
-    relations: &[Relation],
-    sequences: &[String],
-    fingerprint: String,
-    recyclable: bool,
-) -> Plan {
+fn reset_plan(relations: &[Relation], sequences: &[String], recyclable: bool) -> Plan {
     const QUOTE: &str = "$isoenv_seed$";
     let mut recyclable = recyclable;
     let mut reset = String::from("SET LOCAL session_replication_role = replica;");
-    let mut check = vec![fingerprint];
+    let mut seeds = Vec::new();
     for r in relations {
         let only = if r.table { "ONLY " } else { "" };
         let hash = format!(
@@ -464,7 +500,7 @@ fn reset_plan(
         );
         match (&r.seed, r.table) {
             (None, true) => reset.push_str(&format!("DELETE FROM ONLY {};", r.name)),
-            (None, false) => check.push(hash),
+            (None, false) => seeds.push(hash),
             (Some(seed), _) => {
                 recyclable &= !seed.rows.contains(QUOTE) && !seed.rows.contains("$isoenv$");
                 reset.push_str(&format!(
@@ -475,22 +511,32 @@ fn reset_plan(
                     rows = seed.rows,
                     columns = seed.columns,
                 ));
-                check.push(hash);
+                seeds.push(hash);
             }
         }
     }
     for setval in sequences {
         reset.push_str(setval);
     }
+    let all = CATALOGS.iter().chain(["pg_namespace"].iter());
+    let full: Vec<String> = all
+        .map(|c| catalog_fingerprint(c))
+        .chain(seeds.clone())
+        .collect();
+    let quick: Vec<String> = std::iter::once(catalog_fingerprint("pg_class"))
+        .chain(seeds)
+        .collect();
     Plan {
         reset: recyclable.then_some(reset),
-        check: format!("SELECT {}", check.join(" || ' ' || ")),
+        quick: format!("SELECT {CATALOG_WRITES}, {}", quick.join(" || ' ' || ")),
+        full_check: format!("SELECT {}", full.join(" || ' ' || ")),
     }
 }
 
 struct Plan {
     reset: Option<String>,
-    check: String,
+    quick: String,
+    full_check: String,
 }
 
 /// Drops clones of other templates that no live test holds, and those templates once no clone
@@ -521,7 +567,15 @@ fn collect_old(admin: &mut postgres::Client, current: &str) -> Result<(), postgr
     Ok(())
 }
 
-/// The last value of the last row of a simple query's results.
+/// The first two values of the last row of a simple query's results.
+fn last_row(messages: &[postgres::SimpleQueryMessage]) -> Option<(&str, &str)> {
+    messages.iter().rev().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(row) => Some((row.get(0)?, row.get(1)?)),
+        _ => None,
+    })
+}
+
+/// The first value of the last row of a simple query's results.
 fn last_value(messages: &[postgres::SimpleQueryMessage]) -> Option<&str> {
     messages.iter().rev().find_map(|m| match m {
         postgres::SimpleQueryMessage::Row(row) => row.get(0),
