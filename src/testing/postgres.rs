@@ -23,6 +23,13 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS isoenv_template (
         name text PRIMARY KEY, template text NOT NULL, holder int, since timestamptz,
         catalog_writes bigint NOT NULL DEFAULT 0);";
 
+/// Takes a free clone, with the catalog writes counted at its last reset: the usual claim.
+const CLAIM_FREE: &str =
+    "UPDATE isoenv_clone SET holder = pg_backend_pid(), since = clock_timestamp()
+    WHERE name = (SELECT name FROM isoenv_clone WHERE template = $1 AND holder IS NULL
+                  LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING name, false, catalog_writes";
+
 /// Takes a free clone, or one whose holder's connection is gone (then `dirty`), with the
 /// catalog writes counted at its last reset. The lease is the claiming connection's backend: it
 /// lives as long as the test process.
@@ -33,16 +40,22 @@ const CLAIM: &str = "UPDATE isoenv_clone c SET holder = pg_backend_pid(), since 
           ORDER BY holder IS NOT NULL LIMIT 1 FOR UPDATE SKIP LOCKED) f
     WHERE c.name = f.name RETURNING c.name, f.dirty, c.catalog_writes";
 
-/// Ends every other session in the clone (a test's leftover connections must not write after
-/// the reset), waiting for each to exit.
-const TERMINATE: &str =
-    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_get_activity(NULL) \
+/// Signals every other session in the clone to end (a test's leftover connections must not
+/// write after the reset) and says how many there were. `pg_terminate_backend`'s own wait polls
+/// every 100 ms, so [`OTHERS`] is asked instead until none is left.
+const TERMINATE: &str = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_get_activity(NULL) \
     WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-    AND pid <> pg_backend_pid();";
+    AND pid <> pg_backend_pid()";
+
+/// The other sessions still in the clone. A session leaves this list only after its statistics
+/// are flushed, which [`CATALOG_WRITES`] relies on.
+const OTHERS: &str = "SELECT count(*) FROM pg_stat_get_activity(NULL) \
+    WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+    AND pid <> pg_backend_pid()";
 
 /// Rows written to this database's own catalogs, as the statistics count them: zero in a new
 /// clone, and unchanged by a reset. A session's counts are flushed when it exits, and every
-/// other session has exited once [`TERMINATE`] returns.
+/// other session has exited before this is asked.
 const CATALOG_WRITES: &str = "(SELECT coalesce(sum(pg_stat_get_tuples_inserted(oid)
         + pg_stat_get_tuples_updated(oid) + pg_stat_get_tuples_deleted(oid)), 0)
     FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace AND relkind = 'r'
@@ -112,7 +125,7 @@ const RELATIONS: &str = "SELECT format('%I.%I', n.nspname, c.relname), c.relkind
       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
     ORDER BY 1";
 
-const SEQUENCES: &str = "SELECT format('SELECT setval(%L, %s, %s);',
+const SEQUENCES: &str = "SELECT format('PERFORM setval(%L, %s, %s);',
         format('%I.%I', schemaname, sequencename), coalesce(last_value, start_value),
         CASE WHEN last_value IS NULL THEN 'false' ELSE 'true' END)
     FROM pg_sequences WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
@@ -198,9 +211,15 @@ impl Pool {
     pub(super) fn handout(&'static self) -> Result<TestDb> {
         let mut admin = self.admin()?;
         let err = |e: postgres::Error| server_error(&self.url, e);
-        let claimed = admin
-            .query_opt(CLAIM, &[&self.template.name])
-            .map_err(err)?;
+        let claimed = match admin
+            .query_opt(CLAIM_FREE, &[&self.template.name])
+            .map_err(err)?
+        {
+            Some(row) => Some(row),
+            None => admin
+                .query_opt(CLAIM, &[&self.template.name])
+                .map_err(err)?,
+        };
         let (name, writes) = match claimed {
             Some(row) => {
                 let (name, dirty, writes): (String, bool, i64) =
@@ -268,7 +287,7 @@ impl Pool {
     /// made so.
     fn reset(&self, name: &str, writes: i64) -> Option<i64> {
         let reset = self.template.reset.as_ref()?;
-        let sql = format!("{TERMINATE}{reset}{};", self.template.quick);
+        let sql = format!("{reset}{};", self.template.quick);
         let url = with_database(&self.url, name);
         let cached = self
             .inside
@@ -276,12 +295,19 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         let mut client = cached.or_else(|| connect(&url).ok())?;
-        let mut result = client.simple_query(&sql);
         // A kept connection may have been ended by another process's reset: reconnect once.
-        if result.is_err() && client.is_closed() {
-            client = connect(&url).ok()?;
-            result = client.simple_query(&sql);
+        let alone = match end_others(&mut client) {
+            Ok(alone) => alone,
+            Err(_) if client.is_closed() => {
+                client = connect(&url).ok()?;
+                end_others(&mut client).ok()?
+            }
+            Err(_) => return None,
+        };
+        if !alone {
+            return None;
         }
+        let result = client.simple_query(&sql);
         let messages = result.ok()?;
         let (now, quick) = last_row(&messages)?;
         let now: i64 = now.parse().ok()?;
@@ -350,6 +376,15 @@ fn build(
     files: &[(std::path::PathBuf, String)],
 ) -> Result<Template> {
     let err = |e: postgres::Error| server_error(url, e);
+    let left = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .map_err(err)?;
+    if left.is_some() {
+        // A build that died after marking it a template: a template cannot be dropped.
+        admin
+            .batch_execute(&format!("ALTER DATABASE {name} WITH IS_TEMPLATE false"))
+            .map_err(err)?;
+    }
     for sql in [
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
         format!("CREATE DATABASE {name}"),
@@ -414,13 +449,15 @@ fn plan(tpl: &mut postgres::Client, name: &str) -> Result<Template, postgres::Er
                 let sql = format!(
                     "SELECT json_agg(x)::text, (SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum)
                          FROM pg_attribute WHERE attrelid = '{name}'::regclass AND attnum > 0
-                           AND NOT attisdropped AND attgenerated = '')
-                     FROM ONLY {name} x"
+                           AND NOT attisdropped AND attgenerated = ''), {}
+                     FROM ONLY {name} x",
+                    relation_hash(&format!("ONLY {name}"))
                 );
                 let row = tpl.query_one(&sql, &[])?;
                 row.get::<_, Option<String>>(0).map(|rows| Seed {
                     rows,
                     columns: row.get(1),
+                    hash: row.get(2),
                 })
             }
             _ => None,
@@ -464,10 +501,33 @@ struct Relation {
 }
 
 /// A table's rows in the template, as JSON, with the columns they are inserted into (all but
-/// generated ones).
+/// generated ones), and their hash.
 struct Seed {
     rows: String,
     columns: String,
+    hash: String,
+}
+
+/// Ends every other session in the connection's database and waits (10 s at most) until they
+/// are gone; false if one is still there.
+fn end_others(client: &mut postgres::Client) -> Result<bool, postgres::Error> {
+    let count = |c: &mut postgres::Client, sql: &str| -> Result<i64, postgres::Error> {
+        Ok(c.query_one(sql, &[])?.get(0))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut left = count(client, TERMINATE)?;
+    while left > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        left = count(client, OTHERS)?;
+    }
+    Ok(left == 0)
+}
+
+/// A hash of a relation's rows (`ONLY name` for a table).
+fn relation_hash(relation: &str) -> String {
+    format!(
+        "(SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {relation} x)"
+    )
 }
 
 /// A catalog's row count and newest row version.
@@ -490,23 +550,25 @@ fn catalog_fingerprint(catalog: &str) -> String {
 fn reset_plan(relations: &[Relation], sequences: &[String], recyclable: bool) -> Plan {
     const QUOTE: &str = "$isoenv_seed$";
     let mut recyclable = recyclable;
-    let mut reset = String::from("SET LOCAL session_replication_role = replica;");
+    // One PL/pgSQL block: statements are planned once, and only tables with rows are touched.
+    let mut block = String::new();
     let mut seeds = Vec::new();
     for r in relations {
         let only = if r.table { "ONLY " } else { "" };
-        let hash = format!(
-            "(SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {only}{} x)",
-            r.name
-        );
+        let hash = relation_hash(&format!("{only}{}", r.name));
         match (&r.seed, r.table) {
-            (None, true) => reset.push_str(&format!("DELETE FROM ONLY {};", r.name)),
+            (None, true) => block.push_str(&format!(
+                "IF EXISTS (SELECT 1 FROM ONLY {0}) THEN DELETE FROM ONLY {0}; END IF;",
+                r.name
+            )),
             (None, false) => seeds.push(hash),
             (Some(seed), _) => {
                 recyclable &= !seed.rows.contains(QUOTE) && !seed.rows.contains("$isoenv$");
-                reset.push_str(&format!(
-                    "DO $isoenv$ BEGIN IF {hash} IS DISTINCT FROM (SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM json_populate_recordset(NULL::{name}, {QUOTE}{rows}{QUOTE}) x) THEN \
-                     DELETE FROM ONLY {name}; INSERT INTO {name} ({columns}) OVERRIDING SYSTEM VALUE \
-                     SELECT {columns} FROM json_populate_recordset(NULL::{name}, {QUOTE}{rows}{QUOTE}); END IF; END $isoenv$;",
+                block.push_str(&format!(
+                    "IF {hash} <> '{expected}' THEN DELETE FROM ONLY {name}; \
+                     INSERT INTO {name} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} \
+                     FROM json_populate_recordset(NULL::{name}, {QUOTE}{rows}{QUOTE}); END IF;",
+                    expected = seed.hash,
                     name = r.name,
                     rows = seed.rows,
                     columns = seed.columns,
@@ -516,8 +578,11 @@ fn reset_plan(relations: &[Relation], sequences: &[String], recyclable: bool) ->
         }
     }
     for setval in sequences {
-        reset.push_str(setval);
+        block.push_str(setval);
     }
+    let reset = format!(
+        "SET LOCAL session_replication_role = replica; DO $isoenv$ BEGIN {block} END $isoenv$;"
+    );
     let all = CATALOGS.iter().chain(["pg_namespace"].iter());
     let full: Vec<String> = all
         .map(|c| catalog_fingerprint(c))

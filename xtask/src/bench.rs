@@ -17,6 +17,8 @@ use isoenv::{EnvironmentConfig, Vars};
 
 use crate::{project_root, Context};
 
+mod suite;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Fewer runs (a quick look, not for publishing).
@@ -25,18 +27,19 @@ pub struct BenchArgs {
     /// One JSON object per measurement on stdout instead of a Markdown table.
     #[arg(long)]
     json: bool,
-    /// Only these sections (repeatable): create, start, pgbench, baselines, handouts, xtask,
-    /// docker.
+    /// Only these sections (repeatable): create, start, pgbench, baselines, handouts, suite,
+    /// xtask, docker.
     #[arg(long, value_parser = SECTIONS)]
     only: Vec<String>,
 }
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "create",
     "start",
     "pgbench",
     "baselines",
     "handouts",
+    "suite",
     "xtask",
     "docker",
 ];
@@ -46,6 +49,8 @@ struct Plan {
     cold: usize,
     pgbench_secs: u32,
     handouts: usize,
+    /// Interleaved rounds of the test-suite comparison.
+    suite_rounds: usize,
 }
 
 pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
@@ -55,6 +60,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
             cold: 1,
             pgbench_secs: 2,
             handouts: 20,
+            suite_rounds: 1,
         }
     } else {
         Plan {
@@ -62,6 +68,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
             cold: 3,
             pgbench_secs: 5,
             handouts: 100,
+            suite_rounds: 3,
         }
     };
     let target = project_root().join("target");
@@ -171,6 +178,16 @@ impl Bench {
         }
         if wants("handouts") {
             self.handouts(&mut report)?;
+        }
+        if wants("suite") {
+            let ws = self.workspace(None)?;
+            suite::run(
+                &ws,
+                &self.scratch,
+                self.plan.suite_rounds,
+                self.plan.suite_rounds == 1,
+                &mut report,
+            )?;
         }
         if wants("xtask") {
             self.xtask_start(&mut report)?;
