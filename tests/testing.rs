@@ -135,6 +135,24 @@ fn pg_oid(admin: &mut postgres::Client, name: &str) -> Option<u32> {
         .map(|r| r.get(0))
 }
 
+/// Takes databases from the pool, holding them, until `name` comes back: a released database
+/// is probed only while this test holds it (another holder's release would end the probe).
+fn reclaim(engine: EngineKind, name: &str) -> (TestDb, Vec<TestDb>) {
+    let mut held = Vec::new();
+    loop {
+        let db = match engine {
+            EngineKind::Mysql => blocking::mysql(),
+            _ => blocking::postgres(),
+        }
+        .unwrap();
+        if db.name() == name {
+            return (db, held);
+        }
+        held.push(db);
+        assert!(held.len() < 64, "{name} never came back into the pool");
+    }
+}
+
 fn pg_owners(url: &str) -> Vec<String> {
     let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
     c.query("SELECT owner FROM accounts", &[])
@@ -144,29 +162,34 @@ fn pg_owners(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// A released database is given back clean, not remade: the same database (same oid) stays,
-/// what the test wrote is gone, and the test's open connection is ended.
+/// A released database is given back clean, not remade: the same database (same oid) comes
+/// back, without what the test wrote, and the test's open connection is ended. A temporary
+/// table is the session's, not the schema's: it does not stop the recycling.
 #[test]
 fn a_released_postgres_database_is_recycled_clean() {
     let db = claim(EngineKind::Postgres, "recycled");
-    let (name, url) = (db.name().to_owned(), db.url().to_owned());
+    let name = db.name().to_owned();
     let mut admin =
         postgres::Client::connect(&admin_url(&db, "postgres"), postgres::NoTls).unwrap();
     let oid = pg_oid(&mut admin, &name);
-    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    c.batch_execute("INSERT INTO accounts (owner) VALUES ('recycled-marker')")
-        .unwrap();
+    let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    c.batch_execute(
+        "CREATE TEMP TABLE scratch (x int);
+         INSERT INTO accounts (owner) VALUES ('recycled-marker')",
+    )
+    .unwrap();
     give_back(db);
+    let (again, _held) = reclaim(EngineKind::Postgres, &name);
     assert_eq!(
         pg_oid(&mut admin, &name),
         oid,
         "{name} was remade, not recycled"
     );
     assert!(
-        c.is_closed() || c.simple_query("SELECT 1").is_err(),
+        c.simple_query("SELECT 1").is_err(),
         "the test's connection outlived its release"
     );
-    assert!(!pg_owners(&url).contains(&"recycled-marker".to_owned()));
+    assert_eq!(pg_owners(again.url()), ["seed"]);
 }
 
 /// A test that changed the schema or a seeded row gets its database remade: the next holder
@@ -174,11 +197,11 @@ fn a_released_postgres_database_is_recycled_clean() {
 #[test]
 fn a_postgres_database_changed_beyond_its_rows_is_remade() {
     let db = claim(EngineKind::Postgres, "ddl");
-    let (name, url) = (db.name().to_owned(), db.url().to_owned());
+    let name = db.name().to_owned();
     let mut admin =
         postgres::Client::connect(&admin_url(&db, "postgres"), postgres::NoTls).unwrap();
     let oid = pg_oid(&mut admin, &name);
-    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
     c.batch_execute(
         "CREATE TABLE ddl_probe (x int); UPDATE accounts SET owner = 'tampered' WHERE owner = 'seed';
          ALTER TABLE accounts ADD COLUMN probe int",
@@ -186,18 +209,22 @@ fn a_postgres_database_changed_beyond_its_rows_is_remade() {
     .unwrap();
     drop(c);
     give_back(db);
+    let (again, _held) = reclaim(EngineKind::Postgres, &name);
     assert_ne!(
         pg_oid(&mut admin, &name),
         oid,
         "{name} was handed back with a changed schema"
     );
-    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut c = postgres::Client::connect(again.url(), postgres::NoTls).unwrap();
     let probe: bool = c
-        .query_one("SELECT to_regclass('ddl_probe') IS NOT NULL OR EXISTS (SELECT 1 FROM information_schema.columns WHERE column_name = 'probe')", &[])
+        .query_one(
+            "SELECT to_regclass('ddl_probe') IS NOT NULL OR EXISTS (SELECT 1 FROM information_schema.columns WHERE column_name = 'probe')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(!probe, "the schema change survived");
-    assert!(!pg_owners(&url).contains(&"tampered".to_owned()));
+    assert_eq!(pg_owners(again.url()), ["seed"]);
 }
 
 /// A test process that dies holding a database (no release ran) leaves it dirty; the next
@@ -235,15 +262,7 @@ fn a_crashed_holders_postgres_database_is_reset_before_reuse() {
         .to_owned();
     assert!(!out.status.success(), "the child was meant to abort");
     // Clean free databases are handed out first; hold them until the crashed one comes.
-    let mut held = Vec::new();
-    let found = loop {
-        let db = blocking::postgres().unwrap();
-        if db.name() == name {
-            break db;
-        }
-        held.push(db);
-        assert!(held.len() < 64, "{name} never came back into the pool");
-    };
+    let (found, _held) = reclaim(EngineKind::Postgres, &name);
     let owners = pg_owners(found.url());
     assert!(!owners.contains(&"crashed-marker".to_owned()), "{owners:?}");
 }
@@ -260,42 +279,40 @@ fn my_tables(url: &str) -> Vec<String> {
 #[test]
 fn released_mysql_databases_are_recycled_clean_or_remade() {
     use mysql::prelude::Queryable;
-    let db = claim(EngineKind::Mysql, "recycled");
-    let url = db.url().to_owned();
-    let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
-    c.query_drop("INSERT INTO accounts (owner) VALUES ('recycled-marker')")
-        .unwrap();
-    let before = my_tables(&url);
+    let conn = |url: &str| mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
+    let owners =
+        |url: &str| -> Vec<String> { conn(url).query("SELECT owner FROM accounts").unwrap() };
     let table_id = |url: &str| -> Option<u64> {
-        let mut c = mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
-        c.query_first("SELECT TABLE_ID FROM information_schema.INNODB_SYS_TABLES WHERE NAME = CONCAT(DATABASE(), '/accounts')")
+        conn(url)
+            .query_first("SELECT TABLE_ID FROM information_schema.INNODB_SYS_TABLES WHERE NAME = CONCAT(DATABASE(), '/accounts')")
             .unwrap()
     };
-    let id = table_id(&url);
-    give_back(db);
-    assert_eq!(table_id(&url), id, "the database was remade, not recycled");
-    let owners: Vec<String> = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap())
-        .unwrap()
-        .query("SELECT owner FROM accounts")
+    let db = claim(EngineKind::Mysql, "recycled");
+    let name = db.name().to_owned();
+    conn(db.url())
+        .query_drop("INSERT INTO accounts (owner) VALUES ('recycled-marker')")
         .unwrap();
-    assert!(
-        !owners.contains(&"recycled-marker".to_owned()),
-        "{owners:?}"
+    let before = my_tables(db.url());
+    let id = table_id(db.url());
+    give_back(db);
+    let (again, _held) = reclaim(EngineKind::Mysql, &name);
+    assert_eq!(
+        table_id(again.url()),
+        id,
+        "the database was remade, not recycled"
     );
+    assert_eq!(owners(again.url()), ["seed"]);
+    drop(again);
 
     let db = claim(EngineKind::Mysql, "ddl");
-    let url = db.url().to_owned();
-    let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
-    c.query_drop("CREATE TABLE ddl_probe (x int); ALTER TABLE accounts ADD COLUMN probe int; UPDATE accounts SET owner = 'tampered'")
+    let name = db.name().to_owned();
+    conn(db.url())
+        .query_drop("CREATE TABLE ddl_probe (x int); ALTER TABLE accounts ADD COLUMN probe int; UPDATE accounts SET owner = 'tampered'")
         .unwrap();
-    drop(c);
     give_back(db);
-    assert_eq!(my_tables(&url), before, "the schema change survived");
-    let owners: Vec<String> = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap())
-        .unwrap()
-        .query("SELECT owner FROM accounts")
-        .unwrap();
-    assert!(!owners.contains(&"tampered".to_owned()), "{owners:?}");
+    let (again, _held) = reclaim(EngineKind::Mysql, &name);
+    assert_eq!(my_tables(again.url()), before, "the schema change survived");
+    assert_eq!(owners(again.url()), ["seed"]);
 }
 
 /// The async API, driven by a minimal executor (no runtime needed).

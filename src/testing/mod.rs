@@ -21,6 +21,7 @@
 //! Migrations are the `*.sql` files in `$ISOENV_MIGRATIONS_DIR/<engine>/` (default: the
 //! `migrations/` directory of the crate under test), applied in name order.
 
+mod keeper;
 mod mysql;
 mod postgres;
 mod redis;
@@ -257,13 +258,14 @@ fn shared<P: Sync>(
 }
 
 /// How many databases a pool makes ahead of time when its schema is first set up
-/// (`ISOENV_POOL_SIZE`, default: one per CPU, as many as tests run at once). Released databases
-/// are given back clean, so a pool grows only to the most tests ever run at once.
+/// (`ISOENV_POOL_SIZE`, default: two per CPU, for the tests running at once and those just
+/// released, which the keeper is resetting). Released databases are given back clean, so a
+/// pool grows only when more tests run at once than it holds.
 fn pool_size() -> usize {
     std::env::var("ISOENV_POOL_SIZE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from))
+        .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(2, usize::from))
 }
 
 #[cfg(test)]

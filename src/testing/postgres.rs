@@ -6,12 +6,16 @@
 //! clones are recognised and reset by the next claimer.
 
 use std::collections::HashMap;
+
+use postgres::fallible_iterator::FallibleIterator;
 use std::sync::Mutex;
 
 use super::{
-    migrations, pool_size, redact, shared, unique, with_database, Result, TestDb, TestingError,
+    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Result, TestDb,
+    TestingError,
 };
 use crate::engine::EngineKind;
+use crate::process::ProcessId;
 
 /// Serializes schema setup and template builds across processes.
 const SETUP_LOCK: i64 = 0x6973_6f65_6e76; // "isoenv"
@@ -21,24 +25,34 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS isoenv_template (
         full_check text NOT NULL, expected text NOT NULL);
     CREATE TABLE IF NOT EXISTS isoenv_clone (
         name text PRIMARY KEY, template text NOT NULL, holder int, since timestamptz,
-        catalog_writes bigint NOT NULL DEFAULT 0);";
+        dirty bool NOT NULL DEFAULT false, catalog_writes bigint NOT NULL DEFAULT 0);";
 
-/// Takes a free clone, with the catalog writes counted at its last reset: the usual claim.
-const CLAIM_FREE: &str =
-    "UPDATE isoenv_clone SET holder = pg_backend_pid(), since = clock_timestamp()
-    WHERE name = (SELECT name FROM isoenv_clone WHERE template = $1 AND holder IS NULL
-                  LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING name, false, catalog_writes";
-
-/// Takes a free clone, or one whose holder's connection is gone (then `dirty`), with the
-/// catalog writes counted at its last reset. The lease is the claiming connection's backend: it
+/// Takes a free clean clone of the template `{}`, with the catalog writes counted at its last
+/// reset: the usual claim, one round trip. The lease is the claiming connection's backend: it
 /// lives as long as the test process.
-const CLAIM: &str = "UPDATE isoenv_clone c SET holder = pg_backend_pid(), since = clock_timestamp()
-    FROM (SELECT name, holder IS NOT NULL AS dirty FROM isoenv_clone
-          WHERE template = $1 AND (holder IS NULL OR NOT EXISTS (
-              SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since))
-          ORDER BY holder IS NOT NULL LIMIT 1 FOR UPDATE SKIP LOCKED) f
-    WHERE c.name = f.name RETURNING c.name, f.dirty, c.catalog_writes";
+fn claim_free(template: &str) -> String {
+    format!(
+        "UPDATE isoenv_clone SET holder = pg_backend_pid(), since = clock_timestamp()
+         WHERE name = (SELECT name FROM isoenv_clone WHERE template = '{template}'
+                       AND holder IS NULL AND NOT dirty LIMIT 1 FOR UPDATE SKIP LOCKED)
+           AND EXISTS (SELECT 1 FROM isoenv_template WHERE name = '{template}')
+         RETURNING name, false, catalog_writes"
+    )
+}
+
+/// Whether a keeper holds its lock on this server.
+const KEEPER_HELD: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+    AND classid::bigint = (KEEPER >> 32) AND objid::bigint = (KEEPER & 4294967295)
+    AND objsubid = 1 AND granted)";
+
+/// Which clones need a reset: released ones the keeper has not reset yet, and those whose
+/// holder's connection is gone (a test process that died).
+const NEEDS_RESET: &str = "(dirty AND holder IS NULL) OR (holder IS NOT NULL AND NOT EXISTS (
+    SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since))";
+
+/// Sets the released clone `NAME` aside for the keeper and wakes it: one round trip.
+const RELEASE_DIRTY: &str = "WITH r AS (UPDATE isoenv_clone SET holder = NULL, since = NULL,
+    dirty = true WHERE name = 'NAME' RETURNING 1) SELECT pg_notify('isoenv_dirty', '') FROM r";
 
 /// Signals every other session in the clone to end (a test's leftover connections must not
 /// write after the reset) and says how many there were. `pg_terminate_backend`'s own wait polls
@@ -156,6 +170,29 @@ pub(super) struct Pool {
     idle: Mutex<Vec<postgres::Client>>,
     /// A connection into each clone this process has reset, kept for its next reset.
     inside: Mutex<HashMap<String, postgres::Client>>,
+    /// Whether a keeper resets released clones (else each release resets its own).
+    kept: bool,
+    /// A clone claimed while the pool was set up, for the first handout.
+    first: Mutex<Option<Claim>>,
+}
+
+/// A claimed clone.
+struct Claim {
+    name: String,
+    /// It must be reset before it is handed out.
+    dirty: bool,
+    /// The catalog writes counted at its last reset.
+    writes: i64,
+}
+
+impl Claim {
+    fn of(row: &postgres::SimpleQueryRow) -> Option<Claim> {
+        Some(Claim {
+            name: row.get(0)?.to_owned(),
+            dirty: row.get(1)? == "t",
+            writes: row.get(2)?.parse().ok()?,
+        })
+    }
 }
 
 impl Pool {
@@ -164,13 +201,28 @@ impl Pool {
         shared(&POOL, Pool::new)
     }
 
+    /// Connects, and in one round trip reads the template's record, whether a keeper serves,
+    /// and claims a clone for the first handout (a test process under nextest makes exactly one
+    /// handout). Sets the pool up first if the template is not there yet.
     fn new() -> Result<Pool> {
         let url = super::server::url(EngineKind::Postgres)?;
         let err = |e: postgres::Error| server_error(&url, e);
         let mut admin = connect(&url)?;
         let (files, hash) = migrations(EngineKind::Postgres)?;
         let name = format!("isoenv_tpl_{hash}");
-        let template = match load(&mut admin, &name).map_err(err)? {
+        let keeper_held = KEEPER_HELD.replace("KEEPER", &keeper::LOCK.to_string());
+        let fast = format!("{}; {keeper_held}; {}", load_sql(&name), claim_free(&name));
+        // Before the first setup the tables do not exist: the slow path makes them.
+        let answers = admin.simple_query(&fast);
+        let (template, held, first) = match answers.as_deref().map(statements) {
+            Ok([template, held, first]) => (
+                template.first().and_then(|r| template_of(&name, r)),
+                held.first().and_then(|r| r.get(0)) == Some("t"),
+                first.first().and_then(|r| Claim::of(r)),
+            ),
+            _ => (None, false, None),
+        };
+        let template = match template {
             Some(t) => t,
             None => {
                 admin
@@ -186,11 +238,18 @@ impl Pool {
                 built?
             }
         };
+        // A keeper that fails to start only means releases reset their clones themselves.
+        let kept = match server::runner() {
+            Some(runner) => held || keeper::spawn(EngineKind::Postgres, &url, runner).is_ok(),
+            None => false,
+        };
         Ok(Pool {
             url,
             template,
             idle: Mutex::new(vec![admin]),
             inside: Mutex::new(HashMap::new()),
+            kept,
+            first: Mutex::new(first),
         })
     }
 
@@ -211,27 +270,38 @@ impl Pool {
     pub(super) fn handout(&'static self) -> Result<TestDb> {
         let mut admin = self.admin()?;
         let err = |e: postgres::Error| server_error(&self.url, e);
-        let claimed = match admin
-            .query_opt(CLAIM_FREE, &[&self.template.name])
-            .map_err(err)?
-        {
-            Some(row) => Some(row),
-            None => admin
-                .query_opt(CLAIM, &[&self.template.name])
-                .map_err(err)?,
+        let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let claimed = match first {
+            Some(claim) => Some(claim),
+            None => match claim(&mut admin, &claim_free(&self.template.name)).map_err(err)? {
+                Some(claim) => Some(claim),
+                None => {
+                    claim(&mut admin, &claim_needing_reset(&self.template.name)).map_err(err)?
+                }
+            },
         };
         let (name, writes) = match claimed {
-            Some(row) => {
-                let (name, dirty, writes): (String, bool, i64) =
-                    (row.get(0), row.get(1), row.get(2));
-                // Its last holder died with it: give it back clean before handing it out.
-                match dirty.then(|| self.reset(&name, writes)) {
-                    Some(Some(now)) => (name, now),
-                    Some(None) => {
-                        self.remake(&mut admin, &name)?;
-                        (name, 0)
-                    }
-                    None => (name, writes),
+            Some(Claim {
+                name,
+                dirty,
+                writes,
+            }) => {
+                if !dirty {
+                    (name, writes)
+                } else {
+                    // Released but not reset yet, or its holder died with it: make it clean
+                    // before handing it out.
+                    let now = match self.reset(&name, writes) {
+                        Some(now) => now,
+                        None => self.remake(&mut admin, &name).map(|()| 0)?,
+                    };
+                    admin
+                        .execute(
+                            "UPDATE isoenv_clone SET dirty = false WHERE name = $1",
+                            &[&name],
+                        )
+                        .map_err(err)?;
+                    (name, now)
                 }
             }
             // More tests at once than clones so far: one more, which stays in the pool.
@@ -260,13 +330,21 @@ impl Pool {
     /// Gives a clone back: clean, or made again when its test changed more than rows.
     fn release(&self, name: &str, writes: i64) {
         let outcome = self.admin().and_then(|mut admin| {
+            if self.kept {
+                admin
+                    .simple_query(&RELEASE_DIRTY.replace("NAME", name))
+                    .map_err(|e| server_error(&self.url, e))?;
+                self.put_back(admin);
+                return Ok(());
+            }
             let done = match self.reset(name, writes) {
                 Some(now) => Ok(now),
                 None => self.remake(&mut admin, name).map(|()| 0),
             };
             let freed = match done {
                 Ok(now) => admin.execute(
-                    "UPDATE isoenv_clone SET holder = NULL, since = NULL, catalog_writes = $2 WHERE name = $1",
+                    "UPDATE isoenv_clone SET holder = NULL, since = NULL, dirty = false, catalog_writes = $2
+                     WHERE name = $1",
                     &[&name, &now],
                 ),
                 Err(_) => admin.execute("DELETE FROM isoenv_clone WHERE name = $1", &[&name]),
@@ -326,6 +404,27 @@ impl Pool {
         clean.then_some(now)
     }
 
+    /// Resets the clones that need it, one at a time, until none is left.
+    fn reset_pending(&self, admin: &mut postgres::Client) -> Result<()> {
+        let err = |e: postgres::Error| server_error(&self.url, e);
+        while let Some(Claim { name, writes, .. }) =
+            claim(admin, &claim_needing_reset(&self.template.name)).map_err(err)?
+        {
+            let now = match self.reset(&name, writes) {
+                Some(now) => now,
+                None => self.remake(admin, &name).map(|()| 0)?,
+            };
+            admin
+                .execute(
+                    "UPDATE isoenv_clone SET holder = NULL, since = NULL, dirty = false,
+                         catalog_writes = $2 WHERE name = $1",
+                    &[&name, &now],
+                )
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Makes the clone `name` again from the template.
     fn remake(&self, admin: &mut postgres::Client, name: &str) -> Result<()> {
         self.inside
@@ -344,26 +443,90 @@ impl Pool {
     }
 }
 
-fn load(admin: &mut postgres::Client, name: &str) -> Result<Option<Template>, postgres::Error> {
-    let exists: bool = admin
-        .query_one("SELECT to_regclass('isoenv_template') IS NOT NULL", &[])?
+/// The keeper's loop (see [`super::keeper`]): while the runner lives, reset what needs it,
+/// then wait for the next release (or a second, to notice stale leases and the runner's exit).
+pub(super) fn keep(runner: ProcessId) -> Result<()> {
+    let pool = Pool::new()?;
+    let mut admin = pool.admin()?;
+    let err = |e: postgres::Error| server_error(&pool.url, e);
+    let locked: bool = admin
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&keeper::LOCK])
+        .map_err(err)?
         .get(0);
-    if !exists {
-        return Ok(None);
+    if !locked {
+        return Ok(()); // another keeper serves this server
     }
-    Ok(admin
-        .query_opt(
-            "SELECT reset, quick, quick_expected, full_check, expected FROM isoenv_template WHERE name = $1",
-            &[&name],
-        )?
-        .map(|row| Template {
-            name: name.to_owned(),
-            reset: row.get(0),
-            quick: row.get(1),
-            quick_expected: row.get(2),
-            full_check: row.get(3),
-            expected: row.get(4),
-        }))
+    admin.batch_execute("LISTEN isoenv_dirty").map_err(err)?;
+    while runner.is_alive() {
+        pool.reset_pending(&mut admin)?;
+        let mut wake = admin.notifications();
+        let second = std::time::Duration::from_secs(1);
+        if wake.timeout_iter(second).next().map_err(err)?.is_some() {
+            // Several releases may have woken us: one pass resets them all.
+            while wake.iter().next().map_err(err)?.is_some() {}
+        }
+    }
+    Ok(())
+}
+
+/// Claims a clone with a claim statement; `None` when none was free.
+fn claim(admin: &mut postgres::Client, sql: &str) -> Result<Option<Claim>, postgres::Error> {
+    let messages = admin.simple_query(sql)?;
+    Ok(messages.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(row) => Claim::of(row),
+        _ => None,
+    }))
+}
+
+/// Takes a clone of the template `template` that needs a reset.
+fn claim_needing_reset(template: &str) -> String {
+    format!(
+        "UPDATE isoenv_clone SET holder = pg_backend_pid(), since = clock_timestamp()
+         WHERE name = (SELECT name FROM isoenv_clone WHERE template = '{template}'
+                       AND ({NEEDS_RESET}) LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING name, true, catalog_writes"
+    )
+}
+
+/// A simple query's rows, statement by statement.
+fn statements<const N: usize>(
+    messages: &[postgres::SimpleQueryMessage],
+) -> [Vec<&postgres::SimpleQueryRow>; N] {
+    let mut out: [Vec<&postgres::SimpleQueryRow>; N] = std::array::from_fn(|_| Vec::new());
+    let mut i = 0;
+    for m in messages {
+        match m {
+            postgres::SimpleQueryMessage::Row(row) if i < N => out[i].push(row),
+            postgres::SimpleQueryMessage::CommandComplete(_) => i += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+fn load_sql(name: &str) -> String {
+    format!(
+        "SELECT reset, quick, quick_expected, full_check, expected FROM isoenv_template
+         WHERE name = '{name}'"
+    )
+}
+
+fn template_of(name: &str, row: &postgres::SimpleQueryRow) -> Option<Template> {
+    Some(Template {
+        name: name.to_owned(),
+        reset: row.get(0).map(str::to_owned),
+        quick: row.get(1)?.to_owned(),
+        quick_expected: row.get(2)?.to_owned(),
+        full_check: row.get(3)?.to_owned(),
+        expected: row.get(4)?.to_owned(),
+    })
+}
+
+/// The template's record (the tables exist: called during setup).
+fn load(admin: &mut postgres::Client, name: &str) -> Result<Option<Template>, postgres::Error> {
+    let messages = admin.simple_query(&load_sql(name))?;
+    let [rows] = statements(&messages);
+    Ok(rows.first().and_then(|r| template_of(name, r)))
 }
 
 /// Builds the template (a build that died half-way left an unmarked database: start again),

@@ -77,20 +77,23 @@ pub(super) fn in_use() {
 /// The files whose modification time says when this process last handed out a database.
 static ALIVE: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
 
-/// A test runner is this process's parent when cargo or nextest started it.
-fn owner() -> crate::Result<Owner> {
-    let me = ProcessId::of(std::process::id() as i32).map_err(|e| io(Path::new("/proc"), e))?;
-    let runner =
+/// The test runner: this process's parent, when cargo or nextest started it.
+pub(super) fn runner() -> Option<ProcessId> {
+    let started =
         std::env::var_os("NEXTEST_RUN_ID").is_some() || std::env::var_os("CARGO").is_some();
-    if runner {
-        let parent = nix::unistd::getppid().as_raw();
-        if let Ok(p) = ProcessId::of(parent) {
-            if parent > 1 {
-                return Ok(Owner::Run(p));
-            }
-        }
+    let parent = nix::unistd::getppid().as_raw();
+    (started && parent > 1)
+        .then(|| ProcessId::of(parent).ok())
+        .flatten()
+}
+
+fn owner() -> crate::Result<Owner> {
+    match runner() {
+        Some(runner) => Ok(Owner::Run(runner)),
+        None => ProcessId::of(std::process::id() as i32)
+            .map(Owner::Process)
+            .map_err(|e| io(Path::new("/proc"), e)),
     }
-    Ok(Owner::Process(me))
 }
 
 fn provision(engine: EngineKind) -> crate::Result<String> {
