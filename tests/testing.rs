@@ -9,6 +9,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use isoenv::engine::EngineKind;
 use isoenv::testing::{self, blocking, TestDb};
 
+mod common;
+
 /// The databases tests of this process hold right now: a handout must never be one of them.
 static HELD: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -344,5 +346,72 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
             Poll::Ready(v) => return v,
             Poll::Pending => std::thread::park(),
         }
+    }
+}
+
+/// What a runner that starts a process per test (nextest) gets with nothing exported: the
+/// run's processes share one server, made by the first; a keeper serves its pool; and once the
+/// runner exits, neither the server nor the keeper is left. The runner here is a shell running
+/// this binary once per test, as nextest does.
+#[test]
+fn a_plain_run_shares_one_server_and_leaves_no_process() {
+    let me = std::env::current_exe().unwrap();
+    let tests = ["postgres_db::c00", "postgres_db::c01", "postgres_db::c02"];
+    let script = tests
+        .iter()
+        .map(|t| format!("\"$BIN\" --exact {t} --quiet >/dev/null || exit 1\n"))
+        .collect::<String>();
+    let mut run = std::process::Command::new("sh");
+    run.args(["-c", &format!("{script}echo $$")])
+        .env("BIN", &me)
+        .env("NEXTEST_RUN_ID", "isoenv-plain-run")
+        .env_remove("ISOENV_POSTGRES_URL")
+        .env_remove("ISOENV_MYSQL_URL")
+        .env_remove("ISOENV_REDIS_URL");
+    let out = run.output().unwrap();
+    assert!(out.status.success(), "a test of the plain run failed");
+    let runner: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+
+    let state =
+        std::env::temp_dir().join(format!("isoenv-testing-{}/state", nix::unistd::geteuid()));
+    let servers: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("run-{runner}-")))
+        .collect();
+    assert_eq!(
+        servers.len(),
+        1,
+        "one server for the whole run: {servers:?}"
+    );
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state.join(&servers[0]).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let server = record["process"]["pid"].as_i64().unwrap() as i32;
+
+    let keeper = format!("ISOENV_TESTING_KEEPER=postgres:{runner}:");
+    let keepers = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| common::pid_alive(pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| String::from_utf8_lossy(&env).contains(&keeper))
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while common::pid_alive(server) || !keepers().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left after the run: server alive {}, keepers {:?}",
+            common::pid_alive(server),
+            keepers()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
