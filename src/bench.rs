@@ -86,6 +86,7 @@ fn fmt(value: f64, unit: &str) -> String {
         "x" => format!("{value:.2}x"),
         "ms" if value < 10.0 => format!("{value:.2} ms"),
         "ms" => format!("{value:.0} ms"),
+        "s" => format!("{value:.2} s"),
         _ => format!("{value:.0} {unit}"),
     }
 }
@@ -118,5 +119,6 @@ mod tests {
         let md = report.markdown();
         assert!(md.contains("| create | 1.50 ms | 1.50 ms | 1 |"), "{md}");
         assert!(md.contains("not measured: docker"), "{md}");
+        assert_eq!(fmt(2.345, "s"), "2.35 s");
     }
 }

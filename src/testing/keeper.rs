@@ -1,4 +1,4 @@
-//! The pool's keeper: one process per server and test run that gives released databases back
+//! The pools' keeper: one process per server and test run that gives released databases back
 //! clean while the tests go on. A test then releases its database with one statement (marked
 //! dirty), and the keeper resets it over connections it keeps warm, where a test process under
 //! nextest would have paid a new connection and cold caches for every reset.
@@ -20,7 +20,7 @@ use crate::testrun::url_var;
 /// Set on a keeper process: `ENGINE:RUNNER_PID:RUNNER_START_TIME`.
 const ENV: &str = "ISOENV_TESTING_KEEPER";
 
-/// The advisory lock a PostgreSQL keeper holds while it serves.
+/// The advisory lock a PostgreSQL keeper holds while it serves (MariaDB's is a named lock).
 pub(super) const LOCK: i64 = 0x6973_6f65_6b70; // "isoekp"
 
 #[used]
@@ -35,6 +35,7 @@ extern "C" fn entry() {
     };
     let served = std::panic::catch_unwind(|| match parse(&spec) {
         Some((EngineKind::Postgres, runner)) => super::postgres::keep(runner).is_ok(),
+        Some((EngineKind::Mysql, runner)) => super::mysql::keep(runner).is_ok(),
         _ => false,
     });
     std::process::exit(if matches!(served, Ok(true)) { 0 } else { 1 });

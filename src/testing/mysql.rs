@@ -12,20 +12,32 @@ use std::sync::Mutex;
 use mysql::prelude::Queryable;
 
 use super::{
-    migrations, pool_size, redact, shared, unique, with_database, Result, TestDb, TestingError,
+    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Result, TestDb,
+    TestingError,
 };
 use crate::engine::EngineKind;
+use crate::process::ProcessId;
 
 const SCHEMA: &str = "CREATE DATABASE IF NOT EXISTS isoenv;
     CREATE TABLE IF NOT EXISTS isoenv.template (schema_hash char(16) PRIMARY KEY,
         recyclable bool NOT NULL, tables longtext NOT NULL, expected text NOT NULL) ENGINE=InnoDB;
     CREATE TABLE IF NOT EXISTS isoenv.clone (name varchar(64) PRIMARY KEY,
-        schema_hash char(16) NOT NULL, holder bigint unsigned NULL) ENGINE=InnoDB";
+        schema_hash char(16) NOT NULL, holder bigint unsigned NULL,
+        dirty bool NOT NULL DEFAULT false) ENGINE=InnoDB";
 
-/// A free database, or one whose holder's connection is gone (connection ids are never reused).
-const CLAIM: &str = "SELECT name, holder IS NOT NULL FROM isoenv.clone WHERE schema_hash = ?
-    AND (holder IS NULL OR holder NOT IN (SELECT id FROM information_schema.PROCESSLIST))
-    ORDER BY holder IS NOT NULL LIMIT 1 FOR UPDATE SKIP LOCKED";
+/// A free clean database: the usual claim.
+const CLAIM_FREE: &str = "SELECT name, false FROM isoenv.clone WHERE schema_hash = ?
+    AND holder IS NULL AND NOT dirty LIMIT 1 FOR UPDATE SKIP LOCKED";
+
+/// A database that needs a reset: released and not reset yet, or its holder's connection is
+/// gone (a test process that died; connection ids are never reused).
+const CLAIM_NEEDING_RESET: &str = "SELECT name, true FROM isoenv.clone WHERE schema_hash = ?
+    AND ((holder IS NULL AND dirty)
+         OR holder NOT IN (SELECT id FROM information_schema.PROCESSLIST))
+    LIMIT 1 FOR UPDATE SKIP LOCKED";
+
+/// The lock a keeper holds while it serves (see [`super::keeper`]).
+const KEEPER_LOCK: &str = "isoenv_keeper";
 
 /// The schema as the information schema describes it, without the database's own name, so
 /// every database made from the same migrations has the same one. `AUTO_INCREMENT` is part of
@@ -101,6 +113,8 @@ pub(super) struct Pool {
     idle: Mutex<Vec<mysql::Conn>>,
     /// A connection into each database this process has reset, kept for its next reset.
     inside: Mutex<HashMap<String, mysql::Conn>>,
+    /// Whether a keeper resets released databases (else each release resets its own).
+    kept: bool,
 }
 
 impl Pool {
@@ -131,12 +145,23 @@ impl Pool {
                 built?
             }
         };
+        // A keeper that fails to start only means releases reset their databases themselves.
+        let kept = match server::runner() {
+            Some(runner) => {
+                let held: Option<bool> = admin
+                    .query_first(format!("SELECT IS_USED_LOCK('{KEEPER_LOCK}') IS NOT NULL"))
+                    .map_err(err)?;
+                held == Some(true) || keeper::spawn(EngineKind::Mysql, &url, runner).is_ok()
+            }
+            None => false,
+        };
         Ok(Pool {
             url,
             files,
             template,
             idle: Mutex::new(vec![admin]),
             inside: Mutex::new(HashMap::new()),
+            kept,
         })
     }
 
@@ -156,12 +181,17 @@ impl Pool {
 
     pub(super) fn handout(&'static self) -> Result<TestDb> {
         let mut admin = self.admin()?;
-        let claimed = claim(&mut admin, &self.template.hash).map_err(|e| self.error(e))?;
+        let hash = &self.template.hash;
+        let claimed = match claim(&mut admin, CLAIM_FREE, hash).map_err(|e| self.error(e))? {
+            Some(claimed) => Some(claimed),
+            None => claim(&mut admin, CLAIM_NEEDING_RESET, hash).map_err(|e| self.error(e))?,
+        };
         let name = match claimed {
             Some((name, dirty)) => {
-                // Its last holder died with it: give it back clean before handing it out.
-                if dirty && !self.reset(&name) {
-                    self.remake(&mut admin, &name)?;
+                if dirty {
+                    // Released but not reset yet, or its holder died with it: make it clean
+                    // before handing it out.
+                    self.make_clean(&mut admin, &name)?;
                 }
                 name
             }
@@ -170,7 +200,7 @@ impl Pool {
                 let name = format!("isoenv_c_{}", unique());
                 admin
                     .exec_drop(
-                        "INSERT INTO isoenv.clone VALUES (?, ?, CONNECTION_ID())",
+                        "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, CONNECTION_ID())",
                         (&name, &self.template.hash),
                     )
                     .map_err(|e| self.error(e))?;
@@ -191,6 +221,16 @@ impl Pool {
     /// Gives a database back: clean, or made again when its test changed more than rows.
     fn release(&self, name: &str) {
         let outcome = self.admin().and_then(|mut admin| {
+            if self.kept {
+                admin
+                    .exec_drop(
+                        "UPDATE isoenv.clone SET holder = NULL, dirty = true WHERE name = ?",
+                        (name,),
+                    )
+                    .map_err(|e| self.error(e))?;
+                self.put_back(admin);
+                return Ok(());
+            }
             let done = if self.reset(name) {
                 Ok(())
             } else {
@@ -198,7 +238,7 @@ impl Pool {
             };
             let freed = match done {
                 Ok(()) => admin.exec_drop(
-                    "UPDATE isoenv.clone SET holder = NULL WHERE name = ?",
+                    "UPDATE isoenv.clone SET holder = NULL, dirty = false WHERE name = ?",
                     (name,),
                 ),
                 Err(_) => admin.exec_drop("DELETE FROM isoenv.clone WHERE name = ?", (name,)),
@@ -247,6 +287,19 @@ impl Pool {
         clean
     }
 
+    /// Resets a claimed database, or makes it again, and marks it clean.
+    fn make_clean(&self, admin: &mut mysql::Conn, name: &str) -> Result<()> {
+        if !self.reset(name) {
+            self.remake(admin, name)?;
+        }
+        admin
+            .exec_drop(
+                "UPDATE isoenv.clone SET dirty = false WHERE name = ?",
+                (name,),
+            )
+            .map_err(|e| self.error(e))
+    }
+
     /// Makes the database `name` again from the migrations.
     fn remake(&self, admin: &mut mysql::Conn, name: &str) -> Result<()> {
         self.inside
@@ -264,9 +317,61 @@ impl Pool {
     }
 }
 
-fn claim(conn: &mut mysql::Conn, hash: &str) -> Result<Option<(String, bool)>, mysql::Error> {
+/// The keeper's loop (see [`super::keeper`]): while the runner lives, reset what needs it, then
+/// look again (MariaDB has no notifications; the look is one indexed query).
+pub(super) fn keep(runner: ProcessId) -> Result<()> {
+    let pool = Pool::new()?;
+    let mut admin = pool.admin()?;
+    let locked: Option<i64> = admin
+        .query_first(format!("SELECT GET_LOCK('{KEEPER_LOCK}', 0)"))
+        .map_err(|e| pool.error(e))?;
+    if locked != Some(1) {
+        return Ok(()); // another keeper serves this server
+    }
+    let hash = pool.template.hash.clone();
+    let mut checked = std::time::Instant::now();
+    while runner.is_alive() {
+        // Released databases are looked for often, with a cheap query; dead holders (the
+        // process list) once a second.
+        let released: Option<i64> = admin
+            .exec_first(
+                "SELECT 1 FROM isoenv.clone WHERE schema_hash = ? AND dirty AND holder IS NULL LIMIT 1",
+                (&hash,),
+            )
+            .map_err(|e| pool.error(e))?;
+        let look = released.is_some() || checked.elapsed() > std::time::Duration::from_secs(1);
+        let claimed = match look {
+            true => claim(&mut admin, CLAIM_NEEDING_RESET, &hash).map_err(|e| pool.error(e))?,
+            false => None,
+        };
+        match claimed {
+            Some((name, _)) => {
+                pool.make_clean(&mut admin, &name)?;
+                admin
+                    .exec_drop(
+                        "UPDATE isoenv.clone SET holder = NULL WHERE name = ?",
+                        (&name,),
+                    )
+                    .map_err(|e| pool.error(e))?;
+            }
+            None => {
+                if look {
+                    checked = std::time::Instant::now();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn claim(
+    conn: &mut mysql::Conn,
+    sql: &str,
+    hash: &str,
+) -> Result<Option<(String, bool)>, mysql::Error> {
     let mut tx = conn.start_transaction(mysql::TxOpts::default())?;
-    let claimed: Option<(String, bool)> = tx.exec_first(CLAIM, (hash,))?;
+    let claimed: Option<(String, bool)> = tx.exec_first(sql, (hash,))?;
     if let Some((name, _)) = &claimed {
         tx.exec_drop(
             "UPDATE isoenv.clone SET holder = CONNECTION_ID() WHERE name = ?",
@@ -401,7 +506,7 @@ fn build(
         .map_err(err)?;
     admin
         .exec_drop(
-            "INSERT INTO isoenv.clone VALUES (?, ?, NULL)",
+            "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, NULL)",
             (&first, hash),
         )
         .map_err(err)?;
@@ -432,7 +537,7 @@ fn build(
         create(admin, &name, files).map_err(|e| create_error(url, e))?;
         admin
             .exec_drop(
-                "INSERT INTO isoenv.clone VALUES (?, ?, NULL)",
+                "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, NULL)",
                 (&name, hash),
             )
             .map_err(err)?;

@@ -49,8 +49,9 @@ struct Plan {
     cold: usize,
     pgbench_secs: u32,
     handouts: usize,
-    /// Interleaved rounds of the test-suite comparison.
+    /// Interleaved rounds of the test-suite comparison, and its suite sizes.
     suite_rounds: usize,
+    suite_sizes: &'static [usize],
 }
 
 pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
@@ -61,6 +62,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
             pgbench_secs: 2,
             handouts: 20,
             suite_rounds: 1,
+            suite_sizes: &[50],
         }
     } else {
         Plan {
@@ -69,6 +71,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
             pgbench_secs: 5,
             handouts: 100,
             suite_rounds: 3,
+            suite_sizes: &[50, 200],
         }
     };
     let target = project_root().join("target");
@@ -185,7 +188,7 @@ impl Bench {
                 &ws,
                 &self.scratch,
                 self.plan.suite_rounds,
-                self.plan.suite_rounds == 1,
+                self.plan.suite_sizes,
                 &mut report,
             )?;
         }
@@ -529,23 +532,20 @@ impl Bench {
         Ok(())
     }
 
-    /// The handout bench (`benches/handout.rs`), with and without the pool.
+    /// The handout bench (`benches/handout.rs`): tests that hold their database 150 ms, and
+    /// tests shorter than any clone (1 ms), where only recycling keeps the pool from running dry.
     fn handouts(&self, report: &mut Report) -> Result<()> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        for pool in [None, Some("0")] {
+        for hold in ["150", "1"] {
             progress(&format!(
-                "per-test handouts ({}); builds the bench once",
-                if pool.is_some() {
-                    "without pool"
-                } else {
-                    "pool"
-                }
+                "per-test handouts, tests held {hold} ms; builds the bench once"
             ));
             let mut cmd = Command::new(&cargo);
             cmd.args(["bench", "-q", "--bench", "handout"])
                 .current_dir(project_root())
                 .env("ISOENV_BENCH_JSON", "1")
                 .env("ISOENV_BENCH_RUNS", self.plan.handouts.to_string())
+                .env("ISOENV_BENCH_HOLD_MS", hold)
                 .stderr(Stdio::inherit());
             for var in [
                 "DATABASE_URL",
@@ -555,9 +555,6 @@ impl Bench {
                 "ISOENV_REDIS_URL",
             ] {
                 cmd.env_remove(var);
-            }
-            if let Some(size) = pool {
-                cmd.env("ISOENV_POOL_SIZE", size);
             }
             let out = cmd.output()?;
             if !out.status.success() {

@@ -54,10 +54,10 @@ impl Variant {
 }
 
 /// What one configuration is: runner, N, variant.
-fn configurations(quick: bool) -> Vec<(Runner, usize, Variant)> {
+fn configurations(sizes: &[usize]) -> Vec<(Runner, usize, Variant)> {
     let mut all = Vec::new();
     for runner in [Runner::Cargo, Runner::Nextest] {
-        for n in if quick { vec![50] } else { vec![50, 200] } {
+        for &n in sizes {
             for v in [
                 Variant::Floor,
                 Variant::Isoenv,
@@ -86,7 +86,7 @@ pub(super) fn run(
     ws: &Workspace,
     scratch: &Path,
     rounds: usize,
-    quick: bool,
+    sizes: &[usize],
     report: &mut Report,
 ) -> Result<()> {
     let crate_dir = prepare(scratch)?;
@@ -104,8 +104,13 @@ pub(super) fn run(
             bail!("building the suite failed (cargo {})", args.join(" "));
         }
     }
+    // Owned by this process, as `test --isolated` makes it: disposable (no fsync).
+    let me = isoenv::process::ProcessId::of(std::process::id() as i32)?;
     ws.create(
-        &CreateOptions::server("suite", EngineKind::Postgres, BackendKind::Lightweight),
+        &CreateOptions {
+            owner: Some(me),
+            ..CreateOptions::server("suite", EngineKind::Postgres, BackendKind::Lightweight)
+        },
         &|_| {},
     )?;
     let url = ws.url("suite")?;
@@ -138,7 +143,7 @@ pub(super) fn run(
         bail!("cannot migrate the floor's database");
     }
 
-    let configs = configurations(quick);
+    let configs = configurations(sizes);
     let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let handouts = scratch.join("handouts");
     let mut handout_ms = Vec::new();
