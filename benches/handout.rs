@@ -1,6 +1,6 @@
 //! Per-test database handout latency of `isoenv::testing`, per engine: p50 and p95 over many
 //! handouts, each held for a "test" of `ISOENV_BENCH_HOLD_MS` (default 150) while released
-//! databases are reset in the background; a hold of 1 ms is a test shorter than any clone.
+//! databases are reset in the background; a hold of 10 ms is a test shorter than any clone.
 //! `cargo bench --bench handout`; `ISOENV_BENCH_JSON=1` prints one JSON measurement per line
 //! (what `cargo xtask bench` reads) and `ISOENV_BENCH_RUNS` sets the number of handouts.
 

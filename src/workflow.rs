@@ -3,6 +3,7 @@
 //! what is allowed where, what a status means) are pure functions tested on their own.
 
 mod containers;
+mod spare;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -411,11 +412,14 @@ impl Workspace {
         save(&state, &layout)?;
         finish(&layout)?;
         cleanup.disarm();
+        if let Some(t) = &template {
+            spare::refill(t, &self.root);
+        }
         Ok(self.info(&state, &layout))
     }
 
-    /// Makes the environment's files: data (from the cached template), run, log, config,
-    /// credentials and the activate script.
+    /// Makes the environment's files: data (a spare copy of the cached template, else a copy
+    /// made now), run, log, config, credentials and the activate script.
     fn build(
         &self,
         state: &EnvState,
@@ -429,6 +433,7 @@ impl Workspace {
             fs::create_dir_all(dir)?;
         }
         match template {
+            Some(t) if spare::take(t, &layout.data) => {}
             Some(t) => copy_tree(t, &layout.data, user)?,
             None => {
                 fs::create_dir(&layout.data)?;
@@ -594,9 +599,11 @@ impl Workspace {
 
     /// Removes what dead owners left: environments whose owner process is gone (a `test
     /// --isolated` run killed with SIGKILL), and directories a killed `create` left without a
-    /// record. Returns the names removed. Live and unowned environments are never touched.
+    /// record (and spare data directories whose copier was killed). Returns the names removed.
+    /// Live and unowned environments are never touched.
     pub fn gc(&self) -> Result<Vec<String>> {
         self.guard(Action::Destroy, "collect environments")?;
+        spare::collect(&self.cache);
         let mut removed = Vec::new();
         for name in self.names()? {
             let layout = self.layout(&name);

@@ -351,3 +351,59 @@ fn gc_collects_only_what_dead_owners_left() {
     );
     sb.ws.destroy("kept").unwrap();
 }
+
+/// A create leaves a spare copy of the cached data directory (made in the background); the
+/// next create renames it into place instead of copying, and the environment works like any
+/// other. A spare left half-made is not taken.
+#[test]
+fn the_next_create_takes_the_spare_data_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let cache = reachable_tempdir();
+    let sb = sandbox(&[("ISOENV_CACHE_DIR", cache.path().to_str().unwrap())]);
+    sb.ws
+        .create(&opts("first", EngineKind::Postgres), &no_progress)
+        .unwrap();
+    let spare = || -> Option<std::path::PathBuf> {
+        fs::read_dir(cache.path())
+            .ok()?
+            .flatten()
+            .filter_map(|key| fs::read_dir(key.path().join("spares")).ok())
+            .flatten()
+            .flatten()
+            .find(|s| !s.file_name().to_string_lossy().starts_with('.'))
+            .map(|s| s.path())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let made = loop {
+        if let Some(s) = spare() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no spare was made");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let inode = fs::metadata(&made).unwrap().ino();
+    sb.ws
+        .create(&opts("second", EngineKind::Postgres), &no_progress)
+        .unwrap();
+    let data = sb.root().join("second/data");
+    assert_eq!(
+        fs::metadata(&data).unwrap().ino(),
+        inode,
+        "the spare was not taken"
+    );
+    let url = sb.ws.url("second").unwrap();
+    write(EngineKind::Postgres, &url, "from-a-spare");
+    assert_eq!(read(EngineKind::Postgres, &url), ["from-a-spare"]);
+    // The refill after the second create: wait for it, so nothing is copying when we leave.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while spare().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare after the second create"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for name in ["first", "second"] {
+        sb.ws.destroy(name).unwrap();
+    }
+}

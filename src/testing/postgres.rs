@@ -57,15 +57,21 @@ const RELEASE_DIRTY: &str = "WITH r AS (UPDATE isoenv_clone SET holder = NULL, s
 /// Signals every other session in the clone to end (a test's leftover connections must not
 /// write after the reset) and says how many there were. `pg_terminate_backend`'s own wait polls
 /// every 100 ms, so [`OTHERS`] is asked instead until none is left.
+/// The pools' own idle connections (named [`POOL_CONNECTION`]) are left alone: they write
+/// nothing while idle, and ending them would make the next reset of this clone in that process
+/// pay a new connection.
 const TERMINATE: &str = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_get_activity(NULL) \
     WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-    AND pid <> pg_backend_pid()";
+    AND pid <> pg_backend_pid() AND application_name <> 'isoenv-pool'";
 
 /// The other sessions still in the clone. A session leaves this list only after its statistics
 /// are flushed, which [`CATALOG_WRITES`] relies on.
 const OTHERS: &str = "SELECT count(*) FROM pg_stat_get_activity(NULL) \
     WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-    AND pid <> pg_backend_pid()";
+    AND pid <> pg_backend_pid() AND application_name <> 'isoenv-pool'";
+
+/// The `application_name` of the pools' own connections.
+const POOL_CONNECTION: &str = "isoenv-pool";
 
 /// Rows written to this database's own catalogs, as the statistics count them: zero in a new
 /// clone, and unchanged by a reset. A session's counts are flushed when it exits, and every
@@ -811,8 +817,15 @@ fn last_value(messages: &[postgres::SimpleQueryMessage]) -> Option<&str> {
     })
 }
 
+/// A connection of the pool's own (named [`POOL_CONNECTION`]).
 fn connect(url: &str) -> Result<postgres::Client> {
-    postgres::Client::connect(url, postgres::NoTls).map_err(|e| server_error(url, e))
+    url.parse::<postgres::Config>()
+        .and_then(|mut config| {
+            config
+                .application_name(POOL_CONNECTION)
+                .connect(postgres::NoTls)
+        })
+        .map_err(|e| server_error(url, e))
 }
 
 fn server_error(url: &str, e: postgres::Error) -> TestingError {
@@ -822,5 +835,77 @@ fn server_error(url: &str, e: postgres::Error) -> TestingError {
         message: e
             .as_db_error()
             .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relation(name: &str, table: bool, seed: Option<&str>) -> Relation {
+        Relation {
+            name: name.into(),
+            table,
+            seed: seed.map(|rows| Seed {
+                rows: rows.into(),
+                columns: "id, name".into(),
+                hash: "h0".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn empty_tables_are_emptied_seeds_put_back_and_sequences_set() {
+        let plan = reset_plan(
+            &[
+                relation("public.orders", true, None),
+                relation("public.kinds", true, Some(r#"[{"id":1,"name":"a"}]"#)),
+                relation("public.totals", false, None),
+            ],
+            &["PERFORM setval('public.orders_id_seq', 1, false);".into()],
+            true,
+        );
+        let reset = plan.reset.expect("recyclable");
+        assert!(reset.starts_with("SET LOCAL session_replication_role = replica; DO $isoenv$"));
+        assert!(reset.contains(
+            "IF EXISTS (SELECT 1 FROM ONLY public.orders) THEN DELETE FROM ONLY public.orders; END IF;"
+        ));
+        assert!(
+            reset.contains("FROM ONLY public.kinds x) <> 'h0' THEN DELETE FROM ONLY public.kinds;")
+        );
+        assert!(reset.contains(
+            r#"INSERT INTO public.kinds (id, name) OVERRIDING SYSTEM VALUE SELECT id, name FROM json_populate_recordset(NULL::public.kinds, $isoenv_seed$[{"id":1,"name":"a"}]$isoenv_seed$)"#
+        ));
+        assert!(reset.contains("PERFORM setval('public.orders_id_seq', 1, false);"));
+        assert!(
+            !reset.contains("public.totals"),
+            "a materialized view is only checked"
+        );
+        // The quick check: catalog writes, pg_class, then the seeded relations' hashes.
+        assert!(plan
+            .quick
+            .starts_with(&format!("SELECT {CATALOG_WRITES}, ")));
+        assert!(plan.quick.contains("FROM pg_catalog.pg_class)"));
+        assert!(plan.quick.contains("FROM ONLY public.kinds x)"));
+        assert!(plan.quick.contains("FROM public.totals x)"));
+        for catalog in CATALOGS {
+            assert!(plan
+                .full_check
+                .contains(&format!("FROM pg_catalog.{catalog})")));
+        }
+        assert!(plan.full_check.contains("nspname !~ '^pg_(toast_)?temp_'"));
+    }
+
+    #[test]
+    fn a_schema_that_cannot_be_reset_makes_every_release_a_new_clone() {
+        let table = [relation("public.t", true, None)];
+        assert!(reset_plan(&table, &[], false).reset.is_none());
+        let quoted = [relation("public.t", true, Some("[\"$isoenv_seed$\"]"))];
+        assert!(reset_plan(&quoted, &[], true).reset.is_none());
+    }
+
+    #[test]
+    fn statements_are_split_per_command() {
+        assert_eq!(statements::<2>(&[]).map(|s| s.len()), [0, 0]);
     }
 }
