@@ -431,6 +431,38 @@ impl Pool {
         Ok(())
     }
 
+    /// Makes one more clone if the pool holds fewer than [`pool_size`]; whether it did.
+    fn top_up(&self, admin: &mut postgres::Client) -> Result<bool> {
+        let err = |e: postgres::Error| server_error(&self.url, e);
+        let have: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM isoenv_clone WHERE template = $1",
+                &[&self.template.name],
+            )
+            .map_err(err)?
+            .get(0);
+        if have >= pool_size() as i64 {
+            return Ok(false);
+        }
+        // Recorded as held first: if the keeper dies half-way, the claimer that finds the
+        // stale lease makes the clone again.
+        let name = format!("isoenv_c_{}", unique());
+        admin
+            .execute(
+                "INSERT INTO isoenv_clone VALUES ($1, $2, pg_backend_pid(), clock_timestamp())",
+                &[&name, &self.template.name],
+            )
+            .map_err(err)?;
+        self.remake(admin, &name)?;
+        admin
+            .execute(
+                "UPDATE isoenv_clone SET holder = NULL, since = NULL WHERE name = $1",
+                &[&name],
+            )
+            .map_err(err)?;
+        Ok(true)
+    }
+
     /// Makes the clone `name` again from the template.
     fn remake(&self, admin: &mut postgres::Client, name: &str) -> Result<()> {
         self.inside
@@ -463,8 +495,20 @@ pub(super) fn keep(runner: ProcessId) -> Result<()> {
         return Ok(()); // another keeper serves this server
     }
     admin.batch_execute("LISTEN isoenv_dirty").map_err(err)?;
+    // Setting the pool up claimed a clone for a first handout that will not come.
+    if let Some(first) = pool.first.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        admin
+            .execute(
+                "UPDATE isoenv_clone SET holder = NULL, since = NULL WHERE name = $1",
+                &[&first.name],
+            )
+            .map_err(err)?;
+    }
     while runner.is_alive() {
         pool.reset_pending(&mut admin)?;
+        if pool.top_up(&mut admin)? {
+            continue;
+        }
         let mut wake = admin.notifications();
         let second = std::time::Duration::from_secs(1);
         if wake.timeout_iter(second).next().map_err(err)?.is_some() {
@@ -591,7 +635,8 @@ fn build(
         )
         .map_err(err)?;
     collect_old(admin, name).map_err(err)?;
-    for _ in 0..pool_size() {
+    // One for the first handout; the keeper makes the rest in the background.
+    for _ in 0..pool_size().min(1) {
         let clone = format!("isoenv_c_{}", unique());
         admin
             .batch_execute(&format!("CREATE DATABASE {clone} TEMPLATE {name}"))

@@ -55,9 +55,10 @@ pub(super) fn refill(template: &Path, state_root: &Path) {
     let tmp = dir.join(format!(".tmp-{id}"));
     let done = dir.join(id);
     let mut cp = Command::new("sh");
+    // At the lowest priority: whatever the new environment's user does next comes first.
     cp.args([
         "-c",
-        "cp -a \"$1\" \"$2\" && mv \"$2\" \"$3\" || rm -rf \"$2\"",
+        "nice -n 19 cp -a \"$1\" \"$2\" && mv \"$2\" \"$3\" || rm -rf \"$2\"",
         "sh",
     ])
     .arg(template)
