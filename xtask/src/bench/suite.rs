@@ -169,17 +169,23 @@ pub(super) fn run(
                 ]),
             };
             cmd.env("SUITE_SERVER_URL", &url)
-                .env("SUITE_HANDOUTS", &handouts)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .env("SUITE_HANDOUTS", &handouts);
             if v == Variant::Isoenv {
                 cmd.env("ISOENV_POSTGRES_URL", &url);
             }
             let t = Instant::now();
-            let status = cmd.status()?;
+            // Output goes to a file (a pipe nobody reads could fill and stall the run).
+            let log = scratch.join("suite.log");
+            let out = std::fs::File::create(&log)?;
+            let status = cmd.stdout(out.try_clone()?).stderr(out).status()?;
             let elapsed = t.elapsed().as_secs_f64();
             if !status.success() {
-                bail!("the suite failed: {}", name(runner, n, v));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!(
+                    "the suite failed: {}\n{}",
+                    name(runner, n, v),
+                    isoenv::process::tail(&text, 40)
+                );
             }
             seconds[i].push(elapsed);
             if v == Variant::Isoenv && n == 50 {
