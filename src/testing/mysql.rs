@@ -30,11 +30,16 @@ const CLAIM_FREE: &str = "SELECT name, false FROM isoenv.clone WHERE schema_hash
     AND holder IS NULL AND NOT dirty LIMIT 1 FOR UPDATE SKIP LOCKED";
 
 /// A database that needs a reset: released and not reset yet, or its holder's connection is
-/// gone (a test process that died; connection ids are never reused).
+/// gone (a test process that died).
 const CLAIM_NEEDING_RESET: &str = "SELECT name, true FROM isoenv.clone WHERE schema_hash = ?
-    AND ((holder IS NULL AND dirty)
-         OR holder NOT IN (SELECT id FROM information_schema.PROCESSLIST))
+    AND ((holder IS NULL AND dirty) OR (STALE))
     LIMIT 1 FOR UPDATE SKIP LOCKED";
+
+/// The holder's connection is gone. Connection ids only grow, and the process list is read
+/// once: a holder newer than every listed connection connected after that read, so only
+/// older ones are judged.
+const STALE: &str = "holder NOT IN (SELECT ID FROM information_schema.PROCESSLIST)
+    AND holder < (SELECT MAX(ID) FROM information_schema.PROCESSLIST)";
 
 /// The lock a keeper holds while it serves (see [`super::keeper`]).
 const KEEPER_LOCK: &str = "isoenv_keeper";
@@ -184,7 +189,7 @@ impl Pool {
         let hash = &self.template.hash;
         let claimed = match claim(&mut admin, CLAIM_FREE, hash).map_err(|e| self.error(e))? {
             Some(claimed) => Some(claimed),
-            None => claim(&mut admin, CLAIM_NEEDING_RESET, hash).map_err(|e| self.error(e))?,
+            None => claim(&mut admin, &claim_needing_reset(), hash).map_err(|e| self.error(e))?,
         };
         let name = match claimed {
             Some((name, dirty)) => {
@@ -341,7 +346,7 @@ pub(super) fn keep(runner: ProcessId) -> Result<()> {
             .map_err(|e| pool.error(e))?;
         let look = released.is_some() || checked.elapsed() > std::time::Duration::from_secs(1);
         let claimed = match look {
-            true => claim(&mut admin, CLAIM_NEEDING_RESET, &hash).map_err(|e| pool.error(e))?,
+            true => claim(&mut admin, &claim_needing_reset(), &hash).map_err(|e| pool.error(e))?,
             false => None,
         };
         match claimed {
@@ -363,6 +368,10 @@ pub(super) fn keep(runner: ProcessId) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn claim_needing_reset() -> String {
+    CLAIM_NEEDING_RESET.replace("STALE", STALE)
 }
 
 fn claim(
@@ -512,8 +521,7 @@ fn build(
         .map_err(err)?;
     let stale: Vec<String> = admin
         .exec(
-            "SELECT name FROM isoenv.clone WHERE schema_hash <> ? AND (holder IS NULL
-                 OR holder NOT IN (SELECT id FROM information_schema.PROCESSLIST))",
+            format!("SELECT name FROM isoenv.clone WHERE schema_hash <> ? AND (holder IS NULL OR ({STALE}))"),
             (hash,),
         )
         .map_err(err)?;

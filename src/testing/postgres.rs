@@ -47,8 +47,13 @@ const KEEPER_HELD: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype 
 
 /// Which clones need a reset: released ones the keeper has not reset yet, and those whose
 /// holder's connection is gone (a test process that died).
-const NEEDS_RESET: &str = "(dirty AND holder IS NULL) OR (holder IS NOT NULL AND NOT EXISTS (
-    SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since))";
+const NEEDS_RESET: &str = "(dirty AND holder IS NULL) OR (holder IS NOT NULL AND STALE)";
+
+/// The lease's holder has gone. `pg_stat_activity` is read once per transaction, after it
+/// began: a lease taken since (`since >= now()`) may belong to a backend that read missed, so
+/// only older leases are judged.
+const STALE: &str = "since < now() AND NOT EXISTS (
+    SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since)";
 
 /// Sets the released clone `NAME` aside for the keeper and wakes it: one round trip.
 const RELEASE_DIRTY: &str = "WITH r AS (UPDATE isoenv_clone SET holder = NULL, since = NULL,
@@ -533,8 +538,9 @@ fn claim_needing_reset(template: &str) -> String {
     format!(
         "UPDATE isoenv_clone SET holder = pg_backend_pid(), since = clock_timestamp()
          WHERE name = (SELECT name FROM isoenv_clone WHERE template = '{template}'
-                       AND ({NEEDS_RESET}) LIMIT 1 FOR UPDATE SKIP LOCKED)
-         RETURNING name, true, catalog_writes"
+                       AND ({}) LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING name, true, catalog_writes",
+        NEEDS_RESET.replace("STALE", STALE)
     )
 }
 
@@ -822,9 +828,10 @@ struct Plan {
 /// of theirs is left.
 fn collect_old(admin: &mut postgres::Client, current: &str) -> Result<(), postgres::Error> {
     let stale = admin.query(
-        "DELETE FROM isoenv_clone c WHERE template <> $1 AND (holder IS NULL OR NOT EXISTS (
-             SELECT 1 FROM pg_stat_activity a WHERE a.pid = holder AND a.backend_start <= since))
-         RETURNING name",
+        &format!(
+            "DELETE FROM isoenv_clone c WHERE template <> $1 AND (holder IS NULL OR ({STALE}))
+             RETURNING name"
+        ),
         &[&current],
     )?;
     for row in stale {
