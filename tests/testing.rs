@@ -155,6 +155,32 @@ fn reclaim(engine: EngineKind, name: &str) -> (TestDb, Vec<TestDb>) {
     }
 }
 
+/// A PostgreSQL test database held for a probe: its name, a connection to the server's
+/// `postgres` database, its oid (a remade database has a new one), and a connection into it.
+struct Probe {
+    db: TestDb,
+    name: String,
+    admin: postgres::Client,
+    oid: Option<u32>,
+    c: postgres::Client,
+}
+
+fn probe(case: &str) -> Probe {
+    let db = claim(EngineKind::Postgres, case);
+    let name = db.name().to_owned();
+    let mut admin =
+        postgres::Client::connect(&admin_url(&db, "postgres"), postgres::NoTls).unwrap();
+    let oid = pg_oid(&mut admin, &name);
+    let c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    Probe {
+        db,
+        name,
+        admin,
+        oid,
+        c,
+    }
+}
+
 fn pg_owners(url: &str) -> Vec<String> {
     let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
     c.query("SELECT owner FROM accounts", &[])
@@ -169,26 +195,22 @@ fn pg_owners(url: &str) -> Vec<String> {
 /// table is the session's, not the schema's: it does not stop the recycling.
 #[test]
 fn a_released_postgres_database_is_recycled_clean() {
-    let db = claim(EngineKind::Postgres, "recycled");
-    let name = db.name().to_owned();
-    let mut admin =
-        postgres::Client::connect(&admin_url(&db, "postgres"), postgres::NoTls).unwrap();
-    let oid = pg_oid(&mut admin, &name);
-    let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
-    c.batch_execute(
+    let mut p = probe("recycled");
+    p.c.batch_execute(
         "CREATE TEMP TABLE scratch (x int);
          INSERT INTO accounts (owner) VALUES ('recycled-marker')",
     )
     .unwrap();
-    give_back(db);
-    let (again, _held) = reclaim(EngineKind::Postgres, &name);
+    give_back(p.db);
+    let (again, _held) = reclaim(EngineKind::Postgres, &p.name);
     assert_eq!(
-        pg_oid(&mut admin, &name),
-        oid,
-        "{name} was remade, not recycled"
+        pg_oid(&mut p.admin, &p.name),
+        p.oid,
+        "{} was remade, not recycled",
+        p.name
     );
     assert!(
-        c.simple_query("SELECT 1").is_err(),
+        p.c.simple_query("SELECT 1").is_err(),
         "the test's connection outlived its release"
     );
     assert_eq!(pg_owners(again.url()), ["seed"]);
@@ -198,24 +220,20 @@ fn a_released_postgres_database_is_recycled_clean() {
 /// sees neither.
 #[test]
 fn a_postgres_database_changed_beyond_its_rows_is_remade() {
-    let db = claim(EngineKind::Postgres, "ddl");
-    let name = db.name().to_owned();
-    let mut admin =
-        postgres::Client::connect(&admin_url(&db, "postgres"), postgres::NoTls).unwrap();
-    let oid = pg_oid(&mut admin, &name);
-    let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
-    c.batch_execute(
+    let mut p = probe("ddl");
+    p.c.batch_execute(
         "CREATE TABLE ddl_probe (x int); UPDATE accounts SET owner = 'tampered' WHERE owner = 'seed';
          ALTER TABLE accounts ADD COLUMN probe int",
     )
     .unwrap();
-    drop(c);
-    give_back(db);
-    let (again, _held) = reclaim(EngineKind::Postgres, &name);
+    drop(p.c);
+    give_back(p.db);
+    let (again, _held) = reclaim(EngineKind::Postgres, &p.name);
     assert_ne!(
-        pg_oid(&mut admin, &name),
-        oid,
-        "{name} was handed back with a changed schema"
+        pg_oid(&mut p.admin, &p.name),
+        p.oid,
+        "{} was handed back with a changed schema",
+        p.name
     );
     let mut c = postgres::Client::connect(again.url(), postgres::NoTls).unwrap();
     let probe: bool = c

@@ -316,17 +316,7 @@ impl Pool {
                 }
             }
             // More tests at once than clones so far: one more, which stays in the pool.
-            None => {
-                let name = format!("isoenv_c_{}", unique());
-                admin
-                    .execute(
-                        "INSERT INTO isoenv_clone VALUES ($1, $2, pg_backend_pid(), clock_timestamp())",
-                        &[&name, &self.template.name],
-                    )
-                    .map_err(err)?;
-                self.remake(&mut admin, &name)?;
-                (name, 0)
-            }
+            None => (self.new_clone(&mut admin)?, 0),
         };
         self.put_back(admin);
         let released = name.clone();
@@ -436,6 +426,20 @@ impl Pool {
         Ok(())
     }
 
+    /// Makes one more clone, held by `admin`'s connection. It is recorded as held first: if
+    /// this process dies half-way, the claimer that finds the stale lease makes it again.
+    fn new_clone(&self, admin: &mut postgres::Client) -> Result<String> {
+        let name = format!("isoenv_c_{}", unique());
+        admin
+            .execute(
+                "INSERT INTO isoenv_clone VALUES ($1, $2, pg_backend_pid(), clock_timestamp())",
+                &[&name, &self.template.name],
+            )
+            .map_err(|e| server_error(&self.url, e))?;
+        self.remake(admin, &name)?;
+        Ok(name)
+    }
+
     /// Makes one more clone if the pool holds fewer than [`pool_size`]; whether it did.
     fn top_up(&self, admin: &mut postgres::Client) -> Result<bool> {
         let err = |e: postgres::Error| server_error(&self.url, e);
@@ -449,16 +453,7 @@ impl Pool {
         if have >= pool_size() as i64 {
             return Ok(false);
         }
-        // Recorded as held first: if the keeper dies half-way, the claimer that finds the
-        // stale lease makes the clone again.
-        let name = format!("isoenv_c_{}", unique());
-        admin
-            .execute(
-                "INSERT INTO isoenv_clone VALUES ($1, $2, pg_backend_pid(), clock_timestamp())",
-                &[&name, &self.template.name],
-            )
-            .map_err(err)?;
-        self.remake(admin, &name)?;
+        let name = self.new_clone(admin)?;
         admin
             .execute(
                 "UPDATE isoenv_clone SET holder = NULL, since = NULL WHERE name = $1",
