@@ -379,16 +379,40 @@ fn a_plain_run_shares_one_server_and_leaves_no_process() {
         .iter()
         .map(|t| format!("\"$BIN\" --exact {t} --quiet >/dev/null || exit 1\n"))
         .collect::<String>();
+    // The runner lingers a little after its tests, as nextest does while it reports.
     let mut run = std::process::Command::new("sh");
-    run.args(["-c", &format!("{script}echo $$")])
+    run.args(["-c", &format!("{script}sleep 2")])
         .env("BIN", &me)
         .env("NEXTEST_RUN_ID", "isoenv-plain-run")
         .env_remove("ISOENV_POSTGRES_URL")
         .env_remove("ISOENV_MYSQL_URL")
         .env_remove("ISOENV_REDIS_URL");
-    let out = run.output().unwrap();
-    assert!(out.status.success(), "a test of the plain run failed");
-    let runner: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let mut child = run.spawn().unwrap();
+    let runner = child.id() as i32;
+    let keeper = format!("ISOENV_TESTING_KEEPER=postgres:{runner}:");
+    let keepers = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| common::pid_alive(pid))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| String::from_utf8_lossy(&env).contains(&keeper))
+            })
+            .collect()
+    };
+    // The first test process starts a keeper for the run's pool.
+    let mut served = false;
+    let status = loop {
+        served |= !keepers().is_empty();
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "a test of the plain run failed");
+    assert!(served, "no keeper served the run");
 
     let state =
         std::env::temp_dir().join(format!("isoenv-testing-{}/state", nix::unistd::geteuid()));
@@ -409,19 +433,6 @@ fn a_plain_run_shares_one_server_and_leaves_no_process() {
     .unwrap();
     let server = record["process"]["pid"].as_i64().unwrap() as i32;
 
-    let keeper = format!("ISOENV_TESTING_KEEPER=postgres:{runner}:");
-    let keepers = || -> Vec<i32> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&pid| common::pid_alive(pid))
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| String::from_utf8_lossy(&env).contains(&keeper))
-            })
-            .collect()
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while common::pid_alive(server) || !keepers().is_empty() {
         assert!(
