@@ -257,6 +257,28 @@ fn shared<P: Sync>(
     Ok(p)
 }
 
+/// Connections a pool keeps open between uses. Leases name the connection that claimed them,
+/// so admin connections stay here for the process's lifetime rather than being closed.
+struct Idle<C>(Mutex<Vec<C>>);
+
+impl<C> Idle<C> {
+    fn new(first: C) -> Self {
+        Idle(Mutex::new(vec![first]))
+    }
+
+    /// A kept connection that is still `open`, else a new one.
+    fn take(&self, open: fn(&C) -> bool, connect: impl FnOnce() -> Result<C>) -> Result<C> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            Some(c) if open(&c) => Ok(c),
+            _ => connect(),
+        }
+    }
+
+    fn put(&self, c: C) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+    }
+}
+
 /// How many databases a pool makes ahead of time when its schema is first set up
 /// (`ISOENV_POOL_SIZE`, default: two per CPU, for the tests running at once and those just
 /// released, which the keeper is resetting). Released databases are given back clean, so a

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use mysql::prelude::Queryable;
 
 use super::{
-    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Result, TestDb,
-    TestingError,
+    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Idle, Result,
+    TestDb, TestingError,
 };
 use crate::engine::EngineKind;
 use crate::process::ProcessId;
@@ -113,9 +113,7 @@ pub(super) struct Pool {
     url: String,
     files: Vec<(PathBuf, String)>,
     template: Template,
-    /// Idle admin connections. Leases name the connection that claimed them, so these stay
-    /// open for the process's lifetime.
-    idle: Mutex<Vec<mysql::Conn>>,
+    idle: Idle<mysql::Conn>,
     /// A connection into each database this process has reset, kept for its next reset.
     inside: Mutex<HashMap<String, mysql::Conn>>,
     /// Whether a keeper resets released databases (else each release resets its own).
@@ -164,24 +162,18 @@ impl Pool {
             url,
             files,
             template,
-            idle: Mutex::new(vec![admin]),
+            idle: Idle::new(admin),
             inside: Mutex::new(HashMap::new()),
             kept,
         })
     }
 
     fn admin(&self) -> Result<mysql::Conn> {
-        match self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            Some(c) => Ok(c),
-            None => connect(&self.url),
-        }
+        self.idle.take(|_| true, || connect(&self.url))
     }
 
     fn put_back(&self, admin: mysql::Conn) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(admin);
+        self.idle.put(admin);
     }
 
     pub(super) fn handout(&'static self) -> Result<TestDb> {

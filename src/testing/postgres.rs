@@ -11,8 +11,8 @@ use postgres::fallible_iterator::FallibleIterator;
 use std::sync::Mutex;
 
 use super::{
-    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Result, TestDb,
-    TestingError,
+    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Idle, Result,
+    TestDb, TestingError,
 };
 use crate::engine::EngineKind;
 use crate::process::ProcessId;
@@ -176,9 +176,7 @@ struct Template {
 pub(super) struct Pool {
     url: String,
     template: Template,
-    /// Idle admin connections. Leases name the backend that claimed them, so these stay open
-    /// for the process's lifetime.
-    idle: Mutex<Vec<postgres::Client>>,
+    idle: Idle<postgres::Client>,
     /// A connection into each clone this process has reset, kept for its next reset.
     inside: Mutex<HashMap<String, postgres::Client>>,
     /// Whether a keeper resets released clones (else each release resets its own).
@@ -257,7 +255,7 @@ impl Pool {
         Ok(Pool {
             url,
             template,
-            idle: Mutex::new(vec![admin]),
+            idle: Idle::new(admin),
             inside: Mutex::new(HashMap::new()),
             kept,
             first: Mutex::new(first),
@@ -265,17 +263,11 @@ impl Pool {
     }
 
     fn admin(&self) -> Result<postgres::Client> {
-        match self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            Some(c) if !c.is_closed() => Ok(c),
-            _ => connect(&self.url),
-        }
+        self.idle.take(|c| !c.is_closed(), || connect(&self.url))
     }
 
     fn put_back(&self, admin: postgres::Client) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(admin);
+        self.idle.put(admin);
     }
 
     pub(super) fn handout(&'static self) -> Result<TestDb> {
@@ -302,16 +294,7 @@ impl Pool {
                 } else {
                     // Released but not reset yet, or its holder died with it: make it clean
                     // before handing it out.
-                    let now = match self.reset(&name, writes) {
-                        Some(now) => now,
-                        None => self.remake(&mut admin, &name).map(|()| 0)?,
-                    };
-                    admin
-                        .execute(
-                            "UPDATE isoenv_clone SET dirty = false WHERE name = $1",
-                            &[&name],
-                        )
-                        .map_err(err)?;
+                    let now = self.make_clean(&mut admin, &name, writes, false)?;
                     (name, now)
                 }
             }
@@ -338,19 +321,13 @@ impl Pool {
                 self.put_back(admin);
                 return Ok(());
             }
-            let done = match self.reset(name, writes) {
-                Some(now) => Ok(now),
-                None => self.remake(&mut admin, name).map(|()| 0),
-            };
-            let freed = match done {
-                Ok(now) => admin.execute(
-                    "UPDATE isoenv_clone SET holder = NULL, since = NULL, dirty = false, catalog_writes = $2
-                     WHERE name = $1",
-                    &[&name, &now],
-                ),
-                Err(_) => admin.execute("DELETE FROM isoenv_clone WHERE name = $1", &[&name]),
-            };
-            freed.map_err(|e| server_error(&self.url, e))?;
+            let done = self.make_clean(&mut admin, name, writes, true);
+            if done.is_err() {
+                // It could not be made again: out of the pool.
+                admin
+                    .execute("DELETE FROM isoenv_clone WHERE name = $1", &[&name])
+                    .map_err(|e| server_error(&self.url, e))?;
+            }
             self.put_back(admin);
             done.map(drop)
         });
@@ -411,19 +388,36 @@ impl Pool {
         while let Some(Claim { name, writes, .. }) =
             claim(admin, &claim_needing_reset(&self.template.name)).map_err(err)?
         {
-            let now = match self.reset(&name, writes) {
-                Some(now) => now,
-                None => self.remake(admin, &name).map(|()| 0)?,
-            };
-            admin
-                .execute(
-                    "UPDATE isoenv_clone SET holder = NULL, since = NULL, dirty = false,
-                         catalog_writes = $2 WHERE name = $1",
-                    &[&name, &now],
-                )
-                .map_err(err)?;
+            self.make_clean(admin, &name, writes, true)?;
         }
         Ok(())
+    }
+
+    /// Resets a claimed clone (`writes`: its catalog writes at the last reset), or makes it
+    /// again, and records it clean; freed too (the lease ended) when `free`. Its catalog writes
+    /// now.
+    fn make_clean(
+        &self,
+        admin: &mut postgres::Client,
+        name: &str,
+        writes: i64,
+        free: bool,
+    ) -> Result<i64> {
+        let now = match self.reset(name, writes) {
+            Some(now) => now,
+            None => self.remake(admin, name).map(|()| 0)?,
+        };
+        let sql = match free {
+            true => {
+                "UPDATE isoenv_clone SET holder = NULL, since = NULL, dirty = false,
+                     catalog_writes = $2 WHERE name = $1"
+            }
+            false => "UPDATE isoenv_clone SET dirty = false, catalog_writes = $2 WHERE name = $1",
+        };
+        admin
+            .execute(sql, &[&name, &now])
+            .map_err(|e| server_error(&self.url, e))?;
+        Ok(now)
     }
 
     /// Makes one more clone, held by `admin`'s connection. It is recorded as held first: if

@@ -125,11 +125,10 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
     let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
     let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
     ws.gc()?;
-    let running = ws
-        .inspect(&name)
-        .is_ok_and(|info| info.status == Status::Running);
-    if !running {
-        if ws.inspect(&name).is_ok() {
+    let alive = ws.layout(&name).dir.join("alive");
+    let found = ws.inspect(&name).map(|info| info.status);
+    if found.as_ref().ok() != Some(&Status::Running) {
+        if found.is_ok() {
             ws.destroy(&name)?;
         }
         let opts = CreateOptions {
@@ -137,7 +136,6 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
             ..CreateOptions::server(&name, engine, BackendKind::Lightweight)
         };
         let info = ws.create(&opts, &|_| {})?;
-        let alive = info.dir.join("alive");
         fs::write(&alive, b"").map_err(|e| io(&alive, e))?;
         if let Some(pid) = info.pid {
             let server = ProcessId::of(pid).map_err(|e| io(Path::new("/proc"), e))?;
@@ -145,7 +143,6 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
                 .map_err(|e| io(&alive, e))?;
         }
     }
-    let alive = ws.layout(&name).dir.join("alive");
     ALIVE
         .get_or_init(Default::default)
         .lock()
