@@ -11,6 +11,8 @@ pub mod activate;
 pub mod backend;
 pub mod bench;
 pub mod cgroup;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod docker;
 pub mod doctor;

@@ -15,7 +15,9 @@ use isoenv::process::ServiceUser;
 use isoenv::workflow::{CreateOptions, Workspace};
 use isoenv::{EnvironmentConfig, Vars};
 
-use crate::{project_root, Context};
+use isoenv::cli::Context;
+
+use crate::project_root;
 
 mod suite;
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use xshell::{cmd, Shell};
 
-pub fn run(ctx: &crate::Context) -> Result<ExitCode> {
+pub fn run(ctx: &isoenv::cli::Context) -> Result<ExitCode> {
     let sh = Shell::new()?;
     sh.change_dir(crate::project_root());
     cmd!(sh, "cargo fmt --all -- --check").run()?;
@@ -16,5 +16,5 @@ pub fn run(ctx: &crate::Context) -> Result<ExitCode> {
     )
     .run()?;
     cmd!(sh, "cargo xtask env check --env-file .env.example").run()?;
-    crate::test::run(ctx, crate::test::TestArgs::ci())
+    isoenv::cli::test::run(ctx, isoenv::cli::test::TestArgs::ci())
 }

@@ -2,13 +2,13 @@
 
 use std::process::ExitCode;
 
+use crate::config::{EnvironmentConfig, SshTunnel};
+use crate::{doctor, envfile, shell};
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use isoenv::config::{EnvironmentConfig, SshTunnel};
-use isoenv::{doctor, envfile, shell};
 use serde_json::json;
 
-use crate::Context;
+use super::Context;
 
 #[derive(Args)]
 pub struct EnvArgs {
@@ -167,7 +167,7 @@ pub fn check(ctx: &Context) -> Result<ExitCode> {
         }
         Err(e)
             if e.kind() == std::io::ErrorKind::NotFound
-                && matches!(ctx.env_file, isoenv::EnvFile::Default(_)) =>
+                && matches!(ctx.env_file, crate::EnvFile::Default(_)) =>
         {
             println!(
                 "{}: not present; checking the process environment only",

@@ -6,12 +6,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::hooks::{self, HookState};
 use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
-use isoenv::hooks::{self, HookState};
 use xshell::{cmd, Shell};
 
-use crate::Context;
+use super::Context;
 
 #[derive(Subcommand)]
 pub enum HooksCommand {
@@ -135,7 +135,7 @@ fn pre_commit(ctx: &Context, sh: &Shell) -> Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
-    if crate::env::check(ctx)? != ExitCode::SUCCESS {
+    if super::env::check(ctx)? != ExitCode::SUCCESS {
         return Ok(ExitCode::FAILURE);
     }
     let rust: Vec<&str> = staged

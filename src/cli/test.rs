@@ -7,17 +7,17 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::backend::BackendKind;
+use crate::engine::EngineKind;
+use crate::process::ProcessId;
+use crate::testrun;
+use crate::workflow::{self, CreateOptions, Workspace};
 use anyhow::{Context as _, Result};
 use clap::Args;
-use isoenv::backend::BackendKind;
-use isoenv::engine::EngineKind;
-use isoenv::process::ProcessId;
-use isoenv::testrun;
-use isoenv::workflow::{self, CreateOptions, Workspace};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
-use crate::Context;
+use super::Context;
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -25,10 +25,10 @@ pub struct TestArgs {
     #[arg(long)]
     isolated: bool,
     /// Backend for the databases (default: from ENVIRONMENT).
-    #[arg(long, value_parser = crate::db::parse::<BackendKind>)]
+    #[arg(long, value_parser = super::db::parse::<BackendKind>)]
     backend: Option<BackendKind>,
     /// Engines to provision (repeatable; default: postgres).
-    #[arg(long = "engine", value_parser = crate::db::parse::<EngineKind>)]
+    #[arg(long = "engine", value_parser = super::db::parse::<EngineKind>)]
     engines: Vec<EngineKind>,
     /// Run `cargo nextest run` instead of `cargo test`.
     #[arg(long)]
@@ -81,7 +81,7 @@ pub fn stop_requested() -> Option<i32> {
 pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
     // Before anything is made: from here on, Ctrl-C and SIGTERM end in the teardown below.
     trap_stop_signals()?;
-    let mut command = test_command(&args);
+    let mut command = test_command(ctx, &args);
     if !args.isolated {
         return Ok(exit_code(wait(command.spawn()?)?));
     }
@@ -154,7 +154,7 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
     result
 }
 
-fn test_command(args: &TestArgs) -> Command {
+fn test_command(ctx: &Context, args: &TestArgs) -> Command {
     // The cargo that runs us (rust-analyzer's xtask convention), so toolchains stay consistent.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -163,7 +163,7 @@ fn test_command(args: &TestArgs) -> Command {
     } else {
         cmd.arg("test");
     }
-    cmd.args(&args.args).current_dir(crate::project_root());
+    cmd.args(&args.args).current_dir(&ctx.root);
     // Its own process group, so that we decide how it is stopped; and if we are SIGKILLed, the
     // kernel stops it for us.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

@@ -2,13 +2,13 @@
 
 use std::process::ExitCode;
 
+use crate::backend::BackendKind;
+use crate::engine::EngineKind;
+use crate::workflow::{CreateOptions, Down, EnvInfo, UpOutcome, Workspace};
 use anyhow::Result;
 use clap::Subcommand;
-use isoenv::backend::BackendKind;
-use isoenv::engine::EngineKind;
-use isoenv::workflow::{CreateOptions, Down, EnvInfo, UpOutcome, Workspace};
 
-use crate::Context;
+use super::Context;
 
 #[derive(Subcommand)]
 pub enum DbCommand {
@@ -215,7 +215,7 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
             let leftovers = match ws.gc_containers() {
                 Ok(l) => l,
-                Err(isoenv::Error::Docker(e @ isoenv::docker::DockerError::Unreachable { .. })) => {
+                Err(crate::Error::Docker(e @ crate::docker::DockerError::Unreachable { .. })) => {
                     progress(&format!("containers not checked: {e}"));
                     Vec::new()
                 }
@@ -310,7 +310,7 @@ fn print_inspect(e: &EnvInfo) {
     }
 }
 
-fn print_isolation(iso: &isoenv::backend::Isolation, backend: BackendKind) {
+fn print_isolation(iso: &crate::backend::Isolation, backend: BackendKind) {
     println!("manifest: {}", iso.manifest_file.display());
     let m = match &iso.manifest {
         Ok(m) => m,

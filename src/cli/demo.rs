@@ -6,17 +6,17 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::{Command, ExitCode};
 
+use crate::backend::BackendKind;
+use crate::engine::EngineKind;
+use crate::process::ProcessId;
+use crate::workflow::{CreateOptions, Workspace};
+use crate::EnvironmentConfig;
 use anyhow::{Context as _, Result};
 use clap::Args;
-use isoenv::backend::BackendKind;
-use isoenv::engine::EngineKind;
-use isoenv::process::ProcessId;
-use isoenv::workflow::{CreateOptions, Workspace};
-use isoenv::EnvironmentConfig;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::test::{stop_requested, trap_stop_signals};
-use crate::{project_root, Context};
+use super::test::{stop_requested, trap_stop_signals};
+use super::Context;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -27,16 +27,17 @@ pub struct DemoArgs {
 
 pub fn run(ctx: &Context, args: DemoArgs) -> Result<ExitCode> {
     trap_stop_signals()?;
-    let root = project_root()
+    let root = ctx
+        .root
         .join("target")
         .join(format!("isoenv-demo-{}", std::process::id()));
     std::fs::create_dir_all(&root)?;
-    isoenv::files::set_mode(&root, 0o755)?;
+    crate::files::set_mode(&root, 0o755)?;
     let vars = ctx
         .vars()?
         .with("ENVIRONMENT", "development")
         .with("WASI_SANDBOX_DIR", root.display().to_string());
-    let config = EnvironmentConfig::from_vars(&vars, &project_root())?;
+    let config = EnvironmentConfig::from_vars(&vars, &ctx.root)?;
     let ws = Workspace::new(&config, vars);
     let tour = Tour {
         ws: &ws,
@@ -141,7 +142,7 @@ impl Tour<'_> {
                 println!("    {verb} {}", image.reference);
                 self.backend(BackendKind::Docker)?;
             }
-            Err(isoenv::Error::Docker(e)) => {
+            Err(crate::Error::Docker(e)) => {
                 say(&format!("The docker backend needs a Docker engine: {e}"))
             }
             Err(e) => return Err(e.into()),

@@ -2,13 +2,13 @@
 
 use std::process::ExitCode;
 
+use crate::engine::EngineKind;
+use crate::workflow::Workspace;
 use anyhow::Result;
 use clap::Subcommand;
-use isoenv::engine::EngineKind;
-use isoenv::workflow::Workspace;
 
-use crate::db::parse;
-use crate::Context;
+use super::db::parse;
+use super::Context;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
