@@ -1,10 +1,10 @@
 use std::path::PathBuf;
 
+use crate::backend::docker::client::DockerError;
+use crate::backend::ssh_tunnel::TunnelError;
 use crate::config::{ConfigError, Environment};
-use crate::docker::DockerError;
 use crate::envfile::EnvFileError;
 use crate::remote::CheckError;
-use crate::tunnel::Hop;
 
 /// Library errors. Each says what went wrong, where, and how to fix it; none holds a password.
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +43,8 @@ pub enum Error {
         context: String,
         cause: std::io::Error,
     },
-    #[error("ssh tunnel {route} failed at the {hop} hop: {detail}\n  fix: {advice}")]
-    Tunnel {
-        route: String,
-        hop: Hop,
-        detail: String,
-        advice: String,
-    },
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
     #[error("{target}: {cause}\n  fix: {advice}")]
     Database {
         /// The database, as a URL without the password.

@@ -1,40 +1,34 @@
 //! isoenv: isolated, real databases (PostgreSQL, MariaDB/MySQL, Redis) on demand for a
-//! repository, driven by one `.env`.
+//! repository, driven by one `.env`. Imports run one way, top to bottom:
 //!
-//! - [`config`]: the environment configuration (development, staging, production).
-//! - [`engine`]: what each database needs to be initialized, started, probed and stopped.
-//! - [`backend`]: how a server is isolated.
+//! - [`cli`]: the command line any repository's xtask (or the `isoenv` binary) can be.
+//! - [`testing`]: per-test databases from a pool of template clones.
+//! - [`workspace`]: the verbs (create, start, stop, destroy, list, `up`/`down`, gc) composed
+//!   from what follows.
 //! - [`state`]: what is recorded about each environment.
-//! - [`workflow`]: create/start/stop/destroy/list and `up`/`down`, composed from the above.
+//! - [`backend`]: *where* a server runs (a local process, a namespace sandbox, a container, an
+//!   SSH tunnel to one elsewhere), one contract for all of them.
+//! - [`config`] and [`remote`]: the profile (development, staging, production) from `.env`, and
+//!   read-only checks of databases isoenv does not run.
+//! - [`engine`]: *what* runs: how each database is initialized, started, probed and stopped.
+//! - [`layout`], [`envfile`]: an environment's paths; `.env` as variables.
+//! - [`sys`]: the operating system's side (processes, files, secrets, ports, locks).
 
-pub mod activate;
 pub mod backend;
 pub mod bench;
-pub mod cgroup;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
-pub mod docker;
-pub mod doctor;
 pub mod engine;
 pub mod envfile;
 pub mod error;
-pub mod files;
-pub mod hooks;
-pub mod libs;
-pub mod manifest;
-pub mod net;
-pub mod process;
+pub mod layout;
 pub mod remote;
-pub mod sandbox;
-pub mod secret;
-pub mod shell;
 pub mod state;
+pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod testrun;
-pub mod tunnel;
-pub mod workflow;
+pub mod workspace;
 
 pub use config::{DatabaseConfig, Environment, EnvironmentConfig, Problem};
 pub use envfile::{EnvFile, Vars};

@@ -1,113 +1,17 @@
-//! Environment state on disk: the state root, one directory per environment, its machine-readable
-//! record, its status, and the per-environment lock.
-//!
-//! ```text
-//! <root>/<name>/state.json     record (no secrets)        <root>/.locks/<name>.lock
-//!              /credentials    password (0600)            <root>/.cache/<engine>-<version>-<hash>/
-//!              /bin/activate   venv-style script (0600)
-//!              /data/ run/ log/server.log
-//! ```
+//! An environment's machine-readable record on disk (its paths are [`crate::layout`]).
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendKind;
+use crate::backend::ssh_tunnel::TunnelSpec;
+use crate::backend::{BackendKind, Status};
 use crate::engine::EngineKind;
-use crate::process::ProcessId;
-use crate::tunnel::TunnelSpec;
+use crate::layout::Layout;
+use crate::sys::process::ProcessId;
 
 pub const SCHEMA: u32 = 1;
-const MAX_NAME: usize = 48;
-/// `sun_path` is 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
-
-/// The paths of one environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
-    pub dir: PathBuf,
-    pub data: PathBuf,
-    pub run: PathBuf,
-    pub bin: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Layout {
-    pub fn new(dir: PathBuf) -> Self {
-        Layout {
-            data: dir.join("data"),
-            run: dir.join("run"),
-            bin: dir.join("bin"),
-            log: dir.join("log").join("server.log"),
-            dir,
-        }
-    }
-    pub fn state_file(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-    pub fn credentials_file(&self) -> PathBuf {
-        self.dir.join("credentials")
-    }
-    pub fn activate(&self) -> PathBuf {
-        self.bin.join("activate")
-    }
-
-    /// Present while `create` builds the environment: if it is there and nobody holds the
-    /// lock, the creator died half-way and the directory is garbage.
-    pub fn creating_marker(&self) -> PathBuf {
-        self.dir.join(".creating")
-    }
-
-    /// Makes the environment's directory, marked as being created.
-    pub fn make_dir(&self) -> io::Result<()> {
-        fs::create_dir(&self.dir)?;
-        File::create(self.creating_marker()).map(drop)
-    }
-
-    /// The environment is complete: removes the marker.
-    pub fn finish(&self) -> io::Result<()> {
-        fs::remove_file(self.creating_marker())
-    }
-
-    /// The longest socket path an engine creates in `run/` (PostgreSQL's `.s.PGSQL.NNNNN.lock`).
-    pub fn check_socket_room(&self) -> Result<(), String> {
-        let longest = self.run.join(".s.PGSQL.65535.lock");
-        let len = longest.as_os_str().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(format!(
-                "{} is {len} bytes, longer than a Unix socket path may be ({MAX_SOCKET_PATH}); set WASI_SANDBOX_DIR to a shorter path",
-                longest.display()
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Environment names become directory names, container names and URL parts: `[A-Za-z0-9]`
-/// first, then `[A-Za-z0-9._-]`, at most 48 characters.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let reason = if name.is_empty() {
-        "it is empty".to_owned()
-    } else if name.len() > MAX_NAME {
-        format!("it is longer than {MAX_NAME} characters")
-    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        "it must start with a letter or digit".to_owned()
-    } else if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        format!("it contains `{c}`; use letters, digits, `.`, `_` and `-`")
-    } else if name.contains("..") {
-        "it contains `..`".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(reason)
-}
 
 /// What isoenv records about an environment. Secrets live in `credentials`, not here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,32 +57,6 @@ pub struct ContainerRecord {
     pub started: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Status {
-    Running,
-    Stopped,
-    Crashed,
-    EnvOnly,
-    /// Its container was removed behind isoenv's back (`start` makes it again).
-    Missing,
-    /// Its Docker engine cannot be reached.
-    Unknown,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Running => "running",
-            Status::Stopped => "stopped",
-            Status::Crashed => "crashed",
-            Status::EnvOnly => "env-only",
-            Status::Missing => "missing",
-            Status::Unknown => "unknown",
-        }
-    }
-}
-
 impl EnvState {
     /// The status given whether the recorded process is alive: a pure decision.
     pub fn status(&self, alive: impl Fn(&ProcessId) -> bool) -> Status {
@@ -210,89 +88,13 @@ impl EnvState {
 
     /// Writes atomically (temp file + rename): a reader never sees half a record.
     pub fn save(&self, layout: &Layout) -> io::Result<()> {
-        crate::files::write_atomic(&layout.state_file(), &serde_json::to_vec_pretty(self)?)
-    }
-}
-
-/// An exclusive, non-blocking lock on one name, held until dropped. The lock file is removed on
-/// release; the inode check on acquire makes that safe against a racing holder.
-pub struct Lock {
-    path: PathBuf,
-    _flock: Flock<File>,
-}
-
-#[derive(Debug)]
-pub enum LockError {
-    Busy,
-    Io(io::Error),
-}
-
-impl Lock {
-    pub fn try_acquire(path: PathBuf) -> Result<Self, LockError> {
-        Self::acquire(path, FlockArg::LockExclusiveNonblock)
-    }
-
-    pub fn wait(path: PathBuf) -> Result<Self, LockError> {
-        Self::acquire(path, FlockArg::LockExclusive)
-    }
-
-    fn acquire(path: PathBuf, arg: FlockArg) -> Result<Self, LockError> {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(LockError::Io)?;
-        }
-        loop {
-            let file = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(LockError::Io)?;
-            let flock = match Flock::lock(file, arg) {
-                Ok(f) => f,
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(LockError::Busy),
-                Err((_, e)) => return Err(LockError::Io(e.into())),
-            };
-            let held = flock.metadata().map_err(LockError::Io)?.ino();
-            // The previous holder may have unlinked the file between our open and our lock.
-            if fs::metadata(&path).is_ok_and(|m| m.ino() == held) {
-                return Ok(Lock {
-                    path,
-                    _flock: flock,
-                });
-            }
-        }
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        crate::sys::files::write_atomic(&layout.state_file(), &serde_json::to_vec_pretty(self)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        for ok in ["dev", "a", "pg-15_test.1", &"x".repeat(48)] {
-            assert_eq!(validate_name(ok), Ok(()), "{ok}");
-        }
-        for bad in [
-            "",
-            "..",
-            "a/b",
-            "a b",
-            "-x",
-            ".hidden",
-            "a..b",
-            &"x".repeat(49),
-            "é",
-        ] {
-            assert!(validate_name(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn status_is_decided_from_the_record_and_liveness() {
@@ -328,29 +130,5 @@ mod tests {
         s.owner = Some(p);
         assert!(!s.orphaned(|_| true));
         assert!(s.orphaned(|_| false));
-    }
-
-    #[test]
-    fn lock_is_exclusive_and_removed_on_release() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("locks/x.lock");
-        let held = Lock::try_acquire(path.clone()).unwrap();
-        assert!(matches!(
-            Lock::try_acquire(path.clone()),
-            Err(LockError::Busy)
-        ));
-        drop(held);
-        assert!(!path.exists());
-        assert!(Lock::try_acquire(path).is_ok());
-    }
-
-    #[test]
-    fn socket_room() {
-        assert!(Layout::new("/tmp/x/dev".into()).check_socket_room().is_ok());
-        let deep = PathBuf::from(format!("/{}", "d".repeat(100)));
-        assert!(Layout::new(deep)
-            .check_socket_room()
-            .unwrap_err()
-            .contains("WASI_SANDBOX_DIR"));
     }
 }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use isoenv::backend::BackendKind;
+use isoenv::backend::Status;
 use isoenv::engine::EngineKind;
-use isoenv::state::Status;
-use isoenv::workflow::CreateOptions;
+use isoenv::workspace::CreateOptions;
 use isoenv::Error;
 
 fn opts(name: &str, engine: EngineKind) -> CreateOptions {
@@ -309,7 +309,7 @@ fn gc_collects_only_what_dead_owners_left() {
         .arg("30")
         .spawn()
         .unwrap();
-    let owner_id = isoenv::process::ProcessId::of(owner.id() as i32).unwrap();
+    let owner_id = isoenv::sys::process::ProcessId::of(owner.id() as i32).unwrap();
     let owned = sb
         .ws
         .create(

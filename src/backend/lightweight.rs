@@ -4,7 +4,7 @@
 use std::io;
 
 use super::{Backend, BackendKind, Spawn};
-use crate::process::ProcessId;
+use crate::sys::process::ProcessId;
 
 pub struct Lightweight;
 

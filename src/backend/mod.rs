@@ -4,8 +4,9 @@
 
 pub mod docker;
 mod lightweight;
-mod sandbox;
-mod ssh;
+pub mod manifest;
+pub mod sandbox;
+pub mod ssh_tunnel;
 
 use std::fmt;
 use std::io;
@@ -16,11 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use nix::sys::signal::Signal;
 
-use crate::cgroup::Enforcement;
 use crate::engine::{Binaries, Engine};
-use crate::manifest::Manifest;
-use crate::process::{Launch, ProcessId, ServiceUser};
-use crate::state::Layout;
+use crate::layout::Layout;
+use crate::sys::process::{Launch, ProcessId, ServiceUser};
+use manifest::Manifest;
 
 pub use sandbox::manifest_file;
 
@@ -50,7 +50,7 @@ impl BackendKind {
         match self {
             BackendKind::Lightweight => &lightweight::Lightweight,
             BackendKind::Sandbox => &sandbox::Sandbox,
-            BackendKind::SshTunnel => &ssh::SshTunnel,
+            BackendKind::SshTunnel => &ssh_tunnel::SshTunnel,
             BackendKind::Docker => &docker::Docker,
         }
     }
@@ -96,6 +96,15 @@ pub struct Spawn<'a> {
     pub port: u16,
 }
 
+/// What [`Plan::apply`] achieved: one line per limit, true only when the kernel took the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    pub limit: String,
+    pub value: String,
+    pub via: String,
+    pub enforced: bool,
+}
+
 /// What confines an environment, as `inspect` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Isolation {
@@ -107,6 +116,33 @@ pub struct Isolation {
     pub init_pid: Option<i32>,
     /// Each limit and whether the kernel enforces it right now.
     pub limits: Vec<Enforcement>,
+}
+
+/// Whether an environment's server runs, as its backend tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Running,
+    Stopped,
+    Crashed,
+    EnvOnly,
+    /// Its container was removed behind isoenv's back (`start` makes it again).
+    Missing,
+    /// Its Docker engine cannot be reached.
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+            Status::Crashed => "crashed",
+            Status::EnvOnly => "env-only",
+            Status::Missing => "missing",
+            Status::Unknown => "unknown",
+        }
+    }
 }
 
 pub trait Backend: Sync {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use crate::backend::BackendKind;
 use crate::engine::EngineKind;
-use crate::workflow::{CreateOptions, Down, EnvInfo, UpOutcome, Workspace};
+use crate::workspace::{CreateOptions, Down, EnvInfo, UpOutcome, Workspace};
 use anyhow::Result;
 use clap::Subcommand;
 
@@ -215,7 +215,9 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
             let leftovers = match ws.gc_containers() {
                 Ok(l) => l,
-                Err(crate::Error::Docker(e @ crate::docker::DockerError::Unreachable { .. })) => {
+                Err(crate::Error::Docker(
+                    e @ crate::backend::docker::client::DockerError::Unreachable { .. },
+                )) => {
                     progress(&format!("containers not checked: {e}"));
                     Vec::new()
                 }

@@ -8,8 +8,8 @@ use std::process::{Command, ExitCode};
 
 use crate::backend::BackendKind;
 use crate::engine::EngineKind;
-use crate::process::ProcessId;
-use crate::workflow::{CreateOptions, Workspace};
+use crate::sys::process::ProcessId;
+use crate::workspace::{CreateOptions, Workspace};
 use crate::EnvironmentConfig;
 use anyhow::{Context as _, Result};
 use clap::Args;
@@ -32,7 +32,7 @@ pub fn run(ctx: &Context, args: DemoArgs) -> Result<ExitCode> {
         .join("target")
         .join(format!("isoenv-demo-{}", std::process::id()));
     std::fs::create_dir_all(&root)?;
-    crate::files::set_mode(&root, 0o755)?;
+    crate::sys::files::set_mode(&root, 0o755)?;
     let vars = ctx
         .vars()?
         .with("ENVIRONMENT", "development")

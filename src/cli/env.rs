@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use crate::config::{EnvironmentConfig, SshTunnel};
-use crate::{doctor, envfile, shell};
+use crate::envfile;
+use crate::sys::shell;
+use crate::workspace::doctor;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde_json::json;

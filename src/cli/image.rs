@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use crate::engine::EngineKind;
-use crate::workflow::Workspace;
+use crate::workspace::Workspace;
 use anyhow::Result;
 use clap::Subcommand;
 

@@ -115,12 +115,12 @@ pub fn main(name: &'static str, root: PathBuf) -> ExitCode {
 /// single-threaded and bypass everything else. Call it first in `main`.
 pub fn sandbox_supervisor() -> Option<ExitCode> {
     let mut args = std::env::args();
-    if args.nth(1).as_deref() != Some(crate::sandbox::SUPERVISOR_COMMAND) {
+    if args.nth(1).as_deref() != Some(crate::backend::sandbox::supervisor::SUPERVISOR_COMMAND) {
         return None;
     }
     let request = args.next().unwrap_or_default();
     Some(ExitCode::from(
-        crate::sandbox::supervise(&request).clamp(0, 255) as u8,
+        crate::backend::sandbox::supervisor::supervise(&request).clamp(0, 255) as u8,
     ))
 }
 

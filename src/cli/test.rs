@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendKind;
 use crate::engine::EngineKind;
-use crate::process::ProcessId;
-use crate::testrun;
-use crate::workflow::{self, CreateOptions, Workspace};
+use crate::sys::process::ProcessId;
+use crate::workspace::test_run;
+use crate::workspace::{self, CreateOptions, Workspace};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use nix::sys::signal::{self, SigHandler, Signal};
@@ -87,22 +87,22 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
     }
     let vars = ctx.vars()?;
     let config = ctx.config(&vars)?;
-    if let (true, Some(url)) = (config.is_prod(), vars.get(testrun::SHARED_VAR)) {
+    if let (true, Some(url)) = (config.is_prod(), vars.get(test_run::SHARED_VAR)) {
         // Explicitly configured: isoenv provisions and removes nothing here.
         eprintln!(
             "isoenv: production: using the shared test database from {}",
-            testrun::SHARED_VAR
+            test_run::SHARED_VAR
         );
-        command.envs(testrun::shared_env(url).map_err(anyhow::Error::msg)?);
+        command.envs(test_run::shared_env(url).map_err(anyhow::Error::msg)?);
         return Ok(exit_code(wait(command.spawn()?)?));
     }
     let ws = Workspace::new(&config, vars);
     let me = ProcessId::of(std::process::id() as i32)?;
     let run_id = format!("{}{:04x}", me.pid, rand_suffix());
-    let plan = testrun::plan(
+    let plan = test_run::plan(
         config.environment(),
         args.backend,
-        workflow::local_backend(&config),
+        workspace::local_backend(&config),
         &args.engines,
         &run_id,
     )
@@ -129,7 +129,7 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
             exports.push((*engine, ws.exports(name)?));
         }
         stopped()?;
-        command.envs(testrun::child_env(&exports));
+        command.envs(test_run::child_env(&exports));
         Ok(exit_code(wait(
             command.spawn().context("cannot start the test command")?,
         )?))

@@ -15,9 +15,9 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::envfile::Vars;
-use crate::process::{Launch, ServiceUser};
-use crate::secret::Secret;
-use crate::state::Layout;
+use crate::layout::Layout;
+use crate::sys::process::{Launch, ServiceUser};
+use crate::sys::secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

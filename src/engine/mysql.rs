@@ -12,9 +12,9 @@ use super::{
     Credentials, Endpoint, Engine, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
-use crate::process::{Launch, ServiceUser};
-use crate::secret::{write_private, Secret};
-use crate::state::Layout;
+use crate::layout::Layout;
+use crate::sys::process::{Launch, ServiceUser};
+use crate::sys::secret::{write_private, Secret};
 
 pub struct Mysql;
 

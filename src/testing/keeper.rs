@@ -14,8 +14,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use crate::engine::EngineKind;
-use crate::process::ProcessId;
-use crate::testrun::url_var;
+use crate::sys::process::ProcessId;
+use crate::workspace::test_run::url_var;
 
 /// Set on a keeper process: `ENGINE:RUNNER_PID:RUNNER_START_TIME`.
 const ENV: &str = "ISOENV_TESTING_KEEPER";

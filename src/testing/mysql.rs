@@ -16,7 +16,7 @@ use super::{
     TestDb, TestingError,
 };
 use crate::engine::EngineKind;
-use crate::process::ProcessId;
+use crate::sys::process::ProcessId;
 
 const SCHEMA: &str = "CREATE DATABASE IF NOT EXISTS isoenv;
     CREATE TABLE IF NOT EXISTS isoenv.template (schema_hash char(16) PRIMARY KEY,

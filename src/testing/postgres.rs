@@ -15,7 +15,7 @@ use super::{
     TestDb, TestingError,
 };
 use crate::engine::EngineKind;
-use crate::process::ProcessId;
+use crate::sys::process::ProcessId;
 
 /// Serializes schema setup and template builds across processes.
 const SETUP_LOCK: i64 = 0x6973_6f65_6e76; // "isoenv"

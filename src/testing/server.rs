@@ -19,12 +19,12 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 
 use crate::backend::BackendKind;
+use crate::backend::Status;
 use crate::engine::EngineKind;
 use crate::envfile::Vars;
-use crate::process::ProcessId;
-use crate::state::Status;
-use crate::testrun::url_var;
-use crate::workflow::{CreateOptions, Workspace};
+use crate::sys::process::ProcessId;
+use crate::workspace::test_run::url_var;
+use crate::workspace::{CreateOptions, Workspace};
 use crate::EnvironmentConfig;
 
 use super::{Result, TestingError};

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use isoenv::engine::EngineKind;
-use isoenv::workflow::Workspace;
+use isoenv::workspace::Workspace;
 use isoenv::{EnvironmentConfig, Vars};
 use tempfile::TempDir;
 

@@ -11,8 +11,8 @@ use clap::Args;
 use isoenv::backend::BackendKind;
 use isoenv::bench::{Measurement, Report};
 use isoenv::engine::EngineKind;
-use isoenv::process::ServiceUser;
-use isoenv::workflow::{CreateOptions, Workspace};
+use isoenv::sys::process::ServiceUser;
+use isoenv::workspace::{CreateOptions, Workspace};
 use isoenv::{EnvironmentConfig, Vars};
 
 use isoenv::cli::Context;
@@ -80,7 +80,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
     let scratch = target.join(format!("isoenv-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     // Servers run as an unprivileged user, which must reach the state root.
-    isoenv::files::set_mode(&scratch, 0o755)?;
+    isoenv::sys::files::set_mode(&scratch, 0o755)?;
     let bench = Bench {
         vars: ctx
             .vars()?
@@ -156,7 +156,7 @@ impl Bench {
         };
         // As root the sandbox is measured with its limits enforced; otherwise rootless, in a
         // user namespace (the machine line says which).
-        let namespaces = isoenv::doctor::namespaces();
+        let namespaces = isoenv::workspace::doctor::namespaces();
         let sandbox = namespaces.ok;
         let backends: &[BackendKind] = if sandbox {
             &[BackendKind::Lightweight, BackendKind::Sandbox]
@@ -198,7 +198,7 @@ impl Bench {
             self.xtask_start(&mut report)?;
         }
         if wants("docker") {
-            match isoenv::docker::Docker::connect(self.vars.get("DOCKER_HOST")) {
+            match isoenv::backend::docker::client::Docker::connect(self.vars.get("DOCKER_HOST")) {
                 Ok(_) => self.containers(&mut report)?,
                 Err(e) => report.skipped.push(format!("docker: {e}")),
             }
@@ -369,7 +369,7 @@ impl Bench {
             )?;
             ws.stop("pg-sandbox")?;
             let file = isoenv::backend::manifest_file(&ws.layout("pg-sandbox").dir);
-            let mut m = isoenv::manifest::Manifest::load(&file)?;
+            let mut m = isoenv::backend::manifest::Manifest::load(&file)?;
             m.limits.cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
             std::fs::write(&file, m.to_json())?;
             ws.start("pg-sandbox", &|_| {})?;
@@ -486,14 +486,14 @@ impl Bench {
         let psql = which_in(bin, "psql")?;
         let base = self.scratch.join("naive");
         std::fs::create_dir_all(&base)?;
-        isoenv::files::chown_tree(&base, &user)?;
+        isoenv::sys::files::chown_tree(&base, &user)?;
         let template = base.join("template");
         let mut initdb_times = Vec::new();
         let mut copy_times = Vec::new();
         for i in 0..self.plan.cold.max(3) {
             let dir = base.join(i.to_string());
             std::fs::create_dir_all(&dir)?;
-            isoenv::files::chown_tree(&dir, &user)?;
+            isoenv::sys::files::chown_tree(&dir, &user)?;
             let data = dir.join("data");
             let run = |cmd: &mut Command| -> Result<()> {
                 user.apply(cmd);
@@ -503,7 +503,7 @@ impl Bench {
                 }
                 Ok(())
             };
-            let port = isoenv::net::free_port()?.to_string();
+            let port = isoenv::sys::net::free_port()?.to_string();
             let start_and_connect = |data: &Path| -> Result<()> {
                 run(Command::new(bin.join("pg_ctl"))
                     .args(["-D"])
@@ -629,7 +629,7 @@ impl Bench {
             progress(&format!("docker create → ready, {engine}"));
             let image = ws.build_image(engine, false, &|_| {})?.reference;
             let e = engine.engine();
-            let creds = e.credentials(isoenv::secret::Secret::new("bench"));
+            let creds = e.credentials(isoenv::sys::secret::Secret::new("bench"));
             let (mut ours, mut plain) = (Vec::new(), Vec::new());
             for i in 0..self.plan.warm {
                 let name = format!("d{i}");

@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use isoenv::backend::BackendKind;
 use isoenv::bench::{Measurement, Report};
 use isoenv::engine::EngineKind;
-use isoenv::workflow::{CreateOptions, Workspace};
+use isoenv::workspace::{CreateOptions, Workspace};
 
 use super::progress;
 use crate::project_root;
@@ -105,7 +105,7 @@ pub(super) fn run(
         }
     }
     // Owned by this process, as `test --isolated` makes it: disposable (no fsync).
-    let me = isoenv::process::ProcessId::of(std::process::id() as i32)?;
+    let me = isoenv::sys::process::ProcessId::of(std::process::id() as i32)?;
     ws.create(
         &CreateOptions {
             owner: Some(me),
@@ -184,7 +184,7 @@ pub(super) fn run(
                 bail!(
                     "the suite failed: {}\n{}",
                     name(runner, n, v),
-                    isoenv::process::tail(&text, 40)
+                    isoenv::sys::process::tail(&text, 40)
                 );
             }
             seconds[i].push(elapsed);

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use nix::sched::CloneFlags;
 use serde::Serialize;
 
-use crate::cgroup::{CgroupLayout, Version};
-use crate::docker::{Docker, DockerError};
+use crate::backend::docker::client::{Docker, DockerError};
+use crate::backend::sandbox::cgroup::{CgroupLayout, Version};
 use crate::engine::{install_command, EngineKind};
 use crate::envfile::Vars;
 
@@ -76,7 +76,7 @@ fn docker(vars: &Vars) -> Check {
         }
     };
     let local = engine
-        .images_labelled(crate::docker::image::ENGINE_LABEL)
+        .images_labelled(crate::backend::docker::image::ENGINE_LABEL)
         .unwrap_or_default();
     Check {
         name,

@@ -28,10 +28,11 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::{self, CgroupLayout, Enforcement, Plan};
-use crate::files::write_atomic;
-use crate::manifest::Manifest;
-use crate::process::ProcessId;
+use crate::backend::manifest::Manifest;
+use crate::backend::sandbox::cgroup::{self, CgroupLayout, Plan};
+use crate::backend::Enforcement;
+use crate::sys::files::write_atomic;
+use crate::sys::process::ProcessId;
 
 /// The hidden subcommand of the supervisor executable: `<exe> sandbox-supervise <request json>`.
 pub const SUPERVISOR_COMMAND: &str = "sandbox-supervise";

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Limits;
+use crate::backend::manifest::Limits;
+use crate::backend::Enforcement;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -243,15 +244,6 @@ fn join(mount: &str, parent: &str, name: &str) -> PathBuf {
         .join(name)
 }
 
-/// What [`Plan::apply`] achieved: one line per limit, true only when the kernel took the value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Enforcement {
-    pub limit: String,
-    pub value: String,
-    pub via: String,
-    pub enforced: bool,
-}
-
 impl Plan {
     /// Makes the groups and writes the limits. A limit the kernel refuses, or whose group this
     /// user may not create (rootless), is reported as not enforced with the reason (never
@@ -413,7 +405,7 @@ pub fn remove(groups: &[PathBuf]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Bytes;
+    use crate::backend::manifest::Bytes;
 
     #[test]
     fn plans_v1_groups_under_our_own() {

@@ -1,7 +1,7 @@
 //! The venv-style `bin/activate` script (bash and zsh): exports an environment's variables,
 //! remembers what they were, and defines `deactivate` to restore them.
 
-use crate::shell::quote;
+use crate::sys::shell::quote;
 
 /// Disables the prompt marker, like venv's `VIRTUAL_ENV_DISABLE_PROMPT`.
 pub const DISABLE_PROMPT: &str = "ISOENV_DISABLE_PROMPT";

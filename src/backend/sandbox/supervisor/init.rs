@@ -18,7 +18,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
 use super::{handled_signals, Account, Request};
-use crate::manifest::{Bind, Mode};
+use crate::backend::manifest::{Bind, Mode};
 
 /// Device nodes a server may open; everything else in `/dev` does not exist.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];

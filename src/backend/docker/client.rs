@@ -2,8 +2,6 @@
 //! builder make, as blocking functions with errors that say what to do. This is the only module
 //! that talks to Docker; the decisions are in [`crate::backend::docker`].
 
-pub mod image;
-
 use std::collections::HashMap;
 use std::time::Duration;
 

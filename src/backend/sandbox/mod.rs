@@ -1,5 +1,5 @@
 //! The sandbox backend: the real server inside Linux namespaces, confined by the environment's
-//! `manifest.json` (see [`crate::manifest`]) and run by a supervisor ([`crate::sandbox`]).
+//! `manifest.json` (see [`crate::backend::manifest`]) and run by a supervisor ([`crate::backend::sandbox::supervisor`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -8,12 +8,16 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+pub mod cgroup;
+pub mod supervisor;
+
 use super::{Backend, BackendKind, Isolation, Prepare, Spawn};
-use crate::cgroup::{CgroupLayout, Enforcement};
+use crate::backend::manifest::{self, Defaults, Manifest};
+use crate::backend::Enforcement;
 use crate::engine::existing;
-use crate::manifest::{self, Defaults, Manifest};
-use crate::process::{tail, Launch, ProcessId};
-use crate::sandbox::{Account, Record, Request, SUPERVISOR_COMMAND, SUPERVISOR_VAR};
+use crate::sys::process::{tail, Launch, ProcessId};
+use cgroup::CgroupLayout;
+use supervisor::{Account, Record, Request, SUPERVISOR_COMMAND, SUPERVISOR_VAR};
 
 pub struct Sandbox;
 
@@ -86,7 +90,7 @@ impl Backend for Sandbox {
         supervisor.parent_death = s.launch.parent_death;
         // The supervisor runs as the invoker (root, or rootless); what runs inside is the
         // service user.
-        let invoker = crate::process::ServiceUser::invoker();
+        let invoker = crate::sys::process::ServiceUser::invoker();
         let pid = supervisor.spawn_detached(&invoker, &s.layout.dir, &s.layout.log)?;
         wait_ready(pid, &s.layout.dir, &s.layout.log, &exe)?;
         Ok(pid)
@@ -183,7 +187,7 @@ fn wait_ready(pid: ProcessId, dir: &Path, log: &Path, exe: &Path) -> io::Result<
 /// The directories holding `binary`'s shared libraries and its ELF interpreter, resolved to
 /// real directories (merged-/usr links are recreated inside).
 fn library_dirs(binary: &Path) -> Result<Vec<PathBuf>, String> {
-    Ok(crate::libs::shared_libraries(binary)?
+    Ok(crate::sys::ldd::shared_libraries(binary)?
         .into_iter()
         .filter_map(|lib| std::fs::canonicalize(lib.parent()?).ok())
         .fold(Vec::new(), |mut dirs, d| {

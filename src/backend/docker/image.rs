@@ -120,7 +120,7 @@ pub fn rootfs(
         .map(PathBuf::as_path)
         .chain([shell])
     {
-        for lib in crate::libs::shared_libraries(exe)? {
+        for lib in crate::sys::ldd::shared_libraries(exe)? {
             fs.host(&lib).map_err(io(&lib.display().to_string()))?;
         }
     }

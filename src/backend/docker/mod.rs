@@ -1,7 +1,10 @@
 //! The docker backend: the real server in a container made through the Docker API, its data in a
 //! named volume, published on loopback, labelled so that isoenv finds everything it made. The
 //! decisions (names, labels, the container's configuration, which image, what a state means)
-//! are here and pure; [`crate::docker`] makes the calls and the workflow composes them.
+//! are here and pure; [`crate::backend::docker::client`] makes the calls and the workflow composes them.
+
+pub mod client;
+pub mod image;
 
 use std::collections::HashMap;
 use std::io;
@@ -14,11 +17,11 @@ use bollard::models::{
 use nix::sys::signal::Signal;
 
 use super::{Backend, BackendKind, Spawn};
-use crate::docker::Observed;
+use crate::backend::manifest::{Defaults, Manifest, Mode};
+use crate::backend::Status;
 use crate::engine::{Container, EngineKind, CONTAINER_UID};
-use crate::manifest::{Defaults, Manifest, Mode};
-use crate::process::ProcessId;
-use crate::state::Status;
+use crate::sys::process::ProcessId;
+use client::Observed;
 
 pub struct Docker;
 
@@ -80,7 +83,7 @@ pub struct Project {
 impl Project {
     pub fn new(machine: &str, root: &Path) -> Self {
         let root = root.display().to_string();
-        let hash = crate::workflow::fnv1a(&format!("{machine}\0{root}"));
+        let hash = crate::sys::hash::fnv1a(&format!("{machine}\0{root}"));
         Project {
             id: format!("{:08x}", hash as u32),
             root: format!("{machine}:{root}"),
@@ -289,7 +292,7 @@ pub fn is_leftover(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Bind;
+    use crate::backend::manifest::Bind;
 
     fn container() -> Container {
         Container {

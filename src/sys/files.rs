@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
-use crate::process::ServiceUser;
+use crate::sys::process::ServiceUser;
 
 /// Copies `src` to `dst` (which must not exist) keeping modes and symlinks, owned by `owner`.
 pub fn copy_tree(src: &Path, dst: &Path, owner: &ServiceUser) -> io::Result<()> {

@@ -1,14 +1,16 @@
 //! `hooks install|uninstall|status|run pre-commit`: an opt-in pre-commit hook that never
 //! touches a hook it did not write.
 
+mod state;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::hooks::{self, HookState};
 use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
+use state::HookState;
 use xshell::{cmd, Shell};
 
 use super::Context;
@@ -42,10 +44,10 @@ pub fn run(ctx: &Context, cmd: HooksCommand) -> Result<ExitCode> {
                     if let Some(dir) = path.parent() {
                         fs::create_dir_all(dir)?;
                     }
-                    fs::write(&path, hooks::stub())
+                    fs::write(&path, state::stub())
                         .with_context(|| format!("cannot write {}", path.display()))?;
                     fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
-                    println!("installed {} (skip once with `git commit --no-verify` or {}=1)", path.display(), hooks::SKIP_VAR);
+                    println!("installed {} (skip once with `git commit --no-verify` or {}=1)", path.display(), state::SKIP_VAR);
                 }
             }
         }
@@ -88,8 +90,8 @@ fn hook_path(sh: &Shell) -> Result<PathBuf> {
 
 fn state(path: &PathBuf) -> Result<HookState> {
     match fs::read_to_string(path) {
-        Ok(text) => Ok(hooks::classify(Some(&text))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(hooks::classify(None)),
+        Ok(text) => Ok(state::classify(Some(&text))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(state::classify(None)),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
 }
@@ -102,7 +104,7 @@ fn pre_commit(ctx: &Context, sh: &Shell) -> Result<ExitCode> {
         .read()?;
     let staged: Vec<&str> = staged.split('\0').filter(|p| !p.is_empty()).collect();
     let mut problems = Vec::new();
-    for path in staged.iter().filter(|p| hooks::is_env_file(p)) {
+    for path in staged.iter().filter(|p| state::is_env_file(p)) {
         problems.push(format!("{path}: a .env file holds real settings and secrets; unstage it (git restore --staged {path}) and keep it in .gitignore"));
     }
     let vars = ctx.vars()?;
@@ -121,7 +123,7 @@ fn pre_commit(ctx: &Context, sh: &Shell) -> Result<ExitCode> {
         let Ok(content) = cmd!(sh, "git show {spec}").quiet().ignore_stderr().read() else {
             continue; // binary or unreadable as text: nothing to match
         };
-        for var in hooks::leaked(&content, &secrets) {
+        for var in state::leaked(&content, &secrets) {
             problems.push(format!("{path}: contains the value of {var}; remove it (and rotate the password if it was ever committed)"));
         }
     }

@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::parse_memory;
+use crate::sys::bytes::parse_memory;
 
 pub const VERSION: u32 = 1;
 pub const FILE: &str = "manifest.json";

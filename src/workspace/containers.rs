@@ -11,17 +11,20 @@ use super::{
     endpoint, finish, now, read_credentials, save, wait_ready, write_client_files, Cleanup,
     CreateOptions, EnvInfo, Workspace, STOP_GRACE,
 };
+use crate::backend::docker::client::{Docker, Observed};
+use crate::backend::docker::image::{self, SOURCE_LABEL};
 use crate::backend::docker::{self as spec, addresses, Plan, Project};
+use crate::backend::manifest::{self, Bytes, Manifest};
+use crate::backend::Enforcement;
+use crate::backend::Status;
 use crate::backend::{BackendKind, Isolation};
-use crate::cgroup::Enforcement;
-use crate::docker::image::{self, SOURCE_LABEL};
-use crate::docker::{Docker, Observed};
 use crate::engine::{Credentials, Engine};
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{self, Bytes, Manifest};
-use crate::process::{ProcessId, ServiceUser};
-use crate::secret::Secret;
-use crate::state::{ContainerRecord, EnvState, Layout, Status, SCHEMA};
+use crate::layout::Layout;
+use crate::state::{ContainerRecord, EnvState, SCHEMA};
+use crate::sys::hash::fnv1a;
+use crate::sys::process::{ProcessId, ServiceUser};
+use crate::sys::secret::Secret;
 
 /// How long Docker may still be making a container whose creator was killed.
 const MAKING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -168,7 +171,9 @@ impl Workspace {
                 Ok(()) => wanted.to_owned(),
                 Err(e) => {
                     let cause = match &e {
-                        crate::docker::DockerError::Api { message, .. } => message.clone(),
+                        crate::backend::docker::client::DockerError::Api { message, .. } => {
+                            message.clone()
+                        }
                         other => other.to_string(),
                     };
                     let local =
@@ -492,7 +497,7 @@ impl Workspace {
         let source = format!(
             "{} {:016x}",
             bins.version,
-            super::fnv1a(&format!("{}{recipe:?}{cache_key:?}", image::FORMAT))
+            fnv1a(&format!("{}{recipe:?}{cache_key:?}", image::FORMAT))
         );
         let existing = docker.image(&reference)?;
         if !force

@@ -2,8 +2,11 @@
 //! (what runs), backends (where it runs) and state (what is recorded). The decisions (which plan,
 //! what is allowed where, what a status means) are pure functions tested on their own.
 
+mod activate;
 mod containers;
+pub mod doctor;
 mod spare;
+pub mod test_run;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -15,25 +18,26 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use crate::activate;
+use crate::backend::docker::client::{Docker, DockerError};
+use crate::backend::ssh_tunnel::{self, TunnelSpec};
+use crate::backend::Status;
 use crate::backend::{BackendKind, Isolation, Prepare, Spawn};
 use crate::config::{
     ConfigSource, DatabaseConfig, Environment, EnvironmentConfig, SslMode, ACTIVE_ENGINE,
     ACTIVE_MARKER,
 };
-use crate::docker::{Docker, DockerError};
 use crate::engine::{self, Binaries, Credentials, Endpoint, Engine, EngineKind, Probe};
 use crate::envfile::Vars;
 use crate::error::{Error, IoContext, Result};
-use crate::files::{chown_tree, copy_tree, remove_tree, set_mode};
-use crate::net;
-use crate::process::{tail, ProcessId, ServiceUser};
+use crate::layout::{validate_name, Layout};
 use crate::remote::{self, ServerReport};
-use crate::secret::{write_private, Secret};
-use crate::state::{
-    validate_name, ContainerRecord, EnvState, Layout, Lock, LockError, Status, SCHEMA,
-};
-use crate::tunnel::{self, TunnelSpec};
+use crate::state::{ContainerRecord, EnvState, SCHEMA};
+use crate::sys::files::{chown_tree, copy_tree, remove_tree, set_mode};
+use crate::sys::hash::fnv1a;
+use crate::sys::lock::{Lock, LockError};
+use crate::sys::net;
+use crate::sys::process::{tail, ProcessId, ServiceUser};
+use crate::sys::secret::{write_private, Secret};
 
 pub use containers::BuiltImage;
 
@@ -986,7 +990,7 @@ impl Workspace {
             state.port,
             spec.route()
         ));
-        let starting = tunnel::spawn(&ssh, &spec, state.port, &layout)?;
+        let starting = ssh_tunnel::spawn(&ssh, &spec, state.port, &layout)?;
         state.process = Some(starting.process);
         state.tunnel = Some(spec.clone());
         cleanup.process = Some((starting.process, Signal::SIGTERM));
@@ -998,7 +1002,7 @@ impl Workspace {
                 if !fresh {
                     save(&state, &layout)?;
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         state.engine_version = report.version.clone();
@@ -1429,13 +1433,6 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect()
-}
-
-/// A stable hash for cache keys (std's hasher may change between Rust releases).
-pub(crate) fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
 }
 
 #[cfg(test)]

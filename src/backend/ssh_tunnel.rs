@@ -1,10 +1,12 @@
 //! The development tunnel: the system `ssh` forwarding a local port on 127.0.0.1 to the VM's
 //! database. Non-interactive, fails fast when the forward cannot be made, keeps itself alive,
 //! and checks host keys against a project-local `known_hosts`. Readiness is the database's own
-//! answer through the tunnel; a failure is traced to the hop that failed.
+//! answer through the tunnel; a failure is traced to the hop that failed. The forwarder runs
+//! as the invoking user, whose SSH key and agent it uses.
 
 use std::fmt;
 use std::fs;
+use std::io;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
@@ -13,13 +15,28 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendKind, Spawn};
-use crate::config::{DatabaseConfig, SshTunnel};
-use crate::engine::EngineKind;
-use crate::error::{Error, Result};
-use crate::process::{tail, Launch, ProcessId, ServiceUser};
+use super::{Backend, BackendKind, Spawn};
+use crate::config::{DatabaseConfig, SshTunnel as SshSettings};
+use crate::engine::{Engine, EngineKind};
+use crate::layout::Layout;
 use crate::remote::{self, FailureKind, ServerReport};
-use crate::state::Layout;
+use crate::sys::process::{tail, Launch, ProcessId, ServiceUser};
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("ssh tunnel {route} failed at the {hop} hop: {detail}\n  fix: {advice}")]
+    Failed {
+        route: String,
+        hop: Hop,
+        detail: String,
+        advice: String,
+    },
+    #[error("cannot run {}: {cause}", ssh.display())]
+    Spawn { ssh: PathBuf, cause: std::io::Error },
+}
+
+type Result<T> = std::result::Result<T, TunnelError>;
 
 /// How long ssh may take to connect, authenticate and forward before `db up` gives up.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,7 +58,7 @@ pub struct TunnelSpec {
 }
 
 impl TunnelSpec {
-    pub fn new(db: &DatabaseConfig, ssh: &SshTunnel, state_root: &Path) -> Self {
+    pub fn new(db: &DatabaseConfig, ssh: &SshSettings, state_root: &Path) -> Self {
         TunnelSpec {
             ssh_user: ssh.user.clone(),
             ssh_host: ssh.host.clone(),
@@ -211,9 +228,9 @@ pub fn spawn<'a>(
             engine: EngineKind::Postgres.engine(),
             port: local_port,
         })
-        .map_err(|e| Error::Io {
-            context: format!("cannot run {}", ssh.display()),
-            cause: e,
+        .map_err(|cause| TunnelError::Spawn {
+            ssh: ssh.to_owned(),
+            cause,
         })?;
     Ok(Starting {
         process,
@@ -266,7 +283,7 @@ impl Starting<'_> {
                 }
                 Err(e) => {
                     self.process.stop(Signal::SIGTERM, Duration::from_secs(5));
-                    return Err(Error::Tunnel {
+                    return Err(TunnelError::Failed {
                         route: self.spec.route(),
                         hop: Hop::Database,
                         detail: e.detail.clone(),
@@ -279,7 +296,7 @@ impl Starting<'_> {
 
     fn fail<T>(&self, hop: Hop, detail: String) -> Result<T> {
         self.process.stop(Signal::SIGTERM, Duration::from_secs(5));
-        Err(Error::Tunnel {
+        Err(TunnelError::Failed {
             route: self.spec.route(),
             hop,
             detail,
@@ -301,6 +318,23 @@ fn read_from(log: &Path, from: u64) -> String {
         }
     }
     text
+}
+
+pub struct SshTunnel;
+
+impl Backend for SshTunnel {
+    fn kind(&self) -> BackendKind {
+        BackendKind::SshTunnel
+    }
+
+    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {
+        s.launch
+            .spawn_detached(&ServiceUser::invoker(), &s.layout.dir, &s.layout.log)
+    }
+
+    fn stop_signal(&self, _: &dyn Engine) -> Signal {
+        Signal::SIGTERM
+    }
 }
 
 #[cfg(test)]

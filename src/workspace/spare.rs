@@ -91,7 +91,7 @@ pub(super) fn collect(cache: &Path) -> Vec<PathBuf> {
         for spare in fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = spare.path();
             let half_made = spare.file_name().to_string_lossy().starts_with(".tmp-");
-            if half_made && abandoned(&path) && crate::files::remove_tree(&path).is_ok() {
+            if half_made && abandoned(&path) && crate::sys::files::remove_tree(&path).is_ok() {
                 removed.push(path);
             }
         }

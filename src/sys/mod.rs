@@ -1,0 +1,11 @@
+//! The operating system's side, at the bottom of the crate: nothing here imports the rest of it.
+
+pub mod bytes;
+pub mod files;
+pub mod hash;
+pub mod ldd;
+pub mod lock;
+pub mod net;
+pub mod process;
+pub mod secret;
+pub mod shell;
