@@ -36,6 +36,13 @@ impl Layout {
             dir,
         }
     }
+    /// The environment's name: its directory's.
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
     pub fn state_file(&self) -> PathBuf {
         self.dir.join("state.json")
     }

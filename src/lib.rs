@@ -5,9 +5,8 @@
 //! - [`testing`]: per-test databases from a pool of template clones.
 //! - [`workspace`]: the verbs (create, start, stop, destroy, list, `up`/`down`, gc) composed
 //!   from what follows.
-//! - [`state`]: what is recorded about each environment.
 //! - [`backend`]: *where* a server runs (a local process, a namespace sandbox, a container, an
-//!   SSH tunnel to one elsewhere), one contract for all of them.
+//!   SSH tunnel to one elsewhere), one contract for all of them, and what each records.
 //! - [`config`] and [`remote`]: the profile (development, staging, production) from `.env`, and
 //!   read-only checks of databases isoenv does not run.
 //! - [`engine`]: *what* runs: how each database is initialized, started, probed and stopped.
@@ -24,7 +23,6 @@ pub mod envfile;
 pub mod error;
 pub mod layout;
 pub mod remote;
-pub mod state;
 pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;

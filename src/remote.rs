@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::Serialize;
 
-use crate::config::{DatabaseConfig, SslMode};
+use crate::config::{ConfigSource, DatabaseConfig, SslMode};
 
 /// What a successful check saw.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -104,6 +104,18 @@ impl CheckError {
             FailureKind::Other => "see the server's log".into(),
         }
     }
+}
+
+/// [`check`], the error saying what to fix in terms of the variables the database came from.
+pub fn verify(db: &DatabaseConfig, host: &str, port: u16) -> crate::Result<ServerReport> {
+    check(db, host, port).map_err(|source| crate::Error::Database {
+        target: db.redacted_url(),
+        advice: source.advice(match &db.source {
+            ConfigSource::Variables { prefix } => prefix,
+            ConfigSource::Active { .. } => "DB_",
+        }),
+        cause: source,
+    })
 }
 
 /// Connects to `db` at `host:port` (the configured address, or a tunnel's local end), with TLS

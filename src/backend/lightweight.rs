@@ -3,12 +3,13 @@
 
 use std::io;
 
-use super::{Backend, BackendKind, Spawn};
+use super::local::{Confinement, Spawn};
+use super::BackendKind;
 use crate::sys::process::ProcessId;
 
 pub struct Lightweight;
 
-impl Backend for Lightweight {
+impl Confinement for Lightweight {
     fn kind(&self) -> BackendKind {
         BackendKind::Lightweight
     }

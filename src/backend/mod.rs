@@ -1,28 +1,41 @@
-//! Isolation backends: how a server runs. Engines say *what* to run; a backend decides *where*
-//! (a plain local process, a namespace sandbox, a container). Adding a backend means one module
-//! here and one arm in [`BackendKind::backend`].
+//! Isolation backends: *where* a server runs (a plain local process, a namespace sandbox, a
+//! container, or elsewhere through an SSH tunnel). Engines say *what* runs. Every backend keeps
+//! one contract, [`Backend`], for an environment's whole life; the workspace drives it and never
+//! asks which backend it holds. Adding a backend means one module here and one arm in
+//! [`BackendKind::backend`].
 
 pub mod docker;
 mod lightweight;
+mod local;
 pub mod manifest;
+mod record;
 pub mod sandbox;
 pub mod ssh_tunnel;
 
 use std::fmt;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use nix::sys::signal::Signal;
-
-use crate::engine::{Binaries, Engine};
+use crate::config::{DatabaseConfig, SslMode};
+use crate::engine::{Binaries, Credentials, Endpoint, Engine, EngineKind};
+use crate::envfile::Vars;
+use crate::error::Result;
 use crate::layout::Layout;
-use crate::sys::process::{Launch, ProcessId, ServiceUser};
+use crate::sys::process::{tail, ProcessId, ServiceUser};
+use docker::client::Docker;
 use manifest::Manifest;
 
+pub use local::{Prepare, Spawn};
+pub use record::{EnvState, SCHEMA};
 pub use sandbox::manifest_file;
+
+/// How long a server may take to accept connections before `create`/`start` give up.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a graceful stop may take before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -48,8 +61,8 @@ impl BackendKind {
 
     pub fn backend(self) -> &'static dyn Backend {
         match self {
-            BackendKind::Lightweight => &lightweight::Lightweight,
-            BackendKind::Sandbox => &sandbox::Sandbox,
+            BackendKind::Lightweight => &local::Local(lightweight::Lightweight),
+            BackendKind::Sandbox => &local::Local(sandbox::Sandbox),
             BackendKind::SshTunnel => &ssh_tunnel::SshTunnel,
             BackendKind::Docker => &docker::Docker,
         }
@@ -77,26 +90,7 @@ impl FromStr for BackendKind {
     }
 }
 
-/// What a new environment's backend may prepare (once, at create).
-pub struct Prepare<'a> {
-    pub layout: &'a Layout,
-    pub engine: &'a dyn Engine,
-    pub bins: &'a Binaries,
-    pub port: u16,
-    /// The default memory limit (`WASI_MEMORY_LIMIT`).
-    pub memory: u64,
-}
-
-/// One server start.
-pub struct Spawn<'a> {
-    pub launch: &'a Launch,
-    pub layout: &'a Layout,
-    pub user: &'a ServiceUser,
-    pub engine: &'a dyn Engine,
-    pub port: u16,
-}
-
-/// What [`Plan::apply`] achieved: one line per limit, true only when the kernel took the value.
+/// What a limit's enforcement achieved: one line per limit, true only when the kernel took the value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enforcement {
     pub limit: String,
@@ -145,28 +139,208 @@ impl Status {
     }
 }
 
+/// What `create` is asked for.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub name: String,
+    pub engine: EngineKind,
+    pub backend: BackendKind,
+    pub port: Option<u16>,
+    /// Run the real server (false: env-only, variables and activate script only).
+    pub service: bool,
+    /// Install a missing engine with the system package manager.
+    pub install: bool,
+    /// The process the environment lives for; when it is gone, `gc` removes it.
+    pub owner: Option<ProcessId>,
+    /// The docker backend's image (default: `ISOENV_<ENGINE>_IMAGE`, else the official one).
+    pub image: Option<String>,
+}
+
+impl CreateOptions {
+    /// A real server on a free port, installing nothing, owned by nobody: what most callers
+    /// want, adjusted with struct update syntax.
+    pub fn server(name: impl Into<String>, engine: EngineKind, backend: BackendKind) -> Self {
+        CreateOptions {
+            name: name.into(),
+            engine,
+            backend,
+            port: None,
+            service: true,
+            install: false,
+            owner: None,
+            image: None,
+        }
+    }
+}
+
+/// What a backend may use of the workspace that drives it. The workspace implements it, so that
+/// backends never import the workspace.
+pub trait Host {
+    /// The state root: one directory per environment.
+    fn root(&self) -> &Path;
+    /// The user servers run as.
+    fn user(&self) -> Result<&ServiceUser>;
+    fn vars(&self) -> &Vars;
+    /// The sandbox's default memory limit (`WASI_MEMORY_LIMIT`).
+    fn memory_limit(&self) -> u64;
+    /// The configured database (`DB_VM_*` for the development tunnel).
+    fn database(&self) -> &DatabaseConfig;
+    /// `DOCKER_HOST`, from the process environment or `.env`.
+    fn docker_host(&self) -> Option<&str>;
+    /// The Docker engine, connected on first use.
+    fn docker(&self) -> Result<&Docker>;
+    /// The engine's binaries, installed first when `install` (or `ISOENV_AUTO_INSTALL=1`).
+    fn binaries(
+        &self,
+        engine: &dyn Engine,
+        install: bool,
+        progress: &dyn Fn(&str),
+    ) -> Result<Binaries>;
+    /// The cached, initialized data directory for this engine and version (none for engines
+    /// that need no initialization).
+    fn template(
+        &self,
+        engine: &dyn Engine,
+        bins: &Binaries,
+        progress: &dyn Fn(&str),
+    ) -> Result<Option<PathBuf>>;
+    /// Makes `data` a fresh copy of `template` (a spare one when it is ready) owned by `user`.
+    fn copy_template(
+        &self,
+        template: &Path,
+        data: &Path,
+        user: &ServiceUser,
+    ) -> std::io::Result<()>;
+    /// Writes what clients use: the engine's files, the stored login and the activate script.
+    fn write_client_files(
+        &self,
+        state: &EnvState,
+        layout: &Layout,
+        creds: &Credentials,
+        user: &ServiceUser,
+    ) -> std::io::Result<()>;
+    /// The stored login of an environment.
+    fn credentials(&self, layout: &Layout) -> Result<Credentials>;
+}
+
+/// Whether `start` found the server running or started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    Already,
+    Now,
+}
+
+/// The lifecycle of an environment's server, the same for every backend. Each backend keeps
+/// its own part of the record ([`EnvState`]'s process, container or tunnel) and is the only one
+/// to read it. Every method that makes something outside the environment's directory records
+/// it first, so that a killed command leaves nothing [`Backend::teardown`] cannot find.
 pub trait Backend: Sync {
     fn kind(&self) -> BackendKind;
 
-    /// Writes what the backend needs into a new environment (e.g. its manifest).
-    fn prepare(&self, _p: &Prepare) -> Result<(), String> {
-        Ok(())
+    /// What runs an environment of this backend, for people ("server", "container").
+    fn noun(&self) -> &'static str;
+
+    /// Makes a new environment in `layout.dir`, claimed and locked but not yet made, and starts
+    /// its server. Returns the saved record.
+    fn create(
+        &self,
+        host: &dyn Host,
+        opts: &CreateOptions,
+        layout: &Layout,
+        progress: &dyn Fn(&str),
+    ) -> Result<EnvState>;
+
+    /// Makes the server run again; a running (and, for a tunnel, answering) one is left alone.
+    fn start(
+        &self,
+        host: &dyn Host,
+        state: &mut EnvState,
+        layout: &Layout,
+        progress: &dyn Fn(&str),
+    ) -> Result<Started>;
+
+    /// Stops the server; the data is kept.
+    fn stop(&self, host: &dyn Host, state: &mut EnvState, layout: &Layout) -> Result<()>;
+
+    /// Whether the server runs. Cheap: `list` asks it of every environment.
+    fn status(&self, host: &dyn Host, state: &EnvState) -> Status;
+
+    /// Stops the server and removes what it has outside its directory (cgroups, a container
+    /// and its volume). The directory itself is the workspace's to remove.
+    fn teardown(&self, host: &dyn Host, state: &EnvState, layout: &Layout) -> Result<()>;
+
+    /// Where clients reach the server.
+    fn endpoint(&self, state: &EnvState, layout: &Layout) -> Endpoint {
+        Endpoint {
+            host: state.host.clone(),
+            port: state.port,
+            socket_dir: Some(layout.run.clone()),
+        }
     }
 
-    /// Starts the server and returns the process that owns its lifetime.
-    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId>;
-
-    /// The signal for a graceful, fast stop of what [`Backend::spawn`] started.
-    fn stop_signal(&self, engine: &dyn Engine) -> Signal {
-        engine.stop_signal()
+    /// Whether clients use TLS to reach the server.
+    fn client_tls(&self) -> SslMode {
+        SslMode::Disable
     }
 
-    /// Removes what a dead server's backend left outside the environment directory.
-    fn release(&self, _dir: &Path) -> io::Result<()> {
-        Ok(())
+    /// Whether the database answers, in words: what answered, or why it does not.
+    fn answers(
+        &self,
+        host: &dyn Host,
+        state: &EnvState,
+        layout: &Layout,
+    ) -> std::result::Result<String, String> {
+        let creds = host.credentials(layout).map_err(|e| e.to_string())?;
+        match state
+            .engine
+            .engine()
+            .probe(&self.endpoint(state, layout), &creds)
+        {
+            crate::engine::Probe::Ready => Ok(format!(
+                "answers ({} {})",
+                state.engine, state.engine_version
+            )),
+            crate::engine::Probe::NotYet(m) | crate::engine::Probe::Failed(m) => Err(m),
+        }
     }
 
-    fn isolation(&self, _dir: &Path) -> Option<Isolation> {
+    /// The last `lines` lines of the server's output.
+    fn logs(
+        &self,
+        _host: &dyn Host,
+        _state: &EnvState,
+        layout: &Layout,
+        lines: usize,
+    ) -> Result<String> {
+        let text = std::fs::read_to_string(&layout.log).map_err(|cause| crate::Error::Io {
+            context: format!("cannot read {}", layout.log.display()),
+            cause,
+        })?;
+        Ok(tail(&text, lines))
+    }
+
+    /// What confines the server, as `inspect` shows it.
+    fn isolation(
+        &self,
+        _host: &dyn Host,
+        _state: &EnvState,
+        _layout: &Layout,
+    ) -> Option<Isolation> {
         None
     }
+
+    /// Removes what this backend made for environments that no longer account for it (their
+    /// directory or their owner is gone), e.g. after the state root was deleted by hand.
+    /// Returns what was removed.
+    fn leftovers(&self, _host: &dyn Host) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
+
+/// Every backend, for what concerns them all (collecting leftovers).
+pub const ALL: [BackendKind; 4] = [
+    BackendKind::Lightweight,
+    BackendKind::Sandbox,
+    BackendKind::SshTunnel,
+    BackendKind::Docker,
+];

@@ -213,7 +213,7 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             for name in &removed {
                 println!("removed `{name}` (its owner is gone)");
             }
-            let leftovers = match ws.gc_containers() {
+            let leftovers = match ws.gc_leftovers() {
                 Ok(l) => l,
                 Err(crate::Error::Docker(
                     e @ crate::backend::docker::client::DockerError::Unreachable { .. },

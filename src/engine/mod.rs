@@ -10,6 +10,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -414,6 +416,42 @@ pub fn install_command(engine: &dyn Engine) -> Option<String> {
     let pm = PackageManager::detect()?;
     let (_, package) = engine.packages().iter().find(|(m, _)| *m == pm)?;
     Some(pm.install_command(package))
+}
+
+/// Probes until the engine answers its own protocol, or says why it never will: it answered
+/// wrongly, `gone` (asked between probes, with the last probe's message) reports the server
+/// gone, or the time is up. `None` means ready.
+pub fn wait_ready<E>(
+    engine: &dyn Engine,
+    endpoint: &Endpoint,
+    creds: &Credentials,
+    timeout: Duration,
+    mut gone: impl FnMut(&str) -> Result<Option<String>, E>,
+) -> Result<Option<String>, E> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let message = match engine.probe(endpoint, creds) {
+            Probe::Ready => return Ok(None),
+            Probe::Failed(m) => {
+                return Ok(Some(format!(
+                    "{} answered but is not usable: {m}",
+                    engine.kind()
+                )))
+            }
+            Probe::NotYet(m) => m,
+        };
+        if let Some(failure) = gone(&message)? {
+            return Ok(Some(failure));
+        }
+        if Instant::now() > deadline {
+            return Ok(Some(format!(
+                "{} did not accept connections within {}s ({message})",
+                engine.kind(),
+                timeout.as_secs()
+            )));
+        }
+        sleep(Duration::from_millis(3));
+    }
 }
 
 #[cfg(test)]

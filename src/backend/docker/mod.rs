@@ -1,27 +1,54 @@
 //! The docker backend: the real server in a container made through the Docker API, its data in a
 //! named volume, published on loopback, labelled so that isoenv finds everything it made. The
-//! decisions (names, labels, the container's configuration, which image, what a state means)
-//! are here and pure; [`crate::backend::docker::client`] makes the calls and the workflow composes them.
+//! decisions are pure, in [`spec`]; [`client`] makes the calls; this module composes them into
+//! the [`Backend`] lifecycle and records the container like any other server (so `list`, `url`,
+//! the exports and the activate script work the same).
 
 pub mod client;
 pub mod image;
+pub mod spec;
 
 use std::collections::HashMap;
-use std::io;
-use std::path::Path;
+use std::fs;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
-use bollard::models::{
-    ContainerCreateBody, HostConfig, Mount, MountType, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+use serde::{Deserialize, Serialize};
+
+use super::local::now;
+use super::manifest::{self, Bytes, Manifest};
+use super::{
+    Backend, BackendKind, CreateOptions, Enforcement, EnvState, Host, Isolation, Started, Status,
+    READY_TIMEOUT, SCHEMA, STOP_GRACE,
 };
-use nix::sys::signal::Signal;
+use crate::engine::{wait_ready, Credentials, Endpoint, Engine};
+use crate::error::{Error, IoContext, Result};
+use crate::layout::Layout;
+use crate::sys::process::{ProcessId, ServiceUser};
+use crate::sys::secret::Secret;
+use client::{Docker as Client, Observed};
+use image::SOURCE_LABEL;
+use spec::{addresses, Plan, Project};
 
-use super::{Backend, BackendKind, Spawn};
-use crate::backend::manifest::{Defaults, Manifest, Mode};
-use crate::backend::Status;
-use crate::engine::{Container, EngineKind, CONTAINER_UID};
-use crate::sys::process::ProcessId;
-use client::Observed;
+/// How long Docker may still be making a container whose creator was killed.
+const MAKING_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a starting container is asked whether it still runs (between protocol probes).
+const LIVENESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The docker backend's own part of an environment's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerRecord {
+    pub name: String,
+    pub volume: String,
+    pub image: String,
+    /// The Docker engine it lives on (`DOCKER_HOST` at create; none: the local default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_host: Option<String>,
+    /// Whether isoenv started it and has not stopped it since: a container that is not running
+    /// then has crashed.
+    pub started: bool,
+}
 
 pub struct Docker;
 
@@ -30,464 +57,480 @@ impl Backend for Docker {
         BackendKind::Docker
     }
 
-    fn spawn(&self, _s: &Spawn) -> io::Result<ProcessId> {
-        Err(io::Error::other(
-            "docker environments run in containers, started through the Docker API, not as local processes",
-        ))
-    }
-}
-
-/// The default manifest of a container: no host paths (the data is in the volume), the port
-/// (0: Docker picks a free one at each start), the limits; the image's own environment is kept.
-pub fn default_manifest(port: u16, memory: u64) -> Manifest {
-    let mut manifest = Manifest::defaults(&Defaults {
-        read_only: &[],
-        read_write: &[],
-        port,
-        memory,
-    });
-    manifest.env.clear();
-    manifest
-}
-
-/// The engine's files for a container (see [`Container::files`]) as a tar archive to extract at
-/// `/`. Only files: Docker makes missing parent directories, and existing ones stay as the
-/// image has them.
-pub fn files_archive(files: &[(&str, String)]) -> io::Result<Vec<u8>> {
-    let mut tar = tar::Builder::new(Vec::new());
-    for (path, contents) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o400);
-        h.set_uid(CONTAINER_UID.into());
-        h.set_gid(CONTAINER_UID.into());
-        h.set_size(contents.len() as u64);
-        tar.append_data(&mut h, path.trim_start_matches('/'), contents.as_bytes())?;
-    }
-    tar.into_inner()
-}
-
-pub const PROJECT_LABEL: &str = "isoenv.project";
-pub const ENV_LABEL: &str = "isoenv.env";
-pub const OWNER_LABEL: &str = "isoenv.owner";
-const ROOT_LABEL: &str = "isoenv.root";
-const ENGINE_LABEL: &str = "isoenv.engine";
-
-/// One state root on one machine: what owns containers and volumes. Two checkouts (or two
-/// machines sharing a remote engine) never share names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Project {
-    pub id: String,
-    root: String,
-}
-
-impl Project {
-    pub fn new(machine: &str, root: &Path) -> Self {
-        let root = root.display().to_string();
-        let hash = crate::sys::hash::fnv1a(&format!("{machine}\0{root}"));
-        Project {
-            id: format!("{:08x}", hash as u32),
-            root: format!("{machine}:{root}"),
-        }
+    fn noun(&self) -> &'static str {
+        "container"
     }
 
-    /// The label filter that finds everything of this project.
-    pub fn filter(&self) -> String {
-        format!("{PROJECT_LABEL}={}", self.id)
-    }
-
-    pub fn container(&self, env: &str) -> String {
-        format!("isoenv-{}-{env}", self.id)
-    }
-
-    pub fn volume(&self, env: &str) -> String {
-        format!("isoenv-{}-{env}-data", self.id)
-    }
-
-    pub fn labels(
+    fn create(
         &self,
-        env: &str,
-        engine: EngineKind,
-        owner: Option<ProcessId>,
-    ) -> HashMap<String, String> {
-        let mut labels = HashMap::from([
-            (PROJECT_LABEL.to_owned(), self.id.clone()),
-            (ROOT_LABEL.to_owned(), self.root.clone()),
-            (ENV_LABEL.to_owned(), env.to_owned()),
-            (ENGINE_LABEL.to_owned(), engine.to_string()),
-        ]);
-        if let Some(o) = owner {
-            labels.insert(
-                OWNER_LABEL.to_owned(),
-                format!("{}:{}", o.pid, o.start_time),
-            );
-        }
-        labels
-    }
-}
-
-/// Where a published port is bound and where clients reach it: loopback for a local engine; the
-/// engine's host for a remote one (`DOCKER_HOST=tcp://HOST:PORT`), where a loopback binding
-/// would be out of reach.
-pub fn addresses(docker_host: Option<&str>) -> (String, String) {
-    let remote = docker_host
-        .and_then(|h| h.split_once("://"))
-        .filter(|(scheme, _)| matches!(*scheme, "tcp" | "http" | "https"))
-        .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or_default())
-        .map(|authority| match authority.rsplit_once(':') {
-            Some((host, _)) => host.trim_matches(['[', ']']).to_owned(),
-            None => authority.to_owned(),
-        })
-        .filter(|h| !h.is_empty());
-    match remote {
-        Some(h) if !is_loopback(&h) => ("0.0.0.0".into(), h),
-        _ => ("127.0.0.1".into(), "127.0.0.1".into()),
-    }
-}
-
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Everything a container is made from.
-pub struct Plan<'a> {
-    pub image: &'a str,
-    pub container: &'a Container,
-    pub manifest: &'a Manifest,
-    pub labels: HashMap<String, String>,
-    pub volume: &'a str,
-    pub hostname: String,
-    pub publish_ip: &'a str,
-    pub stop_signal: Signal,
-}
-
-/// The server's port inside, as Docker names it.
-fn port_key(container: &Container) -> String {
-    format!("{}/tcp", container.port)
-}
-
-/// The container's configuration: the engine's interface, the manifest's port, binds, limits
-/// and variables, the volume at the data path.
-pub fn create_body(plan: &Plan) -> ContainerCreateBody {
-    let c = plan.container;
-    let m = plan.manifest;
-    let port = port_key(c);
-    let host_port = match m.network.expose.port() {
-        0 => String::new(),
-        p => p.to_string(),
-    };
-    let mut mounts = vec![Mount {
-        target: Some(c.data.to_owned()),
-        source: Some(plan.volume.to_owned()),
-        typ: Some(MountType::VOLUME),
-        ..Default::default()
-    }];
-    mounts.extend(m.fs.iter().map(|b| Mount {
-        target: Some(b.guest().display().to_string()),
-        source: Some(b.host.display().to_string()),
-        typ: Some(MountType::BIND),
-        read_only: Some(b.mode == Mode::Ro),
-        ..Default::default()
-    }));
-    let env = c
-        .env
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .chain(m.env.iter().map(|(k, v)| format!("{k}={v}")))
-        .collect();
-    let memory = i64::try_from(m.limits.memory.0).unwrap_or(i64::MAX);
-    ContainerCreateBody {
-        image: Some(plan.image.to_owned()),
-        cmd: Some(c.cmd.clone()),
-        env: Some(env),
-        labels: Some(plan.labels.clone()),
-        hostname: Some(plan.hostname.clone()),
-        exposed_ports: Some(vec![port.clone()]),
-        stop_signal: Some(plan.stop_signal.as_str().to_owned()),
-        host_config: Some(HostConfig {
-            port_bindings: Some(HashMap::from([(
-                port,
-                Some(vec![PortBinding {
-                    host_ip: Some(plan.publish_ip.to_owned()),
-                    host_port: Some(host_port),
-                }]),
-            )])),
-            mounts: Some(mounts),
-            memory: Some(memory),
-            // No swap beyond the memory limit, as in the sandbox.
-            memory_swap: Some(memory),
-            nano_cpus: Some((m.limits.cpu * 1e9) as i64),
-            pids_limit: Some(m.limits.pids.into()),
-            // isoenv decides when a server runs; Docker never restarts one behind its back.
-            restart_policy: Some(RestartPolicy {
-                name: Some(RestartPolicyNameEnum::NO),
-                maximum_retry_count: None,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// What the environment's status is, from whether isoenv left it started and what Docker
-/// reports (`None`: the container is gone).
-pub fn status(started: bool, observed: Option<&Observed>) -> Status {
-    match observed {
-        None => Status::Missing,
-        Some(o) if o.running => Status::Running,
-        Some(_) if started => Status::Crashed,
-        Some(_) => Status::Stopped,
-    }
-}
-
-/// The image to use when the wanted one is neither here nor pullable: a local isoenv image of
-/// the engine, but only in place of the default (an image asked for by name is never swapped).
-pub fn fallback(
-    engine: EngineKind,
-    wanted: &str,
-    asked_by_name: bool,
-    pull_error: &str,
-    local: &[String],
-) -> Result<String, String> {
-    if !asked_by_name {
-        if let Some(best) = local.iter().max() {
-            return Ok(best.clone());
-        }
-    }
-    let hint = if asked_by_name {
-        format!("build it with `cargo xtask image build {engine}` if it is isoenv's local image, or check the reference")
-    } else {
-        format!("build a local image from this machine's {engine} with `cargo xtask image build {engine}`, or name one with --image or ISOENV_{}_IMAGE", engine.as_str().to_ascii_uppercase())
-    };
-    Err(format!(
-        "image {wanted} is not on the Docker engine and cannot be pulled ({pull_error}); {hint}"
-    ))
-}
-
-/// Whether a labelled container or volume is garbage: the environment it belongs to has no
-/// directory any more (isoenv makes the directory first and removes it last), or its owner is
-/// gone.
-pub fn is_leftover(
-    labels: &HashMap<String, String>,
-    alive: impl Fn(&ProcessId) -> bool,
-    env_dir_exists: impl Fn(&str) -> bool,
-) -> bool {
-    let owner_gone = labels.get(OWNER_LABEL).is_some_and(|o| {
-        let parsed = o
-            .split_once(':')
-            .and_then(|(pid, start)| Some((pid.parse().ok()?, start.parse().ok()?)));
-        match parsed {
-            Some((pid, start_time)) => !alive(&ProcessId { pid, start_time }),
-            None => false,
-        }
-    });
-    owner_gone
-        || labels
-            .get(ENV_LABEL)
-            .is_some_and(|env| !env_dir_exists(env))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::manifest::Bind;
-
-    fn container() -> Container {
-        Container {
-            image: "postgres:15",
-            port: 5432,
-            data: "/var/lib/postgresql/data",
-            env: vec![("POSTGRES_USER", "postgres".into())],
-            cmd: vec!["postgres".into()],
-            files: vec![],
-        }
-    }
-
-    fn manifest(port: u16) -> Manifest {
-        default_manifest(port, 256 << 20)
-    }
-
-    #[test]
-    fn files_are_the_service_accounts_and_private() {
-        let tar = files_archive(&[("/isoenv/password", "pw".into())]).unwrap();
-        let mut archive = tar::Archive::new(tar.as_slice());
-        let entries: Vec<_> = archive
-            .entries()
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                let h = e.header();
-                (
-                    e.path().unwrap().display().to_string(),
-                    h.mode().unwrap(),
-                    h.uid().unwrap(),
-                    h.size().unwrap(),
-                )
+        host: &dyn Host,
+        opts: &CreateOptions,
+        layout: &Layout,
+        progress: &dyn Fn(&str),
+    ) -> Result<EnvState> {
+        let docker = host.docker()?;
+        let engine = opts.engine.engine();
+        let creds = engine.credentials(Secret::generate());
+        let (image, version) = image_for(
+            host,
+            docker,
+            engine,
+            &creds,
+            opts.image.as_deref(),
+            progress,
+        )?;
+        let project = project(host);
+        let container = ContainerRecord {
+            name: project.container(&opts.name),
+            volume: project.volume(&opts.name),
+            image,
+            docker_host: host.docker_host().map(str::to_owned),
+            started: false,
+        };
+        let mut state = EnvState {
+            schema: SCHEMA,
+            name: opts.name.clone(),
+            engine: opts.engine,
+            backend: BackendKind::Docker,
+            engine_version: version,
+            host: addresses(host.docker_host()).1,
+            port: opts.port.unwrap_or(0),
+            service: true,
+            process: None,
+            created_at: now(),
+            owner: opts.owner,
+            tunnel: None,
+            container: Some(container),
+        };
+        layout
+            .make_dir()
+            .and_then(|()| fs::create_dir_all(&layout.bin))
+            .and_then(|()| fs::create_dir_all(layout.log.parent().unwrap_or(&layout.dir)))
+            .and_then(|()| {
+                let manifest = spec::default_manifest(state.port, host.memory_limit());
+                fs::write(layout.dir.join(manifest::FILE), manifest.to_json())
             })
-            .collect();
-        assert_eq!(entries, [("isoenv/password".to_owned(), 0o400, 999, 2)]);
+            .context(|| format!("cannot set up {}", layout.dir.display()))?;
+        // Recorded before anything exists in Docker: a killed create is found and removed.
+        state.store(layout)?;
+        host.write_client_files(&state, layout, &creds, &ServiceUser::invoker())
+            .context(|| format!("cannot write the client files in {}", layout.dir.display()))?;
+        progress(&format!(
+            "creating container {} from {}",
+            record(&state).name,
+            record(&state).image
+        ));
+        make_container(host, docker, &state, layout, &creds, true)?;
+        run_container(host, &mut state, layout, &creds, progress)?;
+        Ok(state)
     }
 
-    #[test]
-    fn projects_name_and_label_per_machine_and_root() {
-        let a = Project::new("host1", Path::new("/repo/.isoenv"));
-        assert_eq!(a, Project::new("host1", Path::new("/repo/.isoenv")));
-        assert_ne!(a.id, Project::new("host2", Path::new("/repo/.isoenv")).id);
-        assert_ne!(a.id, Project::new("host1", Path::new("/other/.isoenv")).id);
-        assert_eq!(a.container("dev"), format!("isoenv-{}-dev", a.id));
-        assert_eq!(a.volume("dev"), format!("isoenv-{}-dev-data", a.id));
-        let owner = ProcessId {
-            pid: 42,
-            start_time: 7,
+    /// Starts a stopped, crashed or missing container. A container removed behind isoenv's
+    /// back is made again, on its volume when that is still there.
+    fn start(
+        &self,
+        host: &dyn Host,
+        state: &mut EnvState,
+        layout: &Layout,
+        progress: &dyn Fn(&str),
+    ) -> Result<Started> {
+        let docker = docker_for(host, state)?;
+        let creds = host.credentials(layout)?;
+        let record = record(state).clone();
+        match docker.inspect(&record.name)? {
+            Some(o) if o.running => return Ok(Started::Already),
+            Some(_) => {}
+            None => {
+                if docker.image(&record.image)?.is_none() {
+                    return Err(Error::Env {
+                        name: state.name.clone(),
+                        message: format!(
+                            "its container {} was removed outside isoenv, and its image {} is gone too; get the image back (`docker pull {}`, or `cargo xtask image build {}` for isoenv's local image) and start again, or destroy the environment",
+                            record.name, record.image, record.image, state.engine
+                        ),
+                    });
+                }
+                let kept = docker.volume_exists(&record.volume)?;
+                progress(&if kept {
+                    format!("container {} was removed outside isoenv; making it again on volume {} (data kept)", record.name, record.volume)
+                } else {
+                    format!("container {} and its volume {} were removed outside isoenv; making both again (the data is lost)", record.name, record.volume)
+                });
+                make_container(host, docker, state, layout, &creds, !kept)?;
+            }
+        }
+        run_container(host, state, layout, &creds, progress)?;
+        Ok(Started::Now)
+    }
+
+    fn stop(&self, host: &dyn Host, state: &mut EnvState, layout: &Layout) -> Result<()> {
+        docker_for(host, state)?.stop(&record(state).name, STOP_GRACE)?;
+        record_mut(state).started = false;
+        state.store(layout)
+    }
+
+    fn status(&self, host: &dyn Host, state: &EnvState) -> Status {
+        observe(host, state).0
+    }
+
+    /// Removes the container and its volume (the environment's data). A container that a
+    /// killed `create` left is unknown to Docker by name until Docker finishes making it (it
+    /// fills the new volume first), while its volume is already in use: that is waited out.
+    fn teardown(&self, host: &dyn Host, state: &EnvState, _layout: &Layout) -> Result<()> {
+        let docker = docker_for(host, state)?;
+        let record = record(state);
+        let deadline = Instant::now() + MAKING_TIMEOUT;
+        loop {
+            docker.remove_container(&record.name)?;
+            match docker.remove_volume(&record.volume) {
+                Err(e) if e.is_conflict() && Instant::now() < deadline => {
+                    sleep(Duration::from_millis(50))
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// A container's socket is out of the host's reach.
+    fn endpoint(&self, state: &EnvState, _layout: &Layout) -> Endpoint {
+        endpoint(state)
+    }
+
+    /// The container's last output.
+    fn logs(
+        &self,
+        host: &dyn Host,
+        state: &EnvState,
+        _layout: &Layout,
+        lines: usize,
+    ) -> Result<String> {
+        Ok(docker_for(host, state)?.logs(&record(state).name, lines)?)
+    }
+
+    /// The manifest and, per limit, what Docker applied to the container.
+    fn isolation(&self, host: &dyn Host, state: &EnvState, layout: &Layout) -> Option<Isolation> {
+        let file = layout.dir.join(manifest::FILE);
+        let manifest = Manifest::load(&file);
+        let (status, observed) = observe(host, state);
+        let limits = match (&manifest, &observed) {
+            (Ok(m), Some(o)) => vec![
+                applied(
+                    "memory",
+                    Bytes(m.limits.memory.0).to_string(),
+                    "docker HostConfig.Memory",
+                    m.limits.memory.0 as i64,
+                    o.memory,
+                ),
+                applied(
+                    "cpu",
+                    m.limits.cpu.to_string(),
+                    "docker HostConfig.NanoCpus",
+                    (m.limits.cpu * 1e9) as i64,
+                    o.nano_cpus,
+                ),
+                applied(
+                    "pids",
+                    m.limits.pids.to_string(),
+                    "docker HostConfig.PidsLimit",
+                    m.limits.pids.into(),
+                    o.pids_limit,
+                ),
+            ],
+            _ => Vec::new(),
         };
-        let labels = a.labels("dev", EngineKind::Redis, Some(owner));
-        assert_eq!(labels[PROJECT_LABEL], a.id);
-        assert_eq!(labels[ENV_LABEL], "dev");
-        assert_eq!(labels[ENGINE_LABEL], "redis");
-        assert_eq!(labels[OWNER_LABEL], "42:7");
-        assert_eq!(labels[ROOT_LABEL], "host1:/repo/.isoenv");
-        assert!(!a
-            .labels("dev", EngineKind::Redis, None)
-            .contains_key(OWNER_LABEL));
+        Some(Isolation {
+            manifest_file: file,
+            manifest: manifest.map_err(|e| e.to_string()),
+            running: status == Status::Running,
+            init_pid: None,
+            limits,
+        })
     }
 
-    #[test]
-    fn addresses_stay_on_loopback_unless_the_engine_is_remote() {
-        let local = ("127.0.0.1".to_owned(), "127.0.0.1".to_owned());
-        assert_eq!(addresses(None), local);
-        assert_eq!(addresses(Some("unix:///var/run/docker.sock")), local);
-        assert_eq!(addresses(Some("tcp://127.0.0.1:2375")), local);
-        assert_eq!(addresses(Some("tcp://localhost:2375")), local);
-        assert_eq!(
-            addresses(Some("tcp://build-box:2376")),
-            ("0.0.0.0".to_owned(), "build-box".to_owned())
-        );
-        assert_eq!(
-            addresses(Some("https://[2001:db8::1]:2376/")).1,
-            "2001:db8::1"
-        );
-    }
-
-    #[test]
-    fn the_body_publishes_on_loopback_with_limits_volume_and_binds() {
-        let mut m = manifest(0);
-        m.fs.push(Bind {
-            host: "/srv/init".into(),
-            guest: Some("/docker-entrypoint-initdb.d".into()),
-            mode: Mode::Ro,
-        });
-        m.env.insert("TZ".into(), "UTC".into());
-        m.limits.cpu = 0.5;
-        let c = container();
-        let body = create_body(&Plan {
-            image: "isoenv/postgres:15-local",
-            container: &c,
-            manifest: &m,
-            labels: HashMap::from([("k".into(), "v".into())]),
-            volume: "vol",
-            hostname: "isoenv-dev".into(),
-            publish_ip: "127.0.0.1",
-            stop_signal: Signal::SIGINT,
-        });
-        assert_eq!(body.image.as_deref(), Some("isoenv/postgres:15-local"));
-        assert_eq!(body.stop_signal.as_deref(), Some("SIGINT"));
-        assert_eq!(body.env.unwrap(), ["POSTGRES_USER=postgres", "TZ=UTC"]);
-        assert_eq!(body.exposed_ports.unwrap(), ["5432/tcp"]);
-        let host = body.host_config.unwrap();
-        let binding = &host.port_bindings.unwrap()["5432/tcp"].clone().unwrap()[0];
-        assert_eq!(binding.host_ip.as_deref(), Some("127.0.0.1"));
-        assert_eq!(
-            binding.host_port.as_deref(),
-            Some(""),
-            "0 asks Docker for a free port"
-        );
-        assert_eq!(host.memory, Some(256 << 20));
-        assert_eq!(host.memory_swap, Some(256 << 20));
-        assert_eq!(host.nano_cpus, Some(500_000_000));
-        assert_eq!(host.pids_limit, Some(256));
-        let mounts = host.mounts.unwrap();
-        assert_eq!(mounts[0].source.as_deref(), Some("vol"));
-        assert_eq!(
-            mounts[0].target.as_deref(),
-            Some("/var/lib/postgresql/data")
-        );
-        assert_eq!(mounts[0].typ, Some(MountType::VOLUME));
-        assert_eq!(mounts[1].typ, Some(MountType::BIND));
-        assert_eq!(mounts[1].read_only, Some(true));
-
-        let fixed = create_body(&Plan {
-            manifest: &manifest(6000),
-            image: "x",
-            container: &c,
-            labels: HashMap::new(),
-            volume: "v",
-            hostname: "h".into(),
-            publish_ip: "127.0.0.1",
-            stop_signal: Signal::SIGTERM,
-        });
-        let bindings = fixed.host_config.unwrap().port_bindings.unwrap();
-        assert_eq!(
-            bindings["5432/tcp"].as_ref().unwrap()[0]
-                .host_port
-                .as_deref(),
-            Some("6000")
-        );
-    }
-
-    #[test]
-    fn status_from_record_and_observation() {
-        let seen = |running| Observed {
-            running,
-            exit_code: 0,
-            oom_killed: false,
-            host_port: None,
-            memory: 0,
-            nano_cpus: 0,
-            pids_limit: 0,
+    /// This project's containers and volumes that no environment accounts for any more.
+    fn leftovers(&self, host: &dyn Host) -> Result<Vec<String>> {
+        let docker = host.docker()?;
+        let filter = project(host).filter();
+        let dir_exists = |env: &str| host.root().join(env).is_dir();
+        let leftover = |labels: &HashMap<String, String>| {
+            spec::is_leftover(labels, ProcessId::is_alive, dir_exists)
         };
-        assert_eq!(status(true, None), Status::Missing);
-        assert_eq!(status(false, None), Status::Missing);
-        assert_eq!(status(true, Some(&seen(true))), Status::Running);
-        assert_eq!(status(true, Some(&seen(false))), Status::Crashed);
-        assert_eq!(status(false, Some(&seen(false))), Status::Stopped);
+        let mut removed = Vec::new();
+        for c in docker.containers_labelled(&filter)? {
+            if leftover(&c.labels) {
+                docker.remove_container(&c.name)?;
+                removed.push(format!("container {}", c.name));
+            }
+        }
+        for v in docker.volumes_labelled(&filter)? {
+            if leftover(&v.labels) {
+                docker.remove_volume(&v.name)?;
+                removed.push(format!("volume {}", v.name));
+            }
+        }
+        Ok(removed)
     }
+}
 
-    #[test]
-    fn only_the_default_image_falls_back_to_a_local_one() {
-        let local = [
-            "isoenv/postgres:14-local".to_owned(),
-            "isoenv/postgres:15-local".to_owned(),
-        ];
-        let pg = EngineKind::Postgres;
-        assert_eq!(
-            fallback(pg, "postgres:15", false, "no registry", &local),
-            Ok("isoenv/postgres:15-local".to_owned())
-        );
-        let named = fallback(pg, "postgres:16", true, "no registry", &local).unwrap_err();
-        assert!(
-            named.contains("postgres:16") && named.contains("no registry"),
-            "{named}"
-        );
-        let none = fallback(pg, "postgres:15", false, "no registry", &[]).unwrap_err();
-        assert!(none.contains("cargo xtask image build postgres"), "{none}");
-        assert!(none.contains("ISOENV_POSTGRES_IMAGE"), "{none}");
+/// What Docker says of the environment (`unknown` when the engine cannot be reached).
+fn observe(host: &dyn Host, state: &EnvState) -> (Status, Option<Observed>) {
+    let Ok(docker) = docker_for(host, state) else {
+        return (Status::Unknown, None);
+    };
+    let record = record(state);
+    match docker.inspect(&record.name) {
+        Ok(o) => (spec::status(record.started, o.as_ref()), o),
+        Err(_) => (Status::Unknown, None),
     }
+}
 
-    #[test]
-    fn leftovers_are_owned_by_the_dead_or_have_no_directory() {
-        let mut labels = HashMap::from([(ENV_LABEL.to_owned(), "dev".to_owned())]);
-        let live = ProcessId {
-            pid: 42,
-            start_time: 7,
+fn endpoint(state: &EnvState) -> Endpoint {
+    Endpoint {
+        host: state.host.clone(),
+        port: state.port,
+        socket_dir: None,
+    }
+}
+
+/// The engine an environment's container lives on, which must be the one configured now
+/// (otherwise its container would look missing and `start` would make a second one).
+fn docker_for<'h>(host: &'h dyn Host, state: &EnvState) -> Result<&'h Client> {
+    let recorded = &record(state).docker_host;
+    if recorded.as_deref() != host.docker_host() {
+        let on = |h: &Option<String>| match h {
+            Some(h) => format!("DOCKER_HOST={h}"),
+            None => "the local engine (DOCKER_HOST unset)".to_owned(),
         };
-        let alive = |p: &ProcessId| *p == live;
-        assert!(!is_leftover(&labels, alive, |_| true));
-        assert!(is_leftover(&labels, alive, |_| false));
-        labels.insert(OWNER_LABEL.into(), "42:7".into());
-        assert!(!is_leftover(&labels, alive, |_| true));
-        labels.insert(OWNER_LABEL.into(), "42:8".into());
-        assert!(is_leftover(&labels, alive, |_| true), "a recycled pid");
+        return Err(Error::Env {
+            name: state.name.clone(),
+            message: format!(
+                "its container lives on {}, but this command talks to {}; set DOCKER_HOST accordingly",
+                on(recorded),
+                on(&host.docker_host().map(str::to_owned))
+            ),
+        });
+    }
+    host.docker()
+}
+
+/// This state root on this machine, which owns the containers and volumes.
+fn project(host: &dyn Host) -> Project {
+    let root = fs::canonicalize(host.root()).unwrap_or_else(|_| host.root().to_owned());
+    let machine = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Project::new(&machine, &root)
+}
+
+/// The image for a new environment: the one asked for (`--image`, else
+/// `ISOENV_<ENGINE>_IMAGE`), else the official default; pulled when missing; the default
+/// falls back to isoenv's local image of the engine when it cannot be pulled. Returns the
+/// reference and the engine version it holds, as far as it is known.
+fn image_for(
+    host: &dyn Host,
+    docker: &Client,
+    engine: &dyn Engine,
+    creds: &Credentials,
+    asked: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<(String, String)> {
+    let kind = engine.kind();
+    let var = format!("ISOENV_{}_IMAGE", kind.as_str().to_ascii_uppercase());
+    let asked = asked.or_else(|| host.vars().get(&var));
+    let wanted = asked.unwrap_or(engine.container(creds, false).image);
+    let chosen = if docker.image(wanted)?.is_some() {
+        wanted.to_owned()
+    } else {
+        progress(&format!("pulling {wanted}"));
+        match docker.pull(wanted) {
+            Ok(()) => wanted.to_owned(),
+            Err(e) => {
+                let cause = match &e {
+                    crate::backend::docker::client::DockerError::Api { message, .. } => {
+                        message.clone()
+                    }
+                    other => other.to_string(),
+                };
+                let local = docker.images_labelled(&format!("{}={kind}", image::ENGINE_LABEL))?;
+                let fallback = spec::fallback(kind, wanted, asked.is_some(), &cause, &local)
+                    .map_err(|message| Error::Image {
+                        reference: wanted.to_owned(),
+                        message,
+                    })?;
+                progress(&format!(
+                    "{wanted} cannot be pulled; using the local image {fallback}"
+                ));
+                fallback
+            }
+        }
+    };
+    let labels = docker.image(&chosen)?.map(|i| i.labels).unwrap_or_default();
+    let version = match labels.get(SOURCE_LABEL) {
+        Some(source) => source
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => chosen
+            .rsplit_once(':')
+            .map_or("latest", |(_, tag)| tag)
+            .to_owned(),
+    };
+    Ok((chosen, version))
+}
+
+/// Makes the environment's container (and, when `new_volume`, its volume) from its
+/// manifest, and hands it the engine's files.
+fn make_container(
+    host: &dyn Host,
+    docker: &Client,
+    state: &EnvState,
+    layout: &Layout,
+    creds: &Credentials,
+    new_volume: bool,
+) -> Result<()> {
+    let record = record(state);
+    let engine = state.engine.engine();
+    let container = engine.container(creds, state.owner.is_some());
+    let manifest = Manifest::load(&layout.dir.join(manifest::FILE)).map_err(|e| Error::Env {
+        name: state.name.clone(),
+        message: e.to_string(),
+    })?;
+    let labels = project(host).labels(&state.name, state.engine, state.owner);
+    if new_volume {
+        docker.create_volume(&record.volume, labels.clone())?;
+    }
+    let (publish_ip, _) = addresses(host.docker_host());
+    let body = spec::create_body(&Plan {
+        image: &record.image,
+        container: &container,
+        manifest: &manifest,
+        labels,
+        volume: &record.volume,
+        hostname: format!("isoenv-{}", state.name),
+        publish_ip: &publish_ip,
+        stop_signal: engine.stop_signal(),
+    });
+    docker.create_container(&record.name, body).map_err(|e| {
+        if e.is_conflict() {
+            Error::Env {
+                name: state.name.clone(),
+                message: format!("a container named {} exists already but is not this environment's; remove it (`docker rm -f {}`) or pick another name", record.name, record.name),
+            }
+        } else {
+            e.into()
+        }
+    })?;
+    let files = spec::files_archive(&container.files)
+        .context(|| "cannot pack the container's files".into())?;
+    docker.upload(&record.name, files)?;
+    Ok(())
+}
+
+/// Starts the container, reads back its port, rewrites the client files for it, and waits
+/// until the engine answers its own protocol from the host. On failure the container is
+/// stopped, the record says so, and the error carries the container's last output.
+fn run_container(
+    host: &dyn Host,
+    state: &mut EnvState,
+    layout: &Layout,
+    creds: &Credentials,
+    progress: &dyn Fn(&str),
+) -> Result<()> {
+    let docker = docker_for(host, state)?;
+    let engine = state.engine.engine();
+    let name = record(state).name.clone();
+    let failed = |state: &mut EnvState, failure: String| -> Result<()> {
+        let _ = docker.stop(&name, Duration::from_secs(5));
+        record_mut(state).started = false;
+        let _ = state.store(layout);
+        let logs = docker.logs(&name, 15).unwrap_or_default();
+        Err(Error::Env {
+            name: state.name.clone(),
+            message: format!(
+                "{failure}\n--- last lines of container {name} ---\n{}",
+                logs.trim_end()
+            ),
+        })
+    };
+    if let Err(e) = docker.start(&name) {
+        let message = e.to_string();
+        let advice = if message.contains("port is already allocated")
+            || message.contains("address already in use")
+        {
+            "; its port is taken: free it, or edit network.expose in the manifest (port 0 lets Docker pick one)"
+        } else {
+            ""
+        };
+        return failed(state, format!("{message}{advice}"));
+    }
+    record_mut(state).started = true;
+    state.store(layout)?;
+    let port = docker.inspect(&name)?.and_then(|o| o.host_port);
+    let Some(port) = port else {
+        return failed(state, "Docker published no host port".into());
+    };
+    if port != state.port {
+        state.port = port;
+        host.write_client_files(state, layout, creds, &ServiceUser::invoker())
+            .context(|| format!("cannot write the client files in {}", layout.dir.display()))?;
+        state.store(layout)?;
+    }
+    progress(&format!(
+        "waiting for {} in {name} on {}:{port}",
+        engine.kind(),
+        state.host
+    ));
+    let mut checked = Instant::now();
+    let failure = wait_ready(engine, &endpoint(state), creds, READY_TIMEOUT, |m| {
+        if checked.elapsed() < LIVENESS_EVERY {
+            return Ok::<_, Error>(None);
+        }
+        checked = Instant::now();
+        Ok(match docker.inspect(&name)? {
+            Some(o) if o.running => None,
+            Some(o) => Some(exited(engine, &o, m)),
+            None => Some(format!("container {name} vanished during start-up")),
+        })
+    })?;
+    let Some(failure) = failure else {
+        return Ok(());
+    };
+    failed(state, failure)
+}
+
+fn record(state: &EnvState) -> &ContainerRecord {
+    state
+        .container
+        .as_ref()
+        .expect("a docker environment records its container")
+}
+
+fn record_mut(state: &mut EnvState) -> &mut ContainerRecord {
+    state
+        .container
+        .as_mut()
+        .expect("a docker environment records its container")
+}
+
+fn exited(engine: &dyn Engine, o: &Observed, probe: &str) -> String {
+    let why = if o.oom_killed {
+        " (killed for exceeding its memory limit: raise limits.memory in the manifest)".to_owned()
+    } else {
+        String::new()
+    };
+    format!(
+        "{} exited during start-up with code {}{why} ({probe})",
+        engine.kind(),
+        o.exit_code
+    )
+}
+
+fn applied(limit: &str, value: String, via: &str, wanted: i64, got: i64) -> Enforcement {
+    Enforcement {
+        limit: limit.into(),
+        value,
+        via: format!("{via} = {got}"),
+        enforced: got == wanted,
     }
 }

@@ -11,7 +11,8 @@ use nix::sys::signal::Signal;
 pub mod cgroup;
 pub mod supervisor;
 
-use super::{Backend, BackendKind, Isolation, Prepare, Spawn};
+use super::local::{Confinement, Prepare, Spawn};
+use super::{BackendKind, Isolation};
 use crate::backend::manifest::{self, Defaults, Manifest};
 use crate::backend::Enforcement;
 use crate::engine::existing;
@@ -24,16 +25,21 @@ pub struct Sandbox;
 /// How long the supervisor may take to build the sandbox (mounts, cgroups) before giving up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-impl Backend for Sandbox {
+impl Confinement for Sandbox {
     fn kind(&self) -> BackendKind {
         BackendKind::Sandbox
     }
 
     /// Writes the default manifest: the server binary, its libraries and data files read-only,
     /// the data and socket directories read-write, the engine's config files read-only.
-    fn prepare(&self, p: &Prepare) -> Result<(), String> {
+    fn prepare(&self, p: &Prepare) -> crate::Result<()> {
         let mut read_only = vec![p.bins.server.clone()];
-        read_only.extend(library_dirs(&p.bins.server)?);
+        read_only.extend(
+            library_dirs(&p.bins.server).map_err(|message| crate::Error::Env {
+                name: p.layout.name(),
+                message,
+            })?,
+        );
         read_only.extend(p.engine.sandbox_paths(p.bins));
         read_only.extend(existing([PathBuf::from("/usr/lib/locale")]));
         read_only.extend(p.engine.server_files(p.layout));
@@ -44,8 +50,10 @@ impl Backend for Sandbox {
             memory: p.memory,
         });
         let path = manifest_file(&p.layout.dir);
-        std::fs::write(&path, manifest.to_json())
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        std::fs::write(&path, manifest.to_json()).map_err(|cause| crate::Error::Io {
+            context: format!("cannot write {}", path.display()),
+            cause,
+        })
     }
 
     fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {

@@ -1,12 +1,11 @@
-//! The development tunnel: the system `ssh` forwarding a local port on 127.0.0.1 to the VM's
-//! database. Non-interactive, fails fast when the forward cannot be made, keeps itself alive,
-//! and checks host keys against a project-local `known_hosts`. Readiness is the database's own
-//! answer through the tunnel; a failure is traced to the hop that failed. The forwarder runs
-//! as the invoking user, whose SSH key and agent it uses.
+//! The system `ssh` forwarding a local port on 127.0.0.1 to the VM's database. Non-interactive,
+//! fails fast when the forward cannot be made, keeps itself alive, and checks host keys against
+//! a project-local `known_hosts`. Readiness is the database's own answer through the tunnel; a
+//! failure is traced to the hop that failed. ssh runs as the invoking user, whose SSH key and
+//! agent it uses.
 
 use std::fmt;
 use std::fs;
-use std::io;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
@@ -15,9 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, BackendKind, Spawn};
 use crate::config::{DatabaseConfig, SshTunnel as SshSettings};
-use crate::engine::{Engine, EngineKind};
 use crate::layout::Layout;
 use crate::remote::{self, FailureKind, ServerReport};
 use crate::sys::process::{tail, Launch, ProcessId, ServiceUser};
@@ -209,8 +206,8 @@ pub struct Starting<'a> {
     from: u64,
 }
 
-/// Starts ssh through the ssh-tunnel backend (detached, as the invoking user, whose key it
-/// is), with its messages appended to the environment's log.
+/// Starts ssh (detached, as the invoking user, whose key it is), with its messages appended to
+/// the environment's log.
 pub fn spawn<'a>(
     ssh: &Path,
     spec: &'a TunnelSpec,
@@ -218,16 +215,9 @@ pub fn spawn<'a>(
     layout: &Layout,
 ) -> Result<Starting<'a>> {
     let from = fs::metadata(&layout.log).map_or(0, |m| m.len());
-    let launch = spec.launch(ssh, local_port);
-    let process = BackendKind::SshTunnel
-        .backend()
-        .spawn(&Spawn {
-            launch: &launch,
-            layout,
-            user: &ServiceUser::invoker(),
-            engine: EngineKind::Postgres.engine(),
-            port: local_port,
-        })
+    let process = spec
+        .launch(ssh, local_port)
+        .spawn_detached(&ServiceUser::invoker(), &layout.dir, &layout.log)
         .map_err(|cause| TunnelError::Spawn {
             ssh: ssh.to_owned(),
             cause,
@@ -318,23 +308,6 @@ fn read_from(log: &Path, from: u64) -> String {
         }
     }
     text
-}
-
-pub struct SshTunnel;
-
-impl Backend for SshTunnel {
-    fn kind(&self) -> BackendKind {
-        BackendKind::SshTunnel
-    }
-
-    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {
-        s.launch
-            .spawn_detached(&ServiceUser::invoker(), &s.layout.dir, &s.layout.log)
-    }
-
-    fn stop_signal(&self, _: &dyn Engine) -> Signal {
-        Signal::SIGTERM
-    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
-//! An environment's machine-readable record on disk (its paths are [`crate::layout`]).
+//! An environment's machine-readable record on disk: what every backend records, and each
+//! backend's own part (a process, a container, a tunnel). Its paths are [`crate::layout`]'s.
 
 use std::fs;
 use std::io;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::ssh_tunnel::TunnelSpec;
-use crate::backend::{BackendKind, Status};
+use super::docker::ContainerRecord;
+use super::ssh_tunnel::TunnelSpec;
+use super::{BackendKind, Status};
 use crate::engine::EngineKind;
 use crate::layout::Layout;
 use crate::sys::process::ProcessId;
@@ -43,20 +45,6 @@ pub struct EnvState {
     pub container: Option<ContainerRecord>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ContainerRecord {
-    pub name: String,
-    pub volume: String,
-    pub image: String,
-    /// The Docker engine it lives on (`DOCKER_HOST` at create; none: the local default).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub docker_host: Option<String>,
-    /// Whether isoenv started it and has not stopped it since: a container that is not running
-    /// then has crashed.
-    pub started: bool,
-}
-
 impl EnvState {
     /// The status given whether the recorded process is alive: a pure decision.
     pub fn status(&self, alive: impl Fn(&ProcessId) -> bool) -> Status {
@@ -84,6 +72,14 @@ impl EnvState {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// [`EnvState::save`], the error saying which file.
+    pub fn store(&self, layout: &Layout) -> crate::Result<()> {
+        self.save(layout).map_err(|cause| crate::Error::Io {
+            context: format!("cannot write {}", layout.state_file().display()),
+            cause,
+        })
     }
 
     /// Writes atomically (temp file + rename): a reader never sees half a record.

@@ -1,0 +1,355 @@
+//! A server as a local process, for the lightweight and sandbox backends: the data directory a
+//! copy of the cached template, the server spawned through the backend's [`Confinement`],
+//! recorded at once, and waited for until it answers its own protocol.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+
+use super::{
+    Backend, BackendKind, CreateOptions, EnvState, Host, Isolation, Started, Status, READY_TIMEOUT,
+    SCHEMA, STOP_GRACE,
+};
+use crate::engine::{wait_ready, Binaries, Credentials, Engine};
+use crate::error::{Error, IoContext, Result};
+use crate::layout::Layout;
+use crate::sys::files::set_mode;
+use crate::sys::net;
+use crate::sys::process::{tail, Launch, ProcessId, ServiceUser};
+use crate::sys::secret::Secret;
+
+/// What a new environment's backend may prepare (once, at create).
+pub struct Prepare<'a> {
+    pub layout: &'a Layout,
+    pub engine: &'a dyn Engine,
+    pub bins: &'a Binaries,
+    pub port: u16,
+    /// The default memory limit (`WASI_MEMORY_LIMIT`).
+    pub memory: u64,
+}
+
+/// One server start.
+pub struct Spawn<'a> {
+    pub launch: &'a Launch,
+    pub layout: &'a Layout,
+    pub user: &'a ServiceUser,
+    pub engine: &'a dyn Engine,
+    pub port: u16,
+}
+
+/// How a local server is confined: what differs between the lightweight and sandbox backends.
+pub trait Confinement: Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// Writes what the confinement needs into a new environment (e.g. its manifest).
+    fn prepare(&self, _p: &Prepare) -> Result<()> {
+        Ok(())
+    }
+
+    /// Starts the server and returns the process that owns its lifetime.
+    fn spawn(&self, s: &Spawn) -> io::Result<ProcessId>;
+
+    /// The signal for a graceful, fast stop of what [`Confinement::spawn`] started.
+    fn stop_signal(&self, engine: &dyn Engine) -> Signal {
+        engine.stop_signal()
+    }
+
+    /// Removes what a dead server left outside the environment directory.
+    fn release(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn isolation(&self, _dir: &Path) -> Option<Isolation> {
+        None
+    }
+}
+
+/// A local server under a [`Confinement`].
+pub struct Local<C>(pub C);
+
+impl<C: Confinement> Backend for Local<C> {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+
+    fn noun(&self) -> &'static str {
+        "server"
+    }
+
+    fn create(
+        &self,
+        host: &dyn Host,
+        opts: &CreateOptions,
+        layout: &Layout,
+        progress: &dyn Fn(&str),
+    ) -> Result<EnvState> {
+        let env_err = |message: String| Error::Env {
+            name: opts.name.clone(),
+            message,
+        };
+        layout.check_socket_room().map_err(env_err)?;
+        let user = host.user()?;
+        if user.switch {
+            reachable(host.root(), user).map_err(Error::Unsupported)?;
+        }
+        let engine = opts.engine.engine();
+        let port = match opts.port {
+            Some(p) if net::is_taken(p) => return Err(Error::PortTaken { port: p }),
+            Some(p) => p,
+            None => net::free_port().context(|| "cannot find a free port on 127.0.0.1".into())?,
+        };
+        let bins = match opts.service {
+            true => Some(host.binaries(engine, opts.install, progress)?),
+            false => None,
+        };
+        let template = match &bins {
+            Some(b) => host.template(engine, b, progress)?,
+            None => None,
+        };
+        let mut state = EnvState {
+            schema: SCHEMA,
+            name: opts.name.clone(),
+            engine: opts.engine,
+            backend: opts.backend,
+            engine_version: bins.as_ref().map(|b| b.version.clone()).unwrap_or_default(),
+            host: net::LOOPBACK.to_string(),
+            port,
+            service: opts.service,
+            process: None,
+            created_at: now(),
+            owner: opts.owner,
+            tunnel: None,
+            container: None,
+        };
+        let creds = engine.credentials(Secret::generate());
+        let made = || -> io::Result<()> {
+            layout.make_dir()?;
+            for dir in [&layout.bin, layout.log.parent().unwrap_or(&layout.dir)] {
+                fs::create_dir_all(dir)?;
+            }
+            match &template {
+                Some(t) => host.copy_template(t, &layout.data, user)?,
+                None => {
+                    fs::create_dir(&layout.data)?;
+                    set_mode(&layout.data, 0o700)?;
+                    user.chown(&layout.data)?;
+                }
+            }
+            fs::create_dir(&layout.run)?;
+            set_mode(&layout.run, 0o700)?;
+            user.chown(&layout.run)?;
+            host.write_client_files(&state, layout, &creds, user)
+        };
+        made().context(|| {
+            format!(
+                "cannot set up environment `{}` in {}",
+                opts.name,
+                layout.dir.display()
+            )
+        })?;
+        if let Some(bins) = &bins {
+            self.0.prepare(&Prepare {
+                layout,
+                engine,
+                bins,
+                port,
+                memory: host.memory_limit(),
+            })?;
+            progress(&format!(
+                "starting {} {} on 127.0.0.1:{port}",
+                engine.kind(),
+                bins.version
+            ));
+            self.run(host, &mut state, bins, layout, &creds)?;
+            engine
+                .after_create(&self.endpoint(&state, layout), &creds)
+                .map_err(env_err)?;
+        }
+        state.store(layout)?;
+        Ok(state)
+    }
+
+    fn start(
+        &self,
+        host: &dyn Host,
+        state: &mut EnvState,
+        layout: &Layout,
+        progress: &dyn Fn(&str),
+    ) -> Result<Started> {
+        let name = &state.name;
+        match self.status(host, state) {
+            Status::Running => return Ok(Started::Already),
+            Status::EnvOnly => {
+                return Err(Error::Env {
+                    name: name.clone(),
+                    message: "it is env-only (created with --no-service): there is no server to start; destroy and create it without --no-service".into(),
+                })
+            }
+            Status::Stopped | Status::Crashed | Status::Missing | Status::Unknown => {}
+        }
+        if net::is_taken(state.port) {
+            return Err(Error::Env {
+                name: name.clone(),
+                message: format!("its port {} on 127.0.0.1 is now used by another program; stop that program, or destroy and recreate the environment", state.port),
+            });
+        }
+        let engine = state.engine.engine();
+        let bins = host.binaries(engine, false, progress)?;
+        // The recorded server is dead, so what it left behind is stale.
+        for stale in engine.stale_files(layout, state.port) {
+            let _ = fs::remove_file(stale);
+        }
+        progress(&format!(
+            "starting {} {} on 127.0.0.1:{}",
+            engine.kind(),
+            bins.version,
+            state.port
+        ));
+        let creds = host.credentials(layout)?;
+        self.run(host, state, &bins, layout, &creds)?;
+        Ok(Started::Now)
+    }
+
+    fn stop(&self, host: &dyn Host, state: &mut EnvState, layout: &Layout) -> Result<()> {
+        if let Some(pid) = state.process.take() {
+            pid.stop(self.stop_signal(state), STOP_GRACE);
+            state.store(layout)?;
+        }
+        self.release(host, state, layout)
+    }
+
+    fn status(&self, _host: &dyn Host, state: &EnvState) -> Status {
+        state.status(ProcessId::is_alive)
+    }
+
+    fn teardown(&self, host: &dyn Host, state: &EnvState, layout: &Layout) -> Result<()> {
+        if let Some(pid) = state.process {
+            pid.stop(self.stop_signal(state), STOP_GRACE);
+        }
+        self.release(host, state, layout)
+    }
+
+    fn isolation(&self, _host: &dyn Host, _state: &EnvState, layout: &Layout) -> Option<Isolation> {
+        self.0.isolation(&layout.dir)
+    }
+}
+
+impl<C: Confinement> Local<C> {
+    fn stop_signal(&self, state: &EnvState) -> Signal {
+        self.0.stop_signal(state.engine.engine())
+    }
+
+    /// What the confinement left outside the directory once the server is gone.
+    fn release(&self, _host: &dyn Host, state: &EnvState, layout: &Layout) -> Result<()> {
+        self.0
+            .release(&layout.dir)
+            .context(|| format!("cannot clean up after environment `{}`", state.name))
+    }
+
+    /// Spawns the server through the confinement, records it at once (so that even if isoenv
+    /// is killed while waiting, `list` and `destroy` still find the process), and waits until
+    /// it answers. On failure the process is gone, the record says so, and the error carries
+    /// the log's tail.
+    fn run(
+        &self,
+        host: &dyn Host,
+        state: &mut EnvState,
+        bins: &Binaries,
+        layout: &Layout,
+        creds: &Credentials,
+    ) -> Result<()> {
+        let engine = state.engine.engine();
+        let mut launch = engine.launch(bins, layout, state.port);
+        if state.owner.is_some() {
+            launch = engine
+                .disposable_args()
+                .iter()
+                .fold(launch, |l, a| l.arg(a));
+        }
+        // An environment owned by this process (a test run) must not outlive it.
+        if state.owner.is_some() && state.owner == ProcessId::of(std::process::id() as i32).ok() {
+            launch = launch.die_with_parent(self.stop_signal(state));
+        }
+        let pid = self
+            .0
+            .spawn(&Spawn {
+                launch: &launch,
+                layout,
+                user: host.user()?,
+                engine,
+                port: state.port,
+            })
+            .context(|| format!("cannot start {}", launch.program.display()))?;
+        state.process = Some(pid);
+        if let Err(e) = state.store(layout) {
+            pid.stop(Signal::SIGKILL, Duration::from_secs(5));
+            return Err(e);
+        }
+        let failure = wait_ready(
+            engine,
+            &self.endpoint(state, layout),
+            creds,
+            READY_TIMEOUT,
+            |m| {
+                Ok::<_, Error>(
+                    (!pid.is_alive())
+                        .then(|| format!("{} exited during start-up ({m})", engine.kind())),
+                )
+            },
+        )?;
+        let Some(failure) = failure else {
+            return Ok(());
+        };
+        pid.stop(Signal::SIGKILL, Duration::from_secs(5));
+        let _ = self.0.release(&layout.dir);
+        state.process = None;
+        let _ = state.store(layout);
+        let log = fs::read_to_string(&layout.log).unwrap_or_default();
+        Err(Error::Env {
+            name: state.name.clone(),
+            message: format!(
+                "{failure}\n--- last lines of {} ---\n{}",
+                layout.log.display(),
+                tail(&log, 15)
+            ),
+        })
+    }
+}
+
+pub(super) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The service user must be able to traverse every directory down to the state root.
+fn reachable(path: &Path, user: &ServiceUser) -> std::result::Result<(), String> {
+    let abs =
+        fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    for dir in abs.ancestors() {
+        let Ok(meta) = fs::metadata(dir) else {
+            continue;
+        };
+        let bit = if meta.uid() == user.uid {
+            0o100
+        } else if meta.gid() == user.gid {
+            0o010
+        } else {
+            0o001
+        };
+        if meta.mode() & bit == 0 {
+            return Err(format!(
+                "servers run as `{}`, which cannot enter {} (mode {:o}), so it cannot reach {}; set WASI_SANDBOX_DIR to a directory it can reach, or ISOENV_SERVICE_USER to a user that can",
+                user.name,
+                dir.display(),
+                meta.mode() & 0o777,
+                abs.display()
+            ));
+        }
+    }
+    Ok(())
+}

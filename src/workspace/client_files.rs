@@ -1,0 +1,114 @@
+//! What clients use, per environment: the engine's own files, the stored login (0600), the
+//! activate script, and the connection as URL and variables.
+
+use std::fs;
+
+use serde::{Deserialize, Serialize};
+
+use super::activate;
+use crate::backend::EnvState;
+use crate::config::{ConfigSource, DatabaseConfig, ACTIVE_ENGINE, ACTIVE_MARKER};
+use crate::engine::{Credentials, EngineKind};
+use crate::error::{Error, IoContext, Result};
+use crate::layout::Layout;
+use crate::sys::process::ServiceUser;
+use crate::sys::secret::{write_private, Secret};
+
+/// The stored login of an environment (0600).
+#[derive(Serialize, Deserialize)]
+struct StoredCredentials {
+    user: String,
+    password: String,
+    database: String,
+}
+
+/// The engine's client files, the stored login and the activate script.
+pub(super) fn write(
+    state: &EnvState,
+    layout: &Layout,
+    creds: &Credentials,
+    user: &ServiceUser,
+) -> std::io::Result<()> {
+    state
+        .engine
+        .engine()
+        .configure(layout, state.port, creds, user)?;
+    let stored = StoredCredentials {
+        user: creds.user.clone(),
+        password: creds.password.expose().to_owned(),
+        database: creds.database.clone(),
+    };
+    write_private(&layout.credentials_file(), &serde_json::to_vec(&stored)?)?;
+    let exports = exports(state, creds, layout);
+    write_private(
+        &layout.activate(),
+        activate::script(&state.name, &exports).as_bytes(),
+    )
+}
+
+pub(super) fn read_credentials(layout: &Layout) -> Result<Credentials> {
+    let path = layout.credentials_file();
+    let bytes = fs::read(&path).context(|| format!("cannot read {}", path.display()))?;
+    let c: StoredCredentials = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+        context: format!("cannot parse {}", path.display()),
+        cause: e.into(),
+    })?;
+    Ok(Credentials {
+        user: c.user,
+        password: Secret::new(c.password),
+        database: c.database,
+    })
+}
+
+/// The environment as the configuration layer sees an active environment.
+pub(super) fn database(state: &EnvState, creds: &Credentials) -> DatabaseConfig {
+    DatabaseConfig {
+        engine: state.engine,
+        host: state.host.clone(),
+        port: state.port,
+        name: creds.database.clone(),
+        user: creds.user.clone(),
+        password: creds.password.clone(),
+        use_vm: false,
+        ssl_mode: state.backend.backend().client_tls(),
+        ssl_root_cert: None,
+        ssh_tunnel: None,
+        source: ConfigSource::Active {
+            name: state.name.clone(),
+        },
+    }
+}
+
+/// What the activate script exports: the URL, `DB_*` (read back by the environment config as an
+/// active environment), the marker, and the engine's native variables.
+pub(super) fn exports(
+    state: &EnvState,
+    creds: &Credentials,
+    layout: &Layout,
+) -> Vec<(String, String)> {
+    let engine = state.engine.engine();
+    let db = database(state, creds);
+    let url_var = if engine.kind() == EngineKind::Redis {
+        "REDIS_URL"
+    } else {
+        "DATABASE_URL"
+    };
+    let mut out: Vec<(String, String)> = vec![
+        (url_var.into(), db.url()),
+        ("DB_HOST".into(), db.host.clone()),
+        ("DB_PORT".into(), db.port.to_string()),
+        ("DB_NAME".into(), db.name.clone()),
+        ("DB_USER".into(), db.user.clone()),
+        ("DB_PASSWORD".into(), creds.password.expose().to_owned()),
+        (ACTIVE_MARKER.into(), state.name.clone()),
+        (ACTIVE_ENGINE.into(), engine.kind().to_string()),
+    ];
+    let endpoint = state.backend.backend().endpoint(state, layout);
+    out.extend(
+        engine
+            .native_exports(&endpoint, creds, layout)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v)),
+    );
+    out
+}

@@ -1,0 +1,76 @@
+//! Collecting what dead owners and killed commands left: environments whose owner process is
+//! gone, directories a killed `create` left half-made, spare copies whose copier died, and what
+//! backends made for environments that no longer account for it.
+
+use super::policy::Action;
+use super::{spare, Workspace};
+use crate::backend::{self, EnvState};
+use crate::error::{IoContext, Result};
+use crate::layout::Layout;
+use crate::sys::files::remove_tree;
+use crate::sys::process::ProcessId;
+
+impl Workspace {
+    /// Removes environments whose owner process is gone (a `test --isolated` run killed with
+    /// SIGKILL) and directories a killed `create` left without a record (and spare data
+    /// directories whose copier was killed). Returns the names removed. Live and unowned
+    /// environments are never touched.
+    pub fn gc(&self) -> Result<Vec<String>> {
+        self.guard(Action::Destroy, "collect environments")?;
+        spare::collect(&self.cache);
+        let mut removed = Vec::new();
+        for name in self.names()? {
+            let layout = self.layout(&name);
+            // Decided without the lock first, so that a clean state root costs only reads.
+            if !is_garbage(&layout) {
+                continue;
+            }
+            // A create or destroy in progress holds the lock: leave it alone.
+            let Ok(_lock) = self.lock(&name) else {
+                continue;
+            };
+            if !is_garbage(&layout) {
+                continue;
+            }
+            if let Ok(Some(state)) = EnvState::load(&layout) {
+                // What cannot be torn down now (an unreachable Docker engine) waits for the
+                // next collection; nothing else is held up by it.
+                if state
+                    .backend
+                    .backend()
+                    .teardown(self, &state, &layout)
+                    .is_err()
+                {
+                    continue;
+                }
+            }
+            remove_tree(&layout.dir)
+                .context(|| format!("cannot remove {}", layout.dir.display()))?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
+    /// Removes what backends made (containers, volumes) for environments that no longer
+    /// account for it (their directory is gone, or their owner is), e.g. after the state root
+    /// was deleted by hand. Returns what was removed.
+    pub fn gc_leftovers(&self) -> Result<Vec<String>> {
+        self.guard(Action::Destroy, "collect leftovers")?;
+        let mut removed = Vec::new();
+        for kind in backend::ALL {
+            removed.extend(kind.backend().leftovers(self)?);
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether `gc` removes this directory: its owner is dead, or it still carries the marker of a
+/// create that did not finish (only trusted while nobody holds the lock).
+fn is_garbage(layout: &Layout) -> bool {
+    let half_made = layout.creating_marker().exists();
+    match EnvState::load(layout) {
+        Ok(Some(state)) => half_made || state.orphaned(ProcessId::is_alive),
+        Ok(None) => half_made,
+        Err(_) => false,
+    }
+}

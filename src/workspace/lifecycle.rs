@@ -1,0 +1,81 @@
+//! One environment's life: create, start, stop, destroy, disown. The environment's backend does
+//! the work; the workspace guards production, validates the name, holds the lock, and removes
+//! what a failed create made.
+
+use std::fs;
+
+use super::cleanup::Cleanup;
+use super::policy::Action;
+use super::{check_name, EnvInfo, Workspace};
+use crate::backend::CreateOptions;
+use crate::error::{Error, IoContext, Result};
+use crate::sys::files::remove_tree;
+
+impl Workspace {
+    pub fn create(&self, opts: &CreateOptions, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
+        self.guard(Action::Create, "create an environment")?;
+        check_name(&opts.name)?;
+        fs::create_dir_all(&self.root)
+            .context(|| format!("cannot create {}", self.root.display()))?;
+        let (layout, _lock) = self.claim(&opts.name)?;
+        // From here on, anything that fails removes what was made.
+        let mut cleanup = Cleanup {
+            host: self,
+            dir: Some(layout.dir.clone()),
+        };
+        let state = opts
+            .backend
+            .backend()
+            .create(self, opts, &layout, progress)?;
+        layout
+            .finish()
+            .context(|| format!("cannot complete {}", layout.dir.display()))?;
+        cleanup.disarm();
+        self.refill_spare();
+        Ok(self.info(&state, &layout))
+    }
+
+    pub fn start(&self, name: &str, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
+        self.guard(Action::Start, "start an environment")?;
+        let (layout, _lock, mut state) = self.open_locked(name)?;
+        state
+            .backend
+            .backend()
+            .start(self, &mut state, &layout, progress)?;
+        Ok(self.info(&state, &layout))
+    }
+
+    pub fn stop(&self, name: &str) -> Result<EnvInfo> {
+        self.guard(Action::Stop, "stop an environment")?;
+        let (layout, _lock, mut state) = self.open_locked(name)?;
+        state.backend.backend().stop(self, &mut state, &layout)?;
+        Ok(self.info(&state, &layout))
+    }
+
+    /// Stops the server and removes the environment's directory. Only a directory isoenv made
+    /// (a real directory holding a readable `state.json`) is ever removed.
+    pub fn destroy(&self, name: &str) -> Result<()> {
+        self.guard(Action::Destroy, "destroy an environment")?;
+        check_name(name)?;
+        let layout = self.layout(name);
+        if fs::symlink_metadata(&layout.dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Env {
+                name: name.into(),
+                message: format!(
+                    "{} is a symbolic link; isoenv removes only directories it made",
+                    layout.dir.display()
+                ),
+            });
+        }
+        let (layout, _lock, state) = self.open_locked(name)?;
+        state.backend.backend().teardown(self, &state, &layout)?;
+        remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
+    }
+
+    /// Makes an owned (ephemeral) environment permanent: `gc` will leave it alone.
+    pub fn disown(&self, name: &str) -> Result<()> {
+        let (layout, _lock, mut state) = self.open_locked(name)?;
+        state.owner = None;
+        state.store(&layout)
+    }
+}

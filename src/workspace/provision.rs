@@ -1,0 +1,167 @@
+//! What a local server needs before it starts: the engine's binaries (installed on request) and
+//! the cache of initialized data directories, made once per engine, version and init command
+//! and copied (or a spare copy renamed) into each new environment.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::{spare, Workspace};
+use crate::engine::{self, Binaries, Engine};
+use crate::error::{Error, IoContext, Result};
+use crate::sys::files::{chown_tree, copy_tree, remove_tree};
+use crate::sys::hash::fnv1a;
+use crate::sys::lock::Lock;
+use crate::sys::process::ServiceUser;
+
+impl Workspace {
+    /// The engine's binaries, installing them first when asked to.
+    pub(super) fn find_binaries(
+        &self,
+        engine: &dyn Engine,
+        install: bool,
+        progress: &dyn Fn(&str),
+    ) -> Result<Binaries> {
+        let detail = match engine.locate(&self.vars) {
+            Ok(b) => return Ok(b),
+            Err(detail) => detail,
+        };
+        let command = engine::install_command(engine);
+        let auto = install || self.vars.get("ISOENV_AUTO_INSTALL") == Some("1");
+        if let (true, Some(cmd)) = (auto, &command) {
+            progress(&format!("installing {}: {cmd}", engine.kind()));
+            // The installer's chatter goes to stderr: stdout is for data.
+            let stderr = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned();
+            let status = stderr.and_then(|fd| {
+                std::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .stdout(fd)
+                    .status()
+            });
+            if matches!(status, Ok(s) if s.success()) {
+                if let Ok(b) = engine.locate(&self.vars) {
+                    return Ok(b);
+                }
+            }
+        }
+        Err(Error::EngineMissing {
+            engine: engine.kind().to_string(),
+            detail,
+            install: command.unwrap_or_else(|| {
+                format!(
+                    "install {} with your system's package manager",
+                    engine.kind()
+                )
+            }),
+        })
+    }
+
+    /// The cached, initialized data directory for this engine, version and init command,
+    /// made once (under a lock, so concurrent creates share one initialization).
+    pub(super) fn cached_template(
+        &self,
+        engine: &dyn Engine,
+        bins: &Binaries,
+        progress: &dyn Fn(&str),
+    ) -> Result<Option<PathBuf>> {
+        let Some(probe) = engine.init(bins, Path::new("data")) else {
+            return Ok(None);
+        };
+        let key = format!(
+            "{}-{}-{:016x}",
+            engine.kind(),
+            sanitize(&bins.version),
+            fnv1a(&format!("{probe:?}"))
+        );
+        let dir = self.cache.join(&key);
+        let data = dir.join("data");
+        if data.is_dir() {
+            return Ok(Some(data));
+        }
+        fs::create_dir_all(&self.cache)
+            .context(|| format!("cannot create {}", self.cache.display()))?;
+        let _lock = Lock::wait(self.cache.join(format!(".{key}.lock")))
+            .map_err(|_| Error::Busy { name: key.clone() })?;
+        if data.is_dir() {
+            return Ok(Some(data));
+        }
+        progress(&format!(
+            "initializing a {} {} data directory (once; cached in {})",
+            engine.kind(),
+            bins.version,
+            self.cache.display()
+        ));
+        let user = self.service_user()?;
+        let tmp = self
+            .cache
+            .join(format!(".tmp-{key}-{}", std::process::id()));
+        let made = (|| -> Result<()> {
+            remove_tree(&tmp).context(|| format!("cannot clear {}", tmp.display()))?;
+            fs::create_dir_all(&tmp).context(|| format!("cannot create {}", tmp.display()))?;
+            chown_tree(&tmp, user)
+                .context(|| format!("cannot hand {} to {}", tmp.display(), user.name))?;
+            let init = engine
+                .init(bins, &tmp.join("data"))
+                .expect("init is Some for this engine");
+            init.run(user, &tmp).map_err(|message| Error::Env {
+                name: format!("(cache {key})"),
+                message,
+            })?;
+            fs::rename(&tmp, &dir).context(|| format!("cannot move {} into place", tmp.display()))
+        })();
+        if made.is_err() {
+            let _ = remove_tree(&tmp);
+        }
+        made.map(|()| Some(data))
+    }
+
+    /// A spare copy of the template when one is ready, else a copy made now; a new spare is
+    /// made once the environment is complete.
+    pub(super) fn copy_cached(
+        &self,
+        template: &Path,
+        data: &Path,
+        user: &ServiceUser,
+    ) -> std::io::Result<()> {
+        if !spare::take(template, data) {
+            copy_tree(template, data, user)?;
+        }
+        *self.spare_due.lock().unwrap_or_else(|e| e.into_inner()) = Some(template.to_owned());
+        Ok(())
+    }
+
+    /// Starts the copy that the next `create` will rename into place.
+    pub(super) fn refill_spare(&self) {
+        let due = self
+            .spare_due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(template) = due {
+            spare::refill(&template, &self.root);
+        }
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_keys_are_stable() {
+        assert_eq!(fnv1a(""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a("a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(sanitize("10.11.19-MariaDB"), "10.11.19_MariaDB");
+    }
+}
