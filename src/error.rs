@@ -1,3 +1,6 @@
+//! The crate's error: one enum joining each layer's own error (`#[from]`), every variant saying
+//! what went wrong, where, and how to fix it.
+
 use std::path::PathBuf;
 
 use crate::backend::docker::client::DockerError;

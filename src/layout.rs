@@ -65,6 +65,13 @@ impl Layout {
         File::create(self.creating_marker()).map(drop)
     }
 
+    /// Makes the environment's directory (marked as being created) with `bin/` and `log/`.
+    pub fn make(&self) -> io::Result<()> {
+        self.make_dir()?;
+        fs::create_dir_all(&self.bin)?;
+        fs::create_dir_all(self.log.parent().unwrap_or(&self.dir))
+    }
+
     /// The environment is complete: removes the marker.
     pub fn finish(&self) -> io::Result<()> {
         fs::remove_file(self.creating_marker())

@@ -6,13 +6,13 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
 use super::{
     Backend, BackendKind, CreateOptions, EnvState, Host, Isolation, Started, Status, READY_TIMEOUT,
-    SCHEMA, STOP_GRACE,
+    STOP_GRACE,
 };
 use crate::engine::{wait_ready, Binaries, Credentials, Engine};
 use crate::error::{Error, IoContext, Result};
@@ -110,27 +110,11 @@ impl<C: Confinement> Backend for Local<C> {
             Some(b) => host.template(engine, b, progress)?,
             None => None,
         };
-        let mut state = EnvState {
-            schema: SCHEMA,
-            name: opts.name.clone(),
-            engine: opts.engine,
-            backend: opts.backend,
-            engine_version: bins.as_ref().map(|b| b.version.clone()).unwrap_or_default(),
-            host: net::LOOPBACK.to_string(),
-            port,
-            service: opts.service,
-            process: None,
-            created_at: now(),
-            owner: opts.owner,
-            tunnel: None,
-            container: None,
-        };
+        let mut state = EnvState::new(opts, net::LOOPBACK.to_string(), port);
+        state.engine_version = bins.as_ref().map(|b| b.version.clone()).unwrap_or_default();
         let creds = engine.credentials(Secret::generate());
         let made = || -> io::Result<()> {
-            layout.make_dir()?;
-            for dir in [&layout.bin, layout.log.parent().unwrap_or(&layout.dir)] {
-                fs::create_dir_all(dir)?;
-            }
+            layout.make()?;
             match &template {
                 Some(t) => host.copy_template(t, &layout.data, user)?,
                 None => {
@@ -318,12 +302,6 @@ impl<C: Confinement> Local<C> {
             ),
         })
     }
-}
-
-pub(super) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The service user must be able to traverse every directory down to the state root.

@@ -3,12 +3,13 @@
 
 use std::fs;
 use std::io;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::docker::ContainerRecord;
 use super::ssh_tunnel::TunnelSpec;
-use super::{BackendKind, Status};
+use super::{BackendKind, CreateOptions, Status};
 use crate::engine::EngineKind;
 use crate::layout::Layout;
 use crate::sys::process::ProcessId;
@@ -46,6 +47,27 @@ pub struct EnvState {
 }
 
 impl EnvState {
+    /// The record of a new environment: nothing runs yet, nothing of the backend's is made.
+    pub fn new(opts: &CreateOptions, host: String, port: u16) -> Self {
+        EnvState {
+            schema: SCHEMA,
+            name: opts.name.clone(),
+            engine: opts.engine,
+            backend: opts.backend,
+            engine_version: String::new(),
+            host,
+            port,
+            service: opts.service,
+            process: None,
+            created_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            owner: opts.owner,
+            tunnel: None,
+            container: None,
+        }
+    }
+
     /// The status given whether the recorded process is alive: a pure decision.
     pub fn status(&self, alive: impl Fn(&ProcessId) -> bool) -> Status {
         match (&self.process, self.service) {

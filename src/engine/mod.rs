@@ -33,11 +33,7 @@ impl EngineKind {
     pub const ALL: [EngineKind; 3] = [EngineKind::Postgres, EngineKind::Mysql, EngineKind::Redis];
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            EngineKind::Postgres => "postgres",
-            EngineKind::Mysql => "mysql",
-            EngineKind::Redis => "redis",
-        }
+        self.engine().names()[0]
     }
 
     pub fn url_scheme(self) -> &'static str {
@@ -45,13 +41,11 @@ impl EngineKind {
     }
 
     pub fn default_port(self) -> u16 {
-        match self {
-            EngineKind::Postgres => 5432,
-            EngineKind::Mysql => 3306,
-            EngineKind::Redis => 6379,
-        }
+        self.engine().default_port()
     }
 
+    /// The registry: adding an engine is a variant, its place in [`EngineKind::ALL`], and an
+    /// arm here.
     pub fn engine(self) -> &'static dyn Engine {
         match self {
             EngineKind::Postgres => &postgres::Postgres,
@@ -70,14 +64,14 @@ impl fmt::Display for EngineKind {
 impl FromStr for EngineKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "postgres" | "postgresql" | "pg" => Ok(EngineKind::Postgres),
-            "mysql" | "mariadb" => Ok(EngineKind::Mysql),
-            "redis" => Ok(EngineKind::Redis),
-            _ => Err(format!(
-                "unknown engine `{s}`; valid engines: postgres, mysql, redis"
-            )),
-        }
+        let name = s.to_ascii_lowercase();
+        EngineKind::ALL
+            .into_iter()
+            .find(|k| k.engine().names().contains(&name.as_str()))
+            .ok_or_else(|| {
+                let valid: Vec<&str> = EngineKind::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown engine `{s}`; valid engines: {}", valid.join(", "))
+            })
     }
 }
 
@@ -168,6 +162,12 @@ pub enum Probe {
 pub trait Engine: Sync {
     fn kind(&self) -> EngineKind;
 
+    /// Its name (first: in commands, URLs and records) and the other names it answers to.
+    fn names(&self) -> &'static [&'static str];
+
+    /// The port its servers listen on by convention.
+    fn default_port(&self) -> u16;
+
     /// Finds the binaries: `ISOENV_<ENGINE>_BIN_DIR`, then `PATH`, then well-known directories.
     fn locate(&self, vars: &Vars) -> Result<Binaries, String>;
 
@@ -233,7 +233,12 @@ pub trait Engine: Sync {
         Signal::SIGTERM
     }
 
-    /// The engine's native client variables (beyond `DATABASE_URL` and `DB_*`).
+    /// The variable applications read the URL from, by convention.
+    fn url_var(&self) -> &'static str {
+        "DATABASE_URL"
+    }
+
+    /// The engine's native client variables (beyond the URL and `DB_*`).
     fn native_exports(
         &self,
         endpoint: &Endpoint,

@@ -35,6 +35,14 @@ impl Engine for Mysql {
         EngineKind::Mysql
     }
 
+    fn names(&self) -> &'static [&'static str] {
+        &["mysql", "mariadb"]
+    }
+
+    fn default_port(&self) -> u16 {
+        3306
+    }
+
     fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
         let var = "ISOENV_MYSQL_BIN_DIR";
         if let Ok(dir) = find_together(var, vars, &["mariadbd"], DIRS) {

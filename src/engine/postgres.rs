@@ -27,6 +27,14 @@ impl Engine for Postgres {
         EngineKind::Postgres
     }
 
+    fn names(&self) -> &'static [&'static str] {
+        &["postgres", "postgresql", "pg"]
+    }
+
+    fn default_port(&self) -> u16 {
+        5432
+    }
+
     fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
         let dir = find_together(
             "ISOENV_POSTGRES_BIN_DIR",

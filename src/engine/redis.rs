@@ -22,6 +22,14 @@ impl Engine for Redis {
         EngineKind::Redis
     }
 
+    fn names(&self) -> &'static [&'static str] {
+        &["redis"]
+    }
+
+    fn default_port(&self) -> u16 {
+        6379
+    }
+
     fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
         let dir = find_together(
             "ISOENV_REDIS_BIN_DIR",
@@ -146,6 +154,10 @@ impl Engine for Redis {
             (auth, _) if auth.starts_with('-') => Probe::Failed(auth.to_owned()),
             (auth, ping) => Probe::NotYet(format!("unexpected reply `{auth}` `{ping}`")),
         }
+    }
+
+    fn url_var(&self) -> &'static str {
+        "REDIS_URL"
     }
 
     fn native_exports(

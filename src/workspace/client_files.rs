@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::activate;
 use crate::backend::EnvState;
 use crate::config::{ConfigSource, DatabaseConfig, ACTIVE_ENGINE, ACTIVE_MARKER};
-use crate::engine::{Credentials, EngineKind};
+use crate::engine::Credentials;
 use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::process::ServiceUser;
@@ -88,13 +88,8 @@ pub(super) fn exports(
 ) -> Vec<(String, String)> {
     let engine = state.engine.engine();
     let db = database(state, creds);
-    let url_var = if engine.kind() == EngineKind::Redis {
-        "REDIS_URL"
-    } else {
-        "DATABASE_URL"
-    };
     let mut out: Vec<(String, String)> = vec![
-        (url_var.into(), db.url()),
+        (engine.url_var().into(), db.url()),
         ("DB_HOST".into(), db.host.clone()),
         ("DB_PORT".into(), db.port.to_string()),
         ("DB_NAME".into(), db.name.clone()),

@@ -59,13 +59,8 @@ pub fn shared_env(url: &str) -> Result<Vec<(String, String)>, String> {
     let engine: EngineKind = scheme
         .parse()
         .map_err(|e| format!("{SHARED_VAR}: the URL's scheme: {e}"))?;
-    let main = if engine == EngineKind::Redis {
-        "REDIS_URL"
-    } else {
-        "DATABASE_URL"
-    };
     Ok(vec![
-        (main.to_owned(), url.to_owned()),
+        (engine.engine().url_var().to_owned(), url.to_owned()),
         (url_var(engine), url.to_owned()),
     ])
 }

@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::local::now;
 use super::manifest::{self, Bytes, Manifest};
 use super::{
     Backend, BackendKind, CreateOptions, Enforcement, EnvState, Host, Isolation, Started, Status,
-    READY_TIMEOUT, SCHEMA, STOP_GRACE,
+    READY_TIMEOUT, STOP_GRACE,
 };
 use crate::engine::{wait_ready, Credentials, Endpoint, Engine};
 use crate::error::{Error, IoContext, Result};
@@ -87,25 +86,15 @@ impl Backend for Docker {
             docker_host: host.docker_host().map(str::to_owned),
             started: false,
         };
-        let mut state = EnvState {
-            schema: SCHEMA,
-            name: opts.name.clone(),
-            engine: opts.engine,
-            backend: BackendKind::Docker,
-            engine_version: version,
-            host: addresses(host.docker_host()).1,
-            port: opts.port.unwrap_or(0),
-            service: true,
-            process: None,
-            created_at: now(),
-            owner: opts.owner,
-            tunnel: None,
-            container: Some(container),
-        };
+        let mut state = EnvState::new(
+            opts,
+            addresses(host.docker_host()).1,
+            opts.port.unwrap_or(0),
+        );
+        state.engine_version = version;
+        state.container = Some(container);
         layout
-            .make_dir()
-            .and_then(|()| fs::create_dir_all(&layout.bin))
-            .and_then(|()| fs::create_dir_all(layout.log.parent().unwrap_or(&layout.dir)))
+            .make()
             .and_then(|()| {
                 let manifest = spec::default_manifest(state.port, host.memory_limit());
                 fs::write(layout.dir.join(manifest::FILE), manifest.to_json())

@@ -5,15 +5,11 @@
 
 mod ssh;
 
-use std::fs;
 use std::path::PathBuf;
 
 use nix::sys::signal::Signal;
 
-use super::local::now;
-use super::{
-    Backend, BackendKind, CreateOptions, EnvState, Host, Started, Status, SCHEMA, STOP_GRACE,
-};
+use super::{Backend, BackendKind, CreateOptions, EnvState, Host, Started, Status, STOP_GRACE};
 use crate::config::SslMode;
 use crate::engine::{Credentials, Endpoint};
 use crate::error::{Error, IoContext, Result};
@@ -45,25 +41,9 @@ impl Backend for SshTunnel {
         let tunnel = Tunnel::configured(host)?;
         let port = net::free_port().context(|| "cannot find a free port on 127.0.0.1".into())?;
         layout
-            .make_dir()
-            .and_then(|()| fs::create_dir_all(&layout.bin))
-            .and_then(|()| fs::create_dir_all(layout.log.parent().unwrap_or(&layout.dir)))
+            .make()
             .context(|| format!("cannot create {}", layout.dir.display()))?;
-        let mut state = EnvState {
-            schema: SCHEMA,
-            name: opts.name.clone(),
-            engine: opts.engine,
-            backend: BackendKind::SshTunnel,
-            engine_version: String::new(),
-            host: net::LOOPBACK.to_string(),
-            port,
-            service: true,
-            process: None,
-            created_at: now(),
-            owner: None,
-            tunnel: None,
-            container: None,
-        };
+        let mut state = EnvState::new(opts, net::LOOPBACK.to_string(), port);
         tunnel.open(host, &mut state, layout, progress)?;
         Ok(state)
     }
