@@ -19,40 +19,38 @@ pub const ACTIVE_MARKER: &str = "ISOENV_ACTIVE";
 /// Set by an activate script: the active environment's engine.
 pub const ACTIVE_ENGINE: &str = "ISOENV_ENGINE";
 
+/// What `ENVIRONMENT` selects. Called a profile in isoenv's code and documentation, so that
+/// "environment" always means one isolated database that isoenv made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Environment {
+pub enum Profile {
     Development,
     Staging,
     Production,
 }
 
-impl Environment {
-    pub const ALL: [Environment; 3] = [
-        Environment::Development,
-        Environment::Staging,
-        Environment::Production,
-    ];
+impl Profile {
+    pub const ALL: [Profile; 3] = [Profile::Development, Profile::Staging, Profile::Production];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Environment::Development => "development",
-            Environment::Staging => "staging",
-            Environment::Production => "production",
+            Profile::Development => "development",
+            Profile::Staging => "staging",
+            Profile::Production => "production",
         }
     }
 }
 
-impl fmt::Display for Environment {
+impl fmt::Display for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-impl FromStr for Environment {
+impl FromStr for Profile {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Environment::ALL
+        Profile::ALL
             .into_iter()
             .find(|e| e.as_str() == s)
             .ok_or_else(|| {
@@ -244,7 +242,7 @@ impl fmt::Display for ConfigError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvironmentConfig {
-    environment: Environment,
+    environment: Profile,
     database: DatabaseConfig,
     sandbox: SandboxSettings,
 }
@@ -258,8 +256,8 @@ impl EnvironmentConfig {
             root,
             problems: Vec::new(),
         };
-        let environment = match vars.get("ENVIRONMENT").map(str::parse::<Environment>) {
-            None => Some(Environment::Development),
+        let environment = match vars.get("ENVIRONMENT").map(str::parse::<Profile>) {
+            None => Some(Profile::Development),
             Some(Ok(env)) => Some(env),
             Some(Err(message)) => {
                 r.problem(
@@ -290,17 +288,17 @@ impl EnvironmentConfig {
         }
     }
 
-    pub fn environment(&self) -> Environment {
+    pub fn profile(&self) -> Profile {
         self.environment
     }
     pub fn is_dev(&self) -> bool {
-        self.environment == Environment::Development
+        self.environment == Profile::Development
     }
     pub fn is_staging(&self) -> bool {
-        self.environment == Environment::Staging
+        self.environment == Profile::Staging
     }
     pub fn is_prod(&self) -> bool {
-        self.environment == Environment::Production
+        self.environment == Profile::Production
     }
     pub fn database_config(&self) -> &DatabaseConfig {
         &self.database
@@ -340,7 +338,7 @@ impl EnvironmentConfig {
             }
         }
         if let ConfigSource::Variables { prefix } = db.source {
-            if db.password.is_empty() && self.environment != Environment::Production {
+            if db.password.is_empty() && self.environment != Profile::Production {
                 warn(
                     &format!("{prefix}PASSWORD"),
                     "empty: the database must allow password-less logins".into(),
@@ -372,7 +370,7 @@ impl Reader<'_> {
         self.vars.get(key).unwrap_or(default).to_owned()
     }
 
-    fn required(&mut self, key: &str, env: Environment) -> String {
+    fn required(&mut self, key: &str, env: Profile) -> String {
         match self.vars.get(key) {
             Some(v) => v.to_owned(),
             None => {
@@ -451,9 +449,9 @@ impl Reader<'_> {
         }
     }
 
-    fn database(&mut self, env: Environment) -> DatabaseConfig {
+    fn database(&mut self, env: Profile) -> DatabaseConfig {
         if let Some(name) = self.vars.get(ACTIVE_MARKER).map(str::to_owned) {
-            if env == Environment::Production {
+            if env == Profile::Production {
                 self.problem(
                     ACTIVE_MARKER,
                     format!("isoenv environment `{name}` is active while ENVIRONMENT=production"),
@@ -464,7 +462,7 @@ impl Reader<'_> {
             }
         }
         match env {
-            Environment::Development => {
+            Profile::Development => {
                 let ssh_enabled = self.bool("DB_VM_SSH_ENABLED", false);
                 let ssh_tunnel = ssh_enabled.then(|| SshTunnel {
                     host: self.string("DB_VM_SSH_HOST", "localhost"),
@@ -480,8 +478,8 @@ impl Reader<'_> {
                     ..self.plain("DB_VM_", SslMode::Prefer)
                 }
             }
-            Environment::Staging => self.plain("DB_STAGING_", SslMode::Prefer),
-            Environment::Production => {
+            Profile::Staging => self.plain("DB_STAGING_", SslMode::Prefer),
+            Profile::Production => {
                 let prefix = "DB_PROD_";
                 let mut db = self.plain(prefix, SslMode::Require);
                 for (key, field) in [

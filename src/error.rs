@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::backend::docker::client::DockerError;
 use crate::backend::ssh_tunnel::TunnelError;
-use crate::config::{ConfigError, Environment};
+use crate::config::{ConfigError, Profile};
 use crate::envfile::EnvFileError;
 use crate::remote::CheckError;
 
@@ -35,7 +35,7 @@ pub enum Error {
     #[error("refusing to {action} with ENVIRONMENT={environment}: production databases are never created, changed or removed by isoenv")]
     Production {
         action: String,
-        environment: Environment,
+        environment: Profile,
     },
     #[error("environment `{name}`: {message}")]
     Env { name: String, message: String },

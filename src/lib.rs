@@ -28,6 +28,6 @@ pub mod sys;
 pub mod testing;
 pub mod workspace;
 
-pub use config::{DatabaseConfig, Environment, EnvironmentConfig, Problem};
+pub use config::{DatabaseConfig, EnvironmentConfig, Problem, Profile};
 pub use envfile::{EnvFile, Vars};
 pub use error::{Error, Result};

@@ -52,7 +52,7 @@ pub fn run(ctx: &Context, args: EnvArgs) -> Result<ExitCode> {
 fn to_json(c: &EnvironmentConfig) -> serde_json::Value {
     let db = c.database_config();
     json!({
-        "environment": c.environment(),
+        "environment": c.profile(),
         "database": {
             "engine": db.engine,
             "host": db.host,
@@ -108,7 +108,7 @@ fn human(c: &EnvironmentConfig) -> String {
          sandbox dir:  {}\n\
          \x20 namespaces: {}\n\
          \x20 memory:     {} MiB\n",
-        c.environment(),
+        c.profile(),
         db.redacted_url(),
         db.source,
         if db.password.is_empty() {
@@ -127,7 +127,7 @@ fn human(c: &EnvironmentConfig) -> String {
 fn shell_exports(c: &EnvironmentConfig, with_password: bool) -> String {
     let db = c.database_config();
     let mut pairs: Vec<(&str, String)> = vec![
-        ("ENVIRONMENT", c.environment().to_string()),
+        ("ENVIRONMENT", c.profile().to_string()),
         ("DB_ENGINE", db.engine.to_string()),
         ("DB_HOST", db.host.clone()),
         ("DB_PORT", db.port.to_string()),

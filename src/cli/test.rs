@@ -100,7 +100,7 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
     let me = ProcessId::of(std::process::id() as i32)?;
     let run_id = format!("{}{:04x}", me.pid, rand_suffix());
     let plan = test_run::plan(
-        config.environment(),
+        config.profile(),
         args.backend,
         workspace::local_backend(&config),
         &args.engines,

@@ -31,7 +31,7 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::backend::docker::client::{Docker, DockerError};
 use crate::backend::{EnvState, Host};
-use crate::config::{DatabaseConfig, Environment, EnvironmentConfig};
+use crate::config::{DatabaseConfig, EnvironmentConfig, Profile};
 use crate::engine::{Binaries, Credentials, Engine};
 use crate::envfile::Vars;
 use crate::error::{Error, IoContext, Result};
@@ -51,7 +51,7 @@ pub use up::{Check, Down, StatusReport, UpOutcome};
 pub struct Workspace {
     root: PathBuf,
     cache: PathBuf,
-    environment: Environment,
+    profile: Profile,
     /// The configured database (`DB_VM_*`, `DB_STAGING_*`, `DB_PROD_*` or the active one).
     database: DatabaseConfig,
     vars: Vars,
@@ -76,7 +76,7 @@ impl Workspace {
         Workspace {
             root,
             cache,
-            environment: config.environment(),
+            profile: config.profile(),
             database: config.database_config().clone(),
             user,
             memory_limit: config.sandbox().memory_limit_bytes,
@@ -98,12 +98,12 @@ impl Workspace {
     }
 
     fn guard(&self, action: Action, what: &str) -> Result<()> {
-        if allowed(self.environment, action) {
+        if allowed(self.profile, action) {
             Ok(())
         } else {
             Err(Error::Production {
                 action: what.into(),
-                environment: self.environment,
+                environment: self.profile,
             })
         }
     }

@@ -1,7 +1,7 @@
 //! What isoenv may do where, and what `db up` brings up in each profile: pure decisions.
 
 use crate::backend::BackendKind;
-use crate::config::{Environment, EnvironmentConfig};
+use crate::config::{EnvironmentConfig, Profile};
 use crate::engine::EngineKind;
 
 /// The environment `cargo xtask db up` brings up in development.
@@ -22,8 +22,8 @@ pub enum Action {
 }
 
 /// Production is guarded: isoenv only ever reads there.
-pub fn allowed(environment: Environment, action: Action) -> bool {
-    environment != Environment::Production || action == Action::Read
+pub fn allowed(profile: Profile, action: Action) -> bool {
+    profile != Profile::Production || action == Action::Read
 }
 
 /// What `db up` does in each profile.
@@ -59,13 +59,13 @@ pub fn plan_up(config: &EnvironmentConfig) -> UpPlan {
         backend,
         removed_by_down,
     };
-    match config.environment() {
-        Environment::Development if config.database_config().ssh_tunnel.is_some() => {
+    match config.profile() {
+        Profile::Development if config.database_config().ssh_tunnel.is_some() => {
             env(TUNNEL_ENV, BackendKind::SshTunnel, false)
         }
-        Environment::Development => env(DEFAULT_ENV, local_backend(config), false),
-        Environment::Staging => env(STAGING_ENV, BackendKind::Docker, true),
-        Environment::Production => UpPlan::VerifyProduction,
+        Profile::Development => env(DEFAULT_ENV, local_backend(config), false),
+        Profile::Staging => env(STAGING_ENV, BackendKind::Docker, true),
+        Profile::Production => UpPlan::VerifyProduction,
     }
 }
 
@@ -84,11 +84,11 @@ mod tests {
     #[test]
     fn production_only_reads() {
         for action in [Action::Create, Action::Start, Action::Stop, Action::Destroy] {
-            assert!(!allowed(Environment::Production, action));
-            assert!(allowed(Environment::Development, action));
-            assert!(allowed(Environment::Staging, action));
+            assert!(!allowed(Profile::Production, action));
+            assert!(allowed(Profile::Development, action));
+            assert!(allowed(Profile::Staging, action));
         }
-        assert!(allowed(Environment::Production, Action::Read));
+        assert!(allowed(Profile::Production, Action::Read));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! Pure decisions; the xtask spawns, waits and tears down.
 
 use crate::backend::BackendKind;
-use crate::config::Environment;
+use crate::config::Profile;
 use crate::engine::EngineKind;
 
 /// What one isolated test run provisions.
@@ -16,14 +16,14 @@ pub struct TestPlan {
 /// Chooses the backend and names the environments. `run_id` makes names unique per run, so
 /// parallel runs never collide.
 pub fn plan(
-    environment: Environment,
+    profile: Profile,
     backend: Option<BackendKind>,
     local: BackendKind,
     engines: &[EngineKind],
     run_id: &str,
 ) -> Result<TestPlan, String> {
-    let backend = match (environment, backend) {
-        (Environment::Production, _) => return Err(format!(
+    let backend = match (profile, backend) {
+        (Profile::Production, _) => return Err(format!(
             "refusing to provision test databases with ENVIRONMENT=production: run the tests in development or staging, or set {SHARED_VAR} to a shared test database"
         )),
         (_, Some(BackendKind::SshTunnel)) => {
@@ -31,9 +31,9 @@ pub fn plan(
         }
         (_, Some(b)) => b,
         // Development's local backend, as `db up` uses it (WASI_USE_NAMESPACES picks sandbox).
-        (Environment::Development, None) => local,
+        (Profile::Development, None) => local,
         // Staging runs every test run in containers of its own.
-        (Environment::Staging, None) => BackendKind::Docker,
+        (Profile::Staging, None) => BackendKind::Docker,
     };
     let mut engines = engines.to_vec();
     if engines.is_empty() {
@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn the_backend_follows_the_environment() {
         let p = plan(
-            Environment::Development,
+            Profile::Development,
             None,
             BackendKind::Lightweight,
             &[],
@@ -106,7 +106,7 @@ mod tests {
             vec![(EngineKind::Postgres, "test-r1-postgres".to_owned())]
         );
         assert!(plan(
-            Environment::Production,
+            Profile::Production,
             None,
             BackendKind::Lightweight,
             &[],
@@ -114,23 +114,17 @@ mod tests {
         )
         .is_err());
         assert!(plan(
-            Environment::Production,
+            Profile::Production,
             Some(BackendKind::Lightweight),
             BackendKind::Lightweight,
             &[],
             "r"
         )
         .is_err());
-        let staging = plan(
-            Environment::Staging,
-            None,
-            BackendKind::Lightweight,
-            &[],
-            "r",
-        );
+        let staging = plan(Profile::Staging, None, BackendKind::Lightweight, &[], "r");
         assert_eq!(staging.unwrap().backend, BackendKind::Docker);
         let s = plan(
-            Environment::Staging,
+            Profile::Staging,
             Some(BackendKind::Lightweight),
             BackendKind::Lightweight,
             &[],
@@ -139,7 +133,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.backend, BackendKind::Lightweight);
         assert!(plan(
-            Environment::Development,
+            Profile::Development,
             Some(BackendKind::SshTunnel),
             BackendKind::Lightweight,
             &[],
@@ -163,7 +157,7 @@ mod tests {
     fn names_are_unique_per_run_and_engine() {
         let engines = [EngineKind::Postgres, EngineKind::Redis];
         let a = plan(
-            Environment::Development,
+            Profile::Development,
             None,
             BackendKind::Lightweight,
             &engines,
@@ -171,7 +165,7 @@ mod tests {
         )
         .unwrap();
         let b = plan(
-            Environment::Development,
+            Profile::Development,
             None,
             BackendKind::Lightweight,
             &engines,

@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::policy::{plan_up, Action, UpPlan};
 use super::{EnvInfo, Workspace};
 use crate::backend::{BackendKind, CreateOptions, EnvState, Started, Status};
-use crate::config::{DatabaseConfig, Environment, EnvironmentConfig};
+use crate::config::{DatabaseConfig, EnvironmentConfig, Profile};
 use crate::engine::EngineKind;
 use crate::error::{Error, IoContext, Result};
 use crate::remote::{self, ServerReport};
@@ -39,7 +39,7 @@ pub enum UpOutcome {
 /// What `db status` found: one line per thing that must work.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
-    pub environment: Environment,
+    pub environment: Profile,
     /// The environment `up` manages, if it exists (none in production).
     pub env: Option<EnvInfo>,
     pub checks: Vec<Check>,
@@ -157,7 +157,7 @@ impl Workspace {
                     remote::verify(db, &db.host, db.port),
                 ));
                 return Ok(StatusReport {
-                    environment: self.environment,
+                    environment: self.profile,
                     env: None,
                     checks,
                 });
@@ -173,7 +173,7 @@ impl Workspace {
                 detail: "does not exist; `cargo xtask db up` creates it".into(),
             });
             return Ok(StatusReport {
-                environment: self.environment,
+                environment: self.profile,
                 env: None,
                 checks,
             });
@@ -203,7 +203,7 @@ impl Workspace {
             });
         }
         Ok(StatusReport {
-            environment: self.environment,
+            environment: self.profile,
             env: Some(info),
             checks,
         })
