@@ -151,7 +151,7 @@ impl<C: Confinement> Backend for Local<C> {
             self.run(host, &mut state, bins, layout, &creds)?;
             engine
                 .after_create(&self.endpoint(&state, layout), &creds)
-                .map_err(env_err)?;
+                .map_err(|e| env_err(e.to_string()))?;
         }
         state.store(layout)?;
         Ok(state)

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DatabaseConfig, SslMode};
-use crate::engine::{Binaries, Credentials, Endpoint, Engine, EngineKind};
+use crate::engine::{Binaries, Credentials, Endpoint, Engine, EngineKind, Probe};
 use crate::envfile::Vars;
 use crate::error::Result;
 use crate::layout::Layout;
@@ -223,6 +223,19 @@ pub trait Host {
     fn credentials(&self, layout: &Layout) -> Result<Credentials>;
 }
 
+/// Whether a database answers, in words for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Answer {
+    pub fn no(detail: String) -> Self {
+        Answer { ok: false, detail }
+    }
+}
+
 /// Whether `start` found the server running or started it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Started {
@@ -283,24 +296,22 @@ pub trait Backend: Sync {
         SslMode::Disable
     }
 
-    /// Whether the database answers, in words: what answered, or why it does not.
-    fn answers(
-        &self,
-        host: &dyn Host,
-        state: &EnvState,
-        layout: &Layout,
-    ) -> std::result::Result<String, String> {
-        let creds = host.credentials(layout).map_err(|e| e.to_string())?;
+    /// Whether the database answers: what answered, or why it does not.
+    fn answers(&self, host: &dyn Host, state: &EnvState, layout: &Layout) -> Answer {
+        let creds = match host.credentials(layout) {
+            Ok(creds) => creds,
+            Err(e) => return Answer::no(e.to_string()),
+        };
         match state
             .engine
             .engine()
             .probe(&self.endpoint(state, layout), &creds)
         {
-            crate::engine::Probe::Ready => Ok(format!(
-                "answers ({} {})",
-                state.engine, state.engine_version
-            )),
-            crate::engine::Probe::NotYet(m) | crate::engine::Probe::Failed(m) => Err(m),
+            Probe::Ready => Answer {
+                ok: true,
+                detail: format!("answers ({} {})", state.engine, state.engine_version),
+            },
+            Probe::NotYet(m) | Probe::Failed(m) => Answer::no(m),
         }
     }
 

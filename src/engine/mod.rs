@@ -75,6 +75,17 @@ impl FromStr for EngineKind {
     }
 }
 
+/// What an engine could not do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// Its binaries are not on this machine: what was looked for, and where.
+    #[error("{0}")]
+    Missing(String),
+    /// A new server refused to be set up.
+    #[error("{0}")]
+    Setup(String),
+}
+
 /// The binaries an engine runs, found on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binaries {
@@ -169,7 +180,7 @@ pub trait Engine: Sync {
     fn default_port(&self) -> u16;
 
     /// Finds the binaries: `ISOENV_<ENGINE>_BIN_DIR`, then `PATH`, then well-known directories.
-    fn locate(&self, vars: &Vars) -> Result<Binaries, String>;
+    fn locate(&self, vars: &Vars) -> Result<Binaries, EngineError>;
 
     /// The login a new environment gets.
     fn credentials(&self, password: Secret) -> Credentials;
@@ -200,7 +211,7 @@ pub trait Engine: Sync {
     fn probe(&self, endpoint: &Endpoint, creds: &Credentials) -> Probe;
 
     /// Runs once after the first successful start of a new environment.
-    fn after_create(&self, _endpoint: &Endpoint, _creds: &Credentials) -> Result<(), String> {
+    fn after_create(&self, _endpoint: &Endpoint, _creds: &Credentials) -> Result<(), EngineError> {
         Ok(())
     }
 
@@ -257,18 +268,18 @@ pub(crate) fn find_together(
     vars: &Vars,
     names: &[&str],
     dirs: &[&str],
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, EngineError> {
     let has_all = |dir: &Path| names.iter().all(|n| is_executable(&dir.join(n)));
     if let Some(dir) = vars.get(override_var) {
         let dir = PathBuf::from(dir);
         return if has_all(&dir) {
             Ok(dir)
         } else {
-            Err(format!(
+            Err(EngineError::Missing(format!(
                 "{override_var}={} does not contain {}",
                 dir.display(),
                 names.join(", ")
-            ))
+            )))
         };
     }
     let from_path = which::which(names[0])
@@ -280,11 +291,11 @@ pub(crate) fn find_together(
         .chain(dirs.iter().flat_map(|d| expand(d)))
         .find(|d| has_all(d))
         .ok_or_else(|| {
-            format!(
+            EngineError::Missing(format!(
                 "{} not found on PATH or in {}",
                 names.join(" and "),
                 dirs.join(", ")
-            )
+            ))
         })
 }
 
@@ -343,13 +354,17 @@ fn is_executable(path: &Path) -> bool {
 pub(crate) fn version_of(
     binary: &Path,
     pick: fn(&str) -> Option<String>,
-) -> Result<String, String> {
+) -> Result<String, EngineError> {
     let out = std::process::Command::new(binary)
         .arg("--version")
         .output()
-        .map_err(|e| format!("cannot run {} --version: {e}", binary.display()))?;
+        .map_err(|e| {
+            EngineError::Missing(format!("cannot run {} --version: {e}", binary.display()))
+        })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    pick(&text).ok_or_else(|| format!("cannot read a version from `{}`", text.trim()))
+    pick(&text).ok_or_else(|| {
+        EngineError::Missing(format!("cannot read a version from `{}`", text.trim()))
+    })
 }
 
 /// A system package manager, for "how to install" hints.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     container_cmd, existing, find_together, image_path, version_of, Binaries, Container,
-    Credentials, Endpoint, Engine, EngineKind, ImageRecipe, PackageManager, Probe,
+    Credentials, Endpoint, Engine, EngineError, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::layout::Layout;
@@ -43,7 +43,7 @@ impl Engine for Mysql {
         3306
     }
 
-    fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
+    fn locate(&self, vars: &Vars) -> Result<Binaries, EngineError> {
         let var = "ISOENV_MYSQL_BIN_DIR";
         if let Ok(dir) = find_together(var, vars, &["mariadbd"], DIRS) {
             let server = dir.join("mariadbd");

@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 
 use super::{
     container_cmd, existing, find_together, image_path, version_of, Binaries, Container,
-    Credentials, Endpoint, Engine, EngineKind, ImageRecipe, PackageManager, Probe,
+    Credentials, Endpoint, Engine, EngineError, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::layout::Layout;
@@ -35,7 +35,7 @@ impl Engine for Postgres {
         5432
     }
 
-    fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
+    fn locate(&self, vars: &Vars) -> Result<Binaries, EngineError> {
         let dir = find_together(
             "ISOENV_POSTGRES_BIN_DIR",
             vars,
@@ -139,8 +139,8 @@ impl Engine for Postgres {
         }
     }
 
-    fn after_create(&self, endpoint: &Endpoint, creds: &Credentials) -> Result<(), String> {
-        let mut client = connect(endpoint, creds).map_err(|e| e.to_string())?;
+    fn after_create(&self, endpoint: &Endpoint, creds: &Credentials) -> Result<(), EngineError> {
+        let mut client = connect(endpoint, creds).map_err(|e| EngineError::Setup(e.to_string()))?;
         // Generated passwords are alphanumeric, so the literal needs no escaping.
         client
             .batch_execute(&format!(
@@ -148,7 +148,7 @@ impl Engine for Postgres {
                 creds.user,
                 creds.password.expose()
             ))
-            .map_err(|e| format!("cannot set the password: {e}"))
+            .map_err(|e| EngineError::Setup(format!("cannot set the password: {e}")))
     }
 
     /// Debian keeps share files under `/usr/share/postgresql/MAJOR` and uses the system's time

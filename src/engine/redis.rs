@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{
     container_cmd, find_together, image_path, version_of, Binaries, Container, Credentials,
-    Endpoint, Engine, EngineKind, ImageRecipe, PackageManager, Probe,
+    Endpoint, Engine, EngineError, EngineKind, ImageRecipe, PackageManager, Probe,
 };
 use crate::envfile::Vars;
 use crate::layout::Layout;
@@ -30,7 +30,7 @@ impl Engine for Redis {
         6379
     }
 
-    fn locate(&self, vars: &Vars) -> Result<Binaries, String> {
+    fn locate(&self, vars: &Vars) -> Result<Binaries, EngineError> {
         let dir = find_together(
             "ISOENV_REDIS_BIN_DIR",
             vars,

@@ -36,7 +36,7 @@ pub fn run(vars: &Vars) -> Vec<Check> {
                 Err(detail) => Check {
                     name: kind.to_string(),
                     ok: false,
-                    detail,
+                    detail: detail.to_string(),
                     fix: Some(
                         install_command(engine)
                             .unwrap_or_else(|| format!("install {kind} with your package manager")),

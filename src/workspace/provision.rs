@@ -45,7 +45,7 @@ impl Workspace {
         }
         Err(Error::EngineMissing {
             engine: engine.kind().to_string(),
-            detail,
+            detail: detail.to_string(),
             install: command.unwrap_or_else(|| {
                 format!(
                     "install {} with your system's package manager",

@@ -198,8 +198,8 @@ impl Workspace {
             let answer = backend.answers(self, &state, &layout);
             checks.push(Check {
                 what: format!("database at {}:{}", state.host, state.port),
-                ok: answer.is_ok(),
-                detail: answer.unwrap_or_else(|why| why),
+                ok: answer.ok,
+                detail: answer.detail,
             });
         }
         Ok(StatusReport {

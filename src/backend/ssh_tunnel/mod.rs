@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use nix::sys::signal::Signal;
 
-use super::{Backend, BackendKind, CreateOptions, EnvState, Host, Started, Status, STOP_GRACE};
+use super::{
+    Answer, Backend, BackendKind, CreateOptions, EnvState, Host, Started, Status, STOP_GRACE,
+};
 use crate::config::SslMode;
 use crate::engine::{Credentials, Endpoint};
 use crate::error::{Error, IoContext, Result};
@@ -113,16 +115,15 @@ impl Backend for SshTunnel {
     }
 
     /// The VM's database, checked with the configured login (and TLS when it offers it).
-    fn answers(
-        &self,
-        host: &dyn Host,
-        state: &EnvState,
-        _layout: &Layout,
-    ) -> std::result::Result<String, String> {
+    fn answers(&self, host: &dyn Host, state: &EnvState, _layout: &Layout) -> Answer {
         let db = host.database();
-        remote::verify(db, &state.host, state.port)
-            .map(|report| format!("{} answers: {report}", db.redacted_url()))
-            .map_err(|e| e.to_string())
+        match remote::verify(db, &state.host, state.port) {
+            Ok(report) => Answer {
+                ok: true,
+                detail: format!("{} answers: {report}", db.redacted_url()),
+            },
+            Err(e) => Answer::no(e.to_string()),
+        }
     }
 }
 
