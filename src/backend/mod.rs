@@ -282,6 +282,11 @@ pub trait Backend: Sync {
     /// and its volume). The directory itself is the workspace's to remove.
     fn teardown(&self, host: &dyn Host, state: &EnvState, layout: &Layout) -> Result<()>;
 
+    /// What runs the server, for people: a process or a container.
+    fn handle(&self, state: &EnvState) -> Option<String> {
+        state.process.map(|p| format!("pid {}", p.pid))
+    }
+
     /// Where clients reach the server.
     fn endpoint(&self, state: &EnvState, layout: &Layout) -> Endpoint {
         Endpoint {

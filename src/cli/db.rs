@@ -8,7 +8,7 @@ use crate::workspace::{CreateOptions, Down, EnvInfo, UpOutcome, Workspace};
 use anyhow::Result;
 use clap::Subcommand;
 
-use super::Context;
+use super::{invoked_as, say, Context};
 
 #[derive(Subcommand)]
 pub enum DbCommand {
@@ -93,7 +93,7 @@ pub fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
 }
 
 fn progress(message: &str) {
-    eprintln!("isoenv: {message}");
+    eprintln!("isoenv: {}", say(message));
 }
 
 pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
@@ -127,11 +127,19 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
         }
         DbCommand::Down => match ws.down(&config)? {
             Down::Stopped(name) => {
-                println!("stopped `{name}` (kept; `cargo xtask db up` starts it again)")
+                println!(
+                    "{}",
+                    say(&format!(
+                        "stopped `{name}` (kept; `cargo xtask db up` starts it again)"
+                    ))
+                )
             }
             Down::Removed(name) => println!("removed `{name}` with its container and volume"),
             Down::Nothing => {
-                println!("nothing to stop: `cargo xtask db up` has not created anything")
+                println!(
+                    "{}",
+                    say("nothing to stop: `cargo xtask db up` has not created anything")
+                )
             }
         },
         DbCommand::Status { json } => {
@@ -142,7 +150,7 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 println!("ENVIRONMENT={}", report.environment);
                 for check in &report.checks {
                     let mark = if check.ok { "ok  " } else { "FAIL" };
-                    println!("  {mark} {}: {}", check.what, check.detail);
+                    println!("  {mark} {}: {}", check.what, say(&check.detail));
                 }
             }
             if !report.healthy() {
@@ -248,14 +256,15 @@ fn print_usage(verb: &str, info: &EnvInfo) {
     println!("  url:      {}", info.url);
     println!("  activate: source {}", info.activate.display());
     println!(
-        "  password: `cargo xtask db url {}` prints the full URL",
+        "  password: `{} db url {}` prints the full URL",
+        invoked_as(),
         info.name
     );
 }
 
 fn print_table(envs: &[EnvInfo]) {
     if envs.is_empty() {
-        println!("no environments (create one with `cargo xtask db up` or `cargo xtask db create NAME --engine postgres`)");
+        println!("{}", say("no environments (create one with `cargo xtask db up` or `cargo xtask db create NAME --engine postgres`)"));
         return;
     }
     println!(

@@ -18,6 +18,7 @@ pub mod test;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use anyhow::Result;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -97,12 +98,31 @@ impl Command {
     }
 }
 
+/// How users call this program, when it is not `cargo xtask` (set by [`main`]).
+static INVOKED_AS: OnceLock<&'static str> = OnceLock::new();
+
+/// How users call this program: `cargo xtask`, or the name given to [`main`].
+pub fn invoked_as() -> &'static str {
+    INVOKED_AS.get().copied().unwrap_or("cargo xtask")
+}
+
+/// A message for people, naming this program as they call it: the library's messages say
+/// `cargo xtask ...`, its usual front end.
+pub fn say(text: &str) -> String {
+    as_called(text, invoked_as())
+}
+
+fn as_called(text: &str, program: &str) -> String {
+    text.replace("cargo xtask ", &format!("{program} "))
+}
+
 /// The whole program: `name` is how users call it (`cargo xtask`, `isoenv`), `root` the
 /// project it serves (its `.env`, where tests run).
 pub fn main(name: &'static str, root: PathBuf) -> ExitCode {
     if let Some(code) = sandbox_supervisor() {
         return code;
     }
+    let _ = INVOKED_AS.set(name);
     let matches = Cli::command().name(name).bin_name(name).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -127,7 +147,7 @@ pub fn sandbox_supervisor() -> Option<ExitCode> {
 /// A command's result as the process's exit code; an error is printed with its causes.
 pub fn exit(result: Result<ExitCode>) -> ExitCode {
     result.unwrap_or_else(|err| {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", say(&format!("{err:#}")));
         ExitCode::FAILURE
     })
 }
@@ -172,6 +192,16 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_the_program_as_it_was_called() {
+        let text = "does not exist; `cargo xtask db up` creates it";
+        assert_eq!(as_called(text, "cargo xtask"), text);
+        assert_eq!(
+            as_called(text, "isoenv"),
+            "does not exist; `isoenv db up` creates it"
+        );
+    }
 
     #[test]
     fn the_root_is_the_nearest_marked_directory() {

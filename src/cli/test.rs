@@ -140,8 +140,9 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
             ws.disown(name)?;
             let info = ws.inspect(name)?;
             eprintln!(
-                "isoenv: kept `{name}`: source {} (remove with `cargo xtask db destroy {name}`)",
-                info.activate.display()
+                "isoenv: kept `{name}`: source {} (remove with `{} db destroy {name}`)",
+                info.activate.display(),
+                super::invoked_as()
             );
         }
     } else {

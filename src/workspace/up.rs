@@ -181,15 +181,10 @@ impl Workspace {
         let backend = state.backend.backend();
         let info = self.info(&state, &layout);
         let running = info.status == Status::Running;
-        let handle = match (info.pid, &info.container) {
-            (Some(pid), _) => Some(format!("pid {pid}")),
-            (None, Some(c)) => Some(c.name.clone()),
-            (None, None) => None,
-        };
         checks.push(Check {
             what: backend.noun().into(),
             ok: running,
-            detail: match handle.filter(|_| running) {
+            detail: match backend.handle(&state).filter(|_| running) {
                 Some(handle) => format!("running ({handle})"),
                 None => format!("{}; `cargo xtask db up` starts it", info.status.as_str()),
             },

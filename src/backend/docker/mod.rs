@@ -180,6 +180,10 @@ impl Backend for Docker {
         }
     }
 
+    fn handle(&self, state: &EnvState) -> Option<String> {
+        Some(record(state).name.clone())
+    }
+
     /// A container's socket is out of the host's reach.
     fn endpoint(&self, state: &EnvState, _layout: &Layout) -> Endpoint {
         endpoint(state)

@@ -37,14 +37,15 @@ pub fn run(ctx: &Context, cmd: HooksCommand) -> Result<ExitCode> {
             let path = hook_path(&sh)?;
             match state(&path)? {
                 HookState::Foreign => bail!(
-                    "{} exists and is not isoenv's; it was left alone. To run isoenv's checks from it, add the line `cargo xtask hooks run pre-commit`",
-                    path.display()
+                    "{} exists and is not isoenv's; it was left alone. To run isoenv's checks from it, add the line `{} hooks run pre-commit`",
+                    path.display(),
+                    super::invoked_as()
                 ),
                 HookState::Ours | HookState::Absent => {
                     if let Some(dir) = path.parent() {
                         fs::create_dir_all(dir)?;
                     }
-                    fs::write(&path, state::stub())
+                    fs::write(&path, state::stub(super::invoked_as()))
                         .with_context(|| format!("cannot write {}", path.display()))?;
                     fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
                     println!("installed {} (skip once with `git commit --no-verify` or {}=1)", path.display(), state::SKIP_VAR);

@@ -7,13 +7,14 @@ pub const MARKER: &str = "# isoenv-managed hook";
 /// The variable that skips the hook for one commit (as `git commit --no-verify` does).
 pub const SKIP_VAR: &str = "ISOENV_SKIP_HOOKS";
 
-/// The hook file: a stub that runs `cargo xtask hooks run pre-commit` (or `$ISOENV_XTASK`).
-pub fn stub() -> String {
+/// The hook file: a stub that runs `PROGRAM hooks run pre-commit` (or `$ISOENV_XTASK`), where
+/// `program` is how the repository calls isoenv (`cargo xtask`, `isoenv`).
+pub fn stub(program: &str) -> String {
     format!(
-        "#!/bin/sh\n{MARKER}: installed by `cargo xtask hooks install`, removed by `cargo xtask hooks uninstall`.\n\
+        "#!/bin/sh\n{MARKER}: installed by `{program} hooks install`, removed by `{program} hooks uninstall`.\n\
          # Skip once with `git commit --no-verify` or {SKIP_VAR}=1.\n\
          [ \"${{{SKIP_VAR}:-}}\" = 1 ] && exit 0\n\
-         exec ${{ISOENV_XTASK:-cargo xtask}} hooks run pre-commit\n"
+         exec ${{ISOENV_XTASK:-{program}}} hooks run pre-commit\n"
     )
 }
 
@@ -56,9 +57,9 @@ mod tests {
     #[test]
     fn only_marked_hooks_are_ours() {
         assert_eq!(classify(None), HookState::Absent);
-        assert_eq!(classify(Some(&stub())), HookState::Ours);
+        assert_eq!(classify(Some(&stub("cargo xtask"))), HookState::Ours);
         assert_eq!(classify(Some("#!/bin/sh\nnpm test\n")), HookState::Foreign);
-        assert!(stub().contains(SKIP_VAR));
+        assert!(stub("isoenv").contains(SKIP_VAR));
     }
 
     #[test]
