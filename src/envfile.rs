@@ -146,6 +146,31 @@ impl fmt::Display for Finding {
     }
 }
 
+/// Whether a `.env` with this text and these permission bits shows a password to other users
+/// (as ssh refuses a key others can read): the warning with its fix, or `None`.
+pub fn exposure(text: &str, mode: u32, path: &Path) -> Option<String> {
+    let holds_password = text.lines().any(|line| {
+        let line = line.trim_start();
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        line.split_once('=').is_some_and(|(key, value)| {
+            !key.trim_start().starts_with('#')
+                && key.contains("PASSWORD")
+                && !value
+                    .trim()
+                    .trim_matches(|c| c == '"' || c == '\'')
+                    .is_empty()
+        })
+    });
+    (holds_password && mode & 0o077 != 0).then(|| {
+        format!(
+            "{} holds a password and other users can read it (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )
+    })
+}
+
 /// Lints `.env` text. Every finding is a real divergence: Rust and Bash would see different
 /// configurations, so `env check` treats each one as an error.
 pub fn lint(text: &str) -> Vec<Finding> {
@@ -443,5 +468,22 @@ mod tests {
         let err = Vars::load(&EnvFile::Explicit(path.clone()), []).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains(&format!("{}:3:", path.display())), "{msg}");
+    }
+
+    #[test]
+    fn a_readable_env_file_with_a_password_is_flagged() {
+        let path = Path::new(".env");
+        let secret = "DB_VM_PASSWORD=hunter2\n";
+        assert!(exposure(secret, 0o644, path)
+            .unwrap()
+            .contains("chmod 600 .env"));
+        assert!(exposure(secret, 0o640, path).is_some());
+        assert_eq!(exposure(secret, 0o600, path), None);
+        assert_eq!(
+            exposure("DB_VM_PASSWORD=\nDB_VM_HOST=x\n", 0o644, path),
+            None
+        );
+        assert_eq!(exposure("# DB_VM_PASSWORD=old\n", 0o644, path), None);
+        assert!(exposure("export DB_PROD_PASSWORD='s3'\n", 0o604, path).is_some());
     }
 }

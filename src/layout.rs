@@ -10,6 +10,7 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 const MAX_NAME: usize = 48;
@@ -65,11 +66,15 @@ impl Layout {
         File::create(self.creating_marker()).map(drop)
     }
 
-    /// Makes the environment's directory (marked as being created) with `bin/` and `log/`.
+    /// Makes the environment's directory (marked as being created) with `bin/` and `log/`. The
+    /// log holds statements as the server saw them, passwords included: it is the invoker's
+    /// alone (the server writes to a descriptor it is handed, never to the path).
     pub fn make(&self) -> io::Result<()> {
         self.make_dir()?;
         fs::create_dir_all(&self.bin)?;
-        fs::create_dir_all(self.log.parent().unwrap_or(&self.dir))
+        let log = self.log.parent().unwrap_or(&self.dir);
+        fs::create_dir_all(log)?;
+        fs::set_permissions(log, fs::Permissions::from_mode(0o700))
     }
 
     /// The environment is complete: removes the marker.

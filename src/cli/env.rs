@@ -156,6 +156,12 @@ pub fn check(ctx: &Context) -> Result<ExitCode> {
     let mut errors = 0;
     match std::fs::read_to_string(path) {
         Ok(text) => {
+            let mode = std::fs::metadata(path)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+                .unwrap_or(0);
+            if let Some(warning) = envfile::exposure(&text, mode, path) {
+                println!("warning: {warning}");
+            }
             for f in envfile::lint(&text) {
                 println!(
                     "{}:{}: error: {}\n  fix: {}",
@@ -198,7 +204,8 @@ pub fn check(ctx: &Context) -> Result<ExitCode> {
 }
 
 pub fn doctor(ctx: &Context, json: bool) -> Result<ExitCode> {
-    let checks = doctor::run(&ctx.vars()?);
+    let mut checks = doctor::run(&ctx.vars()?);
+    checks.push(doctor::env_file(ctx.env_file.path()));
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
         return Ok(ExitCode::SUCCESS);

@@ -125,6 +125,9 @@ impl Engine for Mysql {
                 layout.run.join("mysqld.pid").display()
             ))
             .arg("--skip-name-resolve")
+            // `INTO OUTFILE`, `INTO DUMPFILE` and `LOAD DATA INFILE` only inside the
+            // environment's private run directory, never elsewhere on the host.
+            .arg(format!("--secure-file-priv={}", layout.run.display()))
             .arg(format!("--init-file={}", init_file(layout).display()));
         INNODB.iter().fold(l, |l, a| l.arg(a))
     }
@@ -152,7 +155,12 @@ impl Engine for Mysql {
     /// The official image initializes the data directory, sets root's password from the file
     /// and then runs the login script once; isoenv's local image runs it at every start.
     fn container(&self, creds: &Credentials, disposable: bool) -> Container {
-        let cmd = container_cmd(&INNODB, self, disposable);
+        let confined: Vec<&str> = INNODB
+            .iter()
+            .copied()
+            .chain(["--secure-file-priv=/run/mysqld"])
+            .collect();
+        let cmd = container_cmd(&confined, self, disposable);
         Container {
             image: "mariadb:10.11",
             port: 3306,

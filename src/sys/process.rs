@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -118,6 +119,10 @@ impl Launch {
     pub fn run(&self, user: &ServiceUser, cwd: &Path) -> Result<(), String> {
         let mut cmd = self.command();
         user.apply(&mut cmd);
+        // SAFETY: fresh_start is async-signal-safe and touches no state of the parent.
+        unsafe {
+            cmd.pre_exec(fresh_start);
+        }
         let out = cmd
             .current_dir(cwd)
             .stdin(Stdio::null())
@@ -145,7 +150,11 @@ impl Launch {
         cwd: &Path,
         log: &Path,
     ) -> io::Result<ProcessId> {
-        let out = File::options().create(true).append(true).open(log)?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(log)?;
         let mut cmd = self.command();
         user.apply(&mut cmd);
         cmd.current_dir(cwd)
@@ -153,20 +162,50 @@ impl Launch {
             .stdout(out.try_clone()?)
             .stderr(out);
         let parent_death = self.parent_death;
-        // SAFETY: setsid and prctl are async-signal-safe and touch no state of the parent. They
-        // run after the switch to the service user, which would clear the death signal.
+        // SAFETY: setsid, prctl and fresh_start are async-signal-safe and touch no state of the
+        // parent. They run after the switch to the service user, which would clear the death
+        // signal.
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setsid()?;
                 if let Some(sig) = parent_death {
                     nix::sys::prctl::set_pdeathsig(sig)?;
                 }
-                Ok(())
+                fresh_start()
             });
         }
         let child = cmd.spawn()?;
         ProcessId::of(child.id() as i32)
     }
+}
+
+/// In a child between fork and exec: nothing of the invoker's state goes on to the program.
+/// Every inherited descriptor beyond stdin, stdout and stderr closes at exec (a directory the
+/// invoker held open would otherwise reach the whole filesystem through `/proc/self/fd`), and
+/// the process gets a session keyring of its own (the invoker's keys stay the invoker's).
+/// Two system calls, async-signal-safe.
+fn fresh_start() -> io::Result<()> {
+    // SAFETY: raw system calls with integer arguments; no memory is touched.
+    let closed = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if closed != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above. A kernel without keyrings (or a filter refusing them) has none to leak.
+    unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            1, /* KEYCTL_JOIN_SESSION_KEYRING */
+            0usize,
+        );
+    }
+    Ok(())
 }
 
 /// The last `n` lines of `text`.

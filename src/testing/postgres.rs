@@ -403,7 +403,12 @@ impl Pool {
         writes: i64,
         free: bool,
     ) -> Result<i64> {
-        let now = match self.reset(name, writes) {
+        // A reset that fails on a loaded server (a connection refused or ended mid-way) is
+        // tried once more: a remake costs a CREATE DATABASE, a second look a few queries.
+        let now = match self
+            .reset(name, writes)
+            .or_else(|| self.reset(name, writes))
+        {
             Some(now) => now,
             None => self.remake(admin, name).map(|()| 0)?,
         };

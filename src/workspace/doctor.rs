@@ -1,7 +1,9 @@
 //! `doctor`: what this machine has for each engine and backend, and how to get what is missing.
 //! It only looks; it changes nothing.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use nix::sched::CloneFlags;
@@ -19,6 +21,38 @@ pub struct Check {
     pub detail: String,
     /// What to run or change when not ok.
     pub fix: Option<String>,
+}
+
+/// Whether the `.env` at `path` keeps its passwords to its owner.
+pub fn env_file(path: &Path) -> Check {
+    let name = "env file".to_owned();
+    let read = std::fs::read_to_string(path).and_then(|text| {
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        Ok(crate::envfile::exposure(&text, mode, path))
+    });
+    match read {
+        Ok(None) => Check {
+            name,
+            ok: true,
+            detail: format!(
+                "{}: passwords, if any, readable by its owner only",
+                path.display()
+            ),
+            fix: None,
+        },
+        Ok(Some(warning)) => Check {
+            name,
+            ok: false,
+            detail: warning,
+            fix: Some(format!("chmod 600 {}", path.display())),
+        },
+        Err(e) => Check {
+            name,
+            ok: true,
+            detail: format!("{}: {e}", path.display()),
+            fix: None,
+        },
+    }
 }
 
 pub fn run(vars: &Vars) -> Vec<Check> {

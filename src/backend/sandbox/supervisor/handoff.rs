@@ -8,9 +8,9 @@
 //! host's port itself: no forwarder, no copy, no extra hop (bypass4netns does the same for
 //! rootless containers). Every other `bind()` continues unchanged inside the sandbox.
 //!
-//! The server holds one listening socket of the host's network and nothing else: a listening
-//! socket cannot connect, and every socket it creates is in the sandbox's network, which has only
-//! `lo`. The supervisor hands the socket over once and then closes its own copy, so the port
+//! The server holds one listening socket of the host's network and the connections it accepts
+//! there; the filter refuses `connect()` (and connecting sends), so none of them can be pointed
+//! anywhere else, and every socket it creates is in the sandbox's network, which has only `lo`. The supervisor hands the socket over once and then closes its own copy, so the port
 //! closes when the server does. Connections made before the server is listening wait in the
 //! backlog, as with systemd's socket activation.
 
@@ -26,12 +26,6 @@ use nix::sys::socket::{
     SockFlag, SockType,
 };
 
-/// `AUDIT_ARCH_*` of the running architecture: syscall numbers mean something only with it.
-#[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xC000_003E;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xC000_00B7;
-
 /// A `struct sockaddr_in`: family, port (network order), address, padding.
 const SOCKADDR_IN_LEN: usize = 16;
 
@@ -46,36 +40,11 @@ pub(super) fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
-/// The classic-BPF program: notify on the native `bind()`, allow everything else. It is not a
-/// security boundary (the namespaces are), so another ABI's `bind()` may simply pass.
-fn filter() -> Vec<libc::sock_filter> {
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump_eq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt,
-        jf,
-        k,
-    };
-    let load = |offset: usize| stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset as u32);
-    vec![
-        load(std::mem::offset_of!(libc::seccomp_data, arch)),
-        jump_eq(AUDIT_ARCH, 0, 2),
-        load(std::mem::offset_of!(libc::seccomp_data, nr)),
-        jump_eq(libc::SYS_bind as u32, 1, 0),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_USER_NOTIF),
-    ]
-}
-
 /// Puts the calling process (the server, before it execs; `no_new_privs` already set) under the
-/// filter and sends the notification descriptor to the supervisor over `channel`.
+/// filter ([`super::seccomp`]) and sends the notification descriptor to the supervisor over
+/// `channel`.
 pub(super) fn install(channel: RawFd) -> io::Result<()> {
-    let mut program = filter();
+    let mut program = super::seccomp::program();
     let prog = libc::sock_fprog {
         len: program.len() as u16,
         filter: program.as_mut_ptr(),
@@ -269,17 +238,5 @@ mod tests {
         assert_ne!(flags & libc::O_CLOEXEC, 0);
         assert_ne!(flags & libc::O_NONBLOCK, 0);
         assert_eq!(fd_flags("pos:\t0\n"), None);
-    }
-
-    #[test]
-    fn the_filter_notifies_on_bind_only() {
-        let f = filter();
-        assert_eq!(f.len(), 6);
-        // From the bind comparison, "equal" jumps to the notification, else to allow.
-        assert_eq!(f[3].k, libc::SYS_bind as u32);
-        assert_eq!(f[3 + 1 + f[3].jt as usize].k, libc::SECCOMP_RET_USER_NOTIF);
-        assert_eq!(f[3 + 1 + f[3].jf as usize].k, libc::SECCOMP_RET_ALLOW);
-        // A foreign architecture skips to allow.
-        assert_eq!(f[1 + 1 + f[1].jf as usize].k, libc::SECCOMP_RET_ALLOW);
     }
 }

@@ -14,6 +14,7 @@
 
 mod handoff;
 mod init;
+mod seccomp;
 
 use std::fs;
 use std::io::{self, Read, Write};
