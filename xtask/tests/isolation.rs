@@ -1,0 +1,282 @@
+//! Isolation tried as an attacker would: the database superuser runs native code (a small C
+//! extension, `probe/isoenv_probe.c`, built here against the installed server's headers) or
+//! file-writing SQL, and each probe must fail to get through. Needs root, like the sandbox.
+
+mod support;
+
+use std::ffi::CString;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::sleep;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{text, Project};
+use tempfile::TempDir;
+
+/// The probe extension, built in a directory every server user can read.
+fn probe_library() -> (TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("isoenv-probe-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let include = Command::new("pg_config")
+        .arg("--includedir-server")
+        .output()
+        .expect("pg_config (postgresql-server-dev) builds the probe extension");
+    assert!(include.status.success(), "{}", text(&include));
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe/isoenv_probe.c");
+    let library = dir.path().join("isoenv_probe.so");
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&library)
+        .arg(format!(
+            "-I{}",
+            String::from_utf8_lossy(&include.stdout).trim()
+        ))
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building the probe: {}", text(&out));
+    fs::set_permissions(&library, fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, library)
+}
+
+/// A PostgreSQL environment whose superuser has loaded the probe.
+struct Target<'a> {
+    project: &'a Project,
+    name: String,
+}
+
+impl<'a> Target<'a> {
+    /// Creates it with `cmd` (so the test decides what the creating process holds), grants the
+    /// sandbox read access to the probe, and loads it.
+    fn create(project: &'a Project, name: &str, backend: &str, library: &Path) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the isolation probes need root (as CI runs them)"
+        );
+        let t = Target {
+            project,
+            name: name.into(),
+        };
+        if backend == "sandbox" {
+            project.ok(&["db", "stop", name]);
+            let file = project.state().join(name).join("manifest.json");
+            let mut m: Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+            m["fs"].as_array_mut().unwrap().push(json!({
+                "host": library.parent().unwrap(), "mode": "ro"
+            }));
+            fs::write(&file, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+            project.ok(&["db", "start", name]);
+        }
+        let mut c = t.client();
+        for (function, args) in [
+            ("isoenv_probe_reconnect", "int"),
+            ("isoenv_probe_userns", ""),
+            ("isoenv_probe_key", "text"),
+            ("isoenv_probe_fds", ""),
+        ] {
+            c.batch_execute(&format!(
+                "CREATE FUNCTION {function}({args}) RETURNS text AS '{}' LANGUAGE C STRICT",
+                library.display()
+            ))
+            .unwrap();
+        }
+        t
+    }
+
+    fn client(&self) -> postgres::Client {
+        let url = self.project.ok(&["db", "url", &self.name]);
+        postgres::Client::connect(url.trim(), postgres::NoTls).unwrap()
+    }
+
+    fn ask(&self, sql: &str) -> String {
+        self.client().query_one(sql, &[]).unwrap().get(0)
+    }
+}
+
+fn create_cmd(project: &Project, name: &str, backend: &str) -> Command {
+    let mut cmd = project.cmd(&[
+        "db",
+        "create",
+        name,
+        "--engine",
+        "postgres",
+        "--backend",
+        backend,
+    ]);
+    cmd.env_remove("ISOENV_ACTIVE");
+    cmd
+}
+
+/// The finding: a sandboxed server's accepted connections are sockets of the host's network,
+/// so native code could disconnect one and connect it to any port on the host's loopback.
+#[test]
+fn a_sandboxed_server_cannot_point_a_host_socket_elsewhere_nor_unshare_nor_read_keys() {
+    let (_dir, library) = probe_library();
+    let project = Project::new("");
+    project.ok(&[
+        "db",
+        "create",
+        "escape",
+        "--engine",
+        "postgres",
+        "--backend",
+        "sandbox",
+    ]);
+    let t = Target::create(&project, "escape", "sandbox", &library);
+    // Something on the host's loopback that the server must never reach.
+    let bait = TcpListener::bind("127.0.0.1:0").unwrap();
+    bait.set_nonblocking(true).unwrap();
+    let port = bait.local_addr().unwrap().port();
+
+    let reply: Result<String, _> = t
+        .client()
+        .query_one(&format!("SELECT isoenv_probe_reconnect({port})"), &[])
+        .map(|r| r.get(0));
+    sleep(Duration::from_millis(300));
+    assert!(
+        bait.accept().is_err(),
+        "the server connected to the host's 127.0.0.1:{port} (probe said {reply:?})"
+    );
+    let reply = reply.expect("a refused probe leaves the session intact");
+    assert_eq!(reply, "disconnect refused: Operation not permitted");
+
+    assert_eq!(
+        t.ask("SELECT isoenv_probe_userns()"),
+        "refused: Operation not permitted",
+        "a new user namespace inside the sandbox"
+    );
+    assert_eq!(
+        t.ask("SELECT isoenv_probe_key('anything')"),
+        "not found: Operation not permitted",
+        "the kernel's keyrings from inside the sandbox"
+    );
+    project.ok(&["db", "destroy", "escape"]);
+}
+
+/// The finding: servers inherited the invoker's open descriptors (a directory one reaches the
+/// whole filesystem through `/proc/self/fd`) and its session keyring.
+#[test]
+fn servers_start_with_nothing_of_the_invoker() {
+    let (_dir, library) = probe_library();
+    let project = Project::new("");
+    let marker = tempfile::Builder::new()
+        .prefix("isoenv-inherited-")
+        .tempdir()
+        .unwrap();
+    let key = format!("isoenv-probe-{}", std::process::id());
+    for backend in ["lightweight", "sandbox"] {
+        let name = format!("clean-{backend}");
+        let mut cmd = create_cmd(&project, &name, backend);
+        let dir = CString::new(marker.path().as_os_str().as_encoded_bytes()).unwrap();
+        let (ty, desc, payload) = (c"user", CString::new(key.clone()).unwrap(), b"secret");
+        // SAFETY: open, keyctl and add_key are async-signal-safe; the strings were made before.
+        unsafe {
+            cmd.pre_exec(move || {
+                // A descriptor without close-on-exec, as a shell's `exec 7</dir` leaves one.
+                if libc::open(dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A session keyring of this command's own, holding a key.
+                libc::syscall(libc::SYS_keyctl, 1, 0usize);
+                let id = libc::syscall(
+                    libc::SYS_add_key,
+                    ty.as_ptr(),
+                    desc.as_ptr(),
+                    payload.as_ptr(),
+                    payload.len(),
+                    -3i32, // KEY_SPEC_SESSION_KEYRING
+                );
+                if id < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let t = Target::create(&project, &name, backend, &library);
+
+        let fds = t.ask("SELECT isoenv_probe_fds()");
+        assert!(
+            !fds.contains(&marker.path().display().to_string()),
+            "{backend}: the server holds the invoker's directory descriptor:\n{fds}"
+        );
+        let found = t.ask(&format!("SELECT isoenv_probe_key('{key}')"));
+        assert!(
+            found.starts_with("not found"),
+            "{backend}: the server reads the invoker's session keyring: {found}"
+        );
+        project.ok(&["db", "destroy", &name]);
+    }
+}
+
+/// Logs hold statements as written, passwords included: the invoker's alone.
+#[test]
+fn server_logs_are_private() {
+    let project = Project::new("");
+    project.ok(&["db", "create", "logs", "--engine", "postgres"]);
+    let log_dir = project.state().join("logs/log");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&log_dir), 0o700);
+    assert_eq!(mode(&log_dir.join("server.log")), 0o600);
+    project.ok(&["db", "destroy", "logs"]);
+}
+
+/// The finding: MariaDB wrote files wherever its service user could (`INTO OUTFILE`).
+#[test]
+fn mariadb_writes_files_only_inside_its_environment() {
+    let project = Project::new("");
+    project.ok(&["db", "create", "files", "--engine", "mysql"]);
+    let outside = std::env::temp_dir().join(format!("isoenv-outfile-{}", std::process::id()));
+    let inside = project.state().join("files/run/allowed.txt");
+    let mariadb = |sql: &str| {
+        let activate = project.state().join("files/bin/activate");
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; MYSQL_PWD=$DB_PASSWORD mariadb -h \"$MYSQL_HOST\" -P \"$MYSQL_TCP_PORT\" -u \"$DB_USER\" -N -e \"$Q\"",
+                activate.display()
+            ))
+            .env("Q", sql)
+            .output()
+            .unwrap()
+    };
+    // The superuser may write files: inside the environment's run directory.
+    let ok = mariadb(&format!("SELECT 42 INTO OUTFILE '{}'", inside.display()));
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert_eq!(fs::read_to_string(&inside).unwrap().trim(), "42");
+    // Anywhere else is refused, and nothing is written.
+    let refused = mariadb(&format!("SELECT 42 INTO OUTFILE '{}'", outside.display()));
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("secure-file-priv"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!outside.exists(), "{} was written", outside.display());
+    project.ok(&["db", "destroy", "files"]);
+}
+
+/// As ssh refuses a key others can read, `env check` and `doctor` say when `.env` shows a
+/// password to other users.
+#[test]
+fn a_readable_env_file_with_a_password_is_flagged() {
+    let project = Project::new("DB_VM_PASSWORD=hunter2\n");
+    let env = project.env_file();
+    fs::set_permissions(&env, fs::Permissions::from_mode(0o644)).unwrap();
+    let check = project.ok(&["env", "check"]);
+    assert!(check.contains("chmod 600"), "{check}");
+    assert!(!check.contains("hunter2"), "the warning shows the password");
+    let doctor = project.ok(&["doctor"]);
+    assert!(doctor.contains("MISSING env file"), "{doctor}");
+    fs::set_permissions(&env, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(!project.ok(&["env", "check"]).contains("chmod 600"));
+}
