@@ -92,10 +92,6 @@ impl<C: Confinement> Backend for Local<C> {
             message,
         };
         layout.check_socket_room().map_err(env_err)?;
-        let user = host.user()?;
-        if user.switch {
-            reachable(host.root(), user).map_err(Error::Unsupported)?;
-        }
         let engine = opts.engine.engine();
         let port = match opts.port {
             Some(p) if net::is_taken(p) => return Err(Error::PortTaken { port: p }),
@@ -113,8 +109,16 @@ impl<C: Confinement> Backend for Local<C> {
         let mut state = EnvState::new(opts, net::LOOPBACK.to_string(), port);
         state.engine_version = bins.as_ref().map(|b| b.version.clone()).unwrap_or_default();
         let creds = engine.credentials(Secret::generate());
+        layout
+            .make()
+            .context(|| format!("cannot create {}", layout.dir.display()))?;
+        let (identity, user) = host.claim_user(layout)?;
+        state.identity = identity;
+        if user.switch {
+            reachable(host.root(), &user).map_err(Error::Unsupported)?;
+        }
+        let user = &user;
         let made = || -> io::Result<()> {
-            layout.make()?;
             match &template {
                 Some(t) => host.copy_template(t, &layout.data, user)?,
                 None => {
@@ -214,7 +218,8 @@ impl<C: Confinement> Backend for Local<C> {
         if let Some(pid) = state.process {
             pid.stop(self.stop_signal(state), STOP_GRACE);
         }
-        self.release(host, state, layout)
+        self.release(host, state, layout)?;
+        host.release_user(state, layout)
     }
 
     fn isolation(&self, _host: &dyn Host, _state: &EnvState, layout: &Layout) -> Option<Isolation> {
@@ -263,7 +268,7 @@ impl<C: Confinement> Local<C> {
             .spawn(&Spawn {
                 launch: &launch,
                 layout,
-                user: host.user()?,
+                user: &host.user_of(state)?,
                 engine,
                 port: state.port,
             })

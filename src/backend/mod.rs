@@ -178,8 +178,14 @@ impl CreateOptions {
 pub trait Host {
     /// The state root: one directory per environment.
     fn root(&self) -> &Path;
-    /// The user servers run as.
-    fn user(&self) -> Result<&ServiceUser>;
+    /// The user a new environment's servers run as, with the identity to record: one of its
+    /// own when isoenv runs as root and no service user is configured, claimed for the
+    /// environment in `layout` (already made), else the configured user.
+    fn claim_user(&self, layout: &Layout) -> Result<(Option<u32>, ServiceUser)>;
+    /// The user an environment's servers run as.
+    fn user_of(&self, state: &EnvState) -> Result<ServiceUser>;
+    /// Gives an environment's own identity back, once nothing of it runs.
+    fn release_user(&self, state: &EnvState, layout: &Layout) -> Result<()>;
     fn vars(&self) -> &Vars;
     /// The sandbox's default memory limit (`WASI_MEMORY_LIMIT`).
     fn memory_limit(&self) -> u64;

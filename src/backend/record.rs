@@ -30,6 +30,9 @@ pub struct EnvState {
     pub port: u16,
     /// Whether isoenv runs a server (false: env-only, variables and activate only).
     pub service: bool,
+    /// The uid (= gid) of its own that the environment's servers run as, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
     /// The server while it runs (or until isoenv notices it died).
     pub process: Option<ProcessId>,
     pub created_at: u64,
@@ -58,6 +61,7 @@ impl EnvState {
             host,
             port,
             service: opts.service,
+            identity: None,
             process: None,
             created_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -129,6 +133,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 1,
             service: true,
+            identity: None,
             process: Some(p),
             created_at: 0,
             owner: None,

@@ -3,6 +3,7 @@
 pub mod bytes;
 pub mod files;
 pub mod hash;
+pub mod identity;
 pub mod ldd;
 pub mod lock;
 pub mod net;

@@ -34,7 +34,7 @@ impl ServiceUser {
         }
         let name = requested
             .map(str::to_owned)
-            .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
+            .or_else(sudo_user)
             .unwrap_or_else(|| "nobody".into());
         match User::from_name(&name) {
             Ok(Some(u)) if !u.uid.is_root() => Ok(ServiceUser {
@@ -49,6 +49,22 @@ impl ServiceUser {
             _ => Err(format!(
                 "service user `{name}` does not exist (create it, or set ISOENV_SERVICE_USER to an existing unprivileged user)"
             )),
+        }
+    }
+
+    /// Whether each environment's servers get an identity of their own
+    /// ([`crate::sys::identity`]): as root, unless a service user was chosen.
+    pub fn per_environment(requested: Option<&str>) -> bool {
+        nix::unistd::geteuid().is_root() && requested.is_none() && sudo_user().is_none()
+    }
+
+    /// An environment's own identity: uid = gid, no account, no other group.
+    pub fn own(id: u32) -> Self {
+        ServiceUser {
+            name: format!("isoenv-{id}"),
+            uid: id,
+            gid: id,
+            switch: true,
         }
     }
 
@@ -177,6 +193,11 @@ impl Launch {
         let child = cmd.spawn()?;
         ProcessId::of(child.id() as i32)
     }
+}
+
+/// The user who ran `sudo`, when it was not root.
+fn sudo_user() -> Option<String> {
+    std::env::var("SUDO_USER").ok().filter(|u| u != "root")
 }
 
 /// In a child between fork and exec: nothing of the invoker's state goes on to the program.

@@ -36,10 +36,14 @@ use crate::engine::{Binaries, Credentials, Engine};
 use crate::envfile::Vars;
 use crate::error::{Error, IoContext, Result};
 use crate::layout::{validate_name, Layout};
+use crate::sys::identity::Registry;
 use crate::sys::lock::{Lock, LockError};
 use crate::sys::process::ServiceUser;
 
 pub use crate::backend::CreateOptions;
+
+/// The machine-wide registry of environment identities (as root; see [`crate::sys::identity`]).
+const IDENTITIES: &str = "/var/lib/isoenv/identities";
 pub use image::BuiltImage;
 pub use policy::{
     allowed, local_backend, plan_up, Action, UpPlan, DEFAULT_ENV, STAGING_ENV, TUNNEL_ENV,
@@ -62,6 +66,8 @@ pub struct Workspace {
     docker_host: Option<String>,
     /// The Docker engine, connected on first use (most commands never need it).
     docker: OnceLock<std::result::Result<Docker, DockerError>>,
+    /// Whether each environment's servers get an identity of their own.
+    own_identities: bool,
     /// The template a `create` copied, for the spare copy made once it is complete.
     spare_due: Mutex<Option<PathBuf>>,
 }
@@ -73,6 +79,7 @@ impl Workspace {
             .get("ISOENV_CACHE_DIR")
             .map_or_else(|| root.join(".cache"), PathBuf::from);
         let user = ServiceUser::resolve(vars.get("ISOENV_SERVICE_USER"));
+        let own_identities = ServiceUser::per_environment(vars.get("ISOENV_SERVICE_USER"));
         Workspace {
             root,
             cache,
@@ -82,6 +89,7 @@ impl Workspace {
             memory_limit: config.sandbox().memory_limit_bytes,
             docker_host: vars.get("DOCKER_HOST").map(str::to_owned),
             docker: OnceLock::new(),
+            own_identities,
             spare_due: Mutex::new(None),
             vars,
         }
@@ -160,8 +168,38 @@ impl Host for Workspace {
         &self.root
     }
 
-    fn user(&self) -> Result<&ServiceUser> {
-        self.service_user()
+    fn claim_user(&self, layout: &Layout) -> Result<(Option<u32>, ServiceUser)> {
+        if !self.own_identities {
+            return Ok((None, self.service_user()?.clone()));
+        }
+        let registry = Registry::new(PathBuf::from(IDENTITIES));
+        let id = registry
+            .claim(&layout.dir, |id, holder| {
+                let holder = Layout::new(holder.to_owned());
+                match EnvState::load(&holder) {
+                    Ok(Some(state)) => state.identity == Some(id),
+                    // A create in progress has claimed before it recorded.
+                    _ => holder.creating_marker().exists(),
+                }
+            })
+            .context(|| format!("cannot claim an identity in {IDENTITIES}"))?;
+        Ok((Some(id), ServiceUser::own(id)))
+    }
+
+    fn user_of(&self, state: &EnvState) -> Result<ServiceUser> {
+        match state.identity {
+            Some(id) => Ok(ServiceUser::own(id)),
+            None => self.service_user().cloned(),
+        }
+    }
+
+    fn release_user(&self, state: &EnvState, layout: &Layout) -> Result<()> {
+        match state.identity {
+            Some(id) => Registry::new(PathBuf::from(IDENTITIES))
+                .release(id, &layout.dir)
+                .context(|| format!("cannot release identity {id} in {IDENTITIES}")),
+            None => Ok(()),
+        }
     }
 
     fn vars(&self) -> &Vars {

@@ -75,6 +75,8 @@ impl Workspace {
         let dir = self.cache.join(&key);
         let data = dir.join("data");
         if data.is_dir() {
+            read_only_to_servers(&dir)
+                .context(|| format!("cannot hand {} to root", dir.display()))?;
             return Ok(Some(data));
         }
         fs::create_dir_all(&self.cache)
@@ -82,6 +84,8 @@ impl Workspace {
         let _lock = Lock::wait(self.cache.join(format!(".{key}.lock")))
             .map_err(|_| Error::Busy { name: key.clone() })?;
         if data.is_dir() {
+            read_only_to_servers(&dir)
+                .context(|| format!("cannot hand {} to root", dir.display()))?;
             return Ok(Some(data));
         }
         progress(&format!(
@@ -106,6 +110,8 @@ impl Workspace {
                 name: format!("(cache {key})"),
                 message,
             })?;
+            read_only_to_servers(&tmp)
+                .context(|| format!("cannot hand {} to root", tmp.display()))?;
             fs::rename(&tmp, &dir).context(|| format!("cannot move {} into place", tmp.display()))
         })();
         if made.is_err() {
@@ -122,7 +128,10 @@ impl Workspace {
         data: &Path,
         user: &ServiceUser,
     ) -> std::io::Result<()> {
-        if !spare::take(template, data) {
+        if spare::take(template, data) {
+            // Spares are copies of the cache, which is root's.
+            chown_tree(data, user)?;
+        } else {
             copy_tree(template, data, user)?;
         }
         *self.spare_due.lock().unwrap_or_else(|e| e.into_inner()) = Some(template.to_owned());
@@ -140,6 +149,23 @@ impl Workspace {
             spare::refill(&template, &self.root);
         }
     }
+}
+
+/// As root, the cache of initialized data directories is root's: servers (whatever user they
+/// run as) can change nothing in it, and every environment gets its own copy. An entry an older
+/// isoenv left to the service user is taken back on first use.
+fn read_only_to_servers(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() || fs::metadata(dir)?.uid() == 0 {
+        return Ok(());
+    }
+    let root = ServiceUser {
+        name: "root".into(),
+        uid: 0,
+        gid: 0,
+        switch: true,
+    };
+    chown_tree(dir, &root)
 }
 
 fn sanitize(s: &str) -> String {

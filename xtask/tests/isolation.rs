@@ -280,3 +280,103 @@ fn a_readable_env_file_with_a_password_is_flagged() {
     fs::set_permissions(&env, fs::Permissions::from_mode(0o600)).unwrap();
     assert!(!project.ok(&["env", "check"]).contains("chmod 600"));
 }
+
+/// The findings: every server ran as one user, so one environment's superuser could read
+/// another's passwords and data, signal its server, log in through its trusted Unix socket,
+/// and change the shared cache of initialized data directories for every later environment.
+#[test]
+fn one_environments_superuser_cannot_reach_another_environment() {
+    let project = Project::new("");
+    for (name, engine) in [
+        ("attacker", "postgres"),
+        ("victim", "postgres"),
+        ("keys", "redis"),
+    ] {
+        project.ok(&["db", "create", name, "--engine", engine]);
+    }
+    let state = project.state();
+    let victim_pid = project.json(&["db", "inspect", "victim", "--json"])["pid"]
+        .as_i64()
+        .unwrap();
+    // The cache entry the environments were copied from.
+    let version = project.json(&["db", "inspect", "victim", "--json"])["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let hba = fs::read_dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("postgres-{version}-"))
+        })
+        .map(|e| e.path().join("data/pg_hba.conf"))
+        .find(|p| p.exists())
+        .expect("the cached PostgreSQL data directory");
+    let before = fs::read_to_string(&hba).unwrap();
+    let url = project.ok(&["db", "url", "attacker"]);
+    let mut attacker = postgres::Client::connect(url.trim(), postgres::NoTls).unwrap();
+    attacker
+        .batch_execute("CREATE TEMP TABLE out (line text)")
+        .unwrap();
+    // What a shell run by the attacker's server sees; the command always succeeds and says why.
+    let mut shell = |command: &str| -> String {
+        let sql = format!(
+            "TRUNCATE out; COPY out FROM PROGRAM '( {} ) 2>&1 | tr \"\\t\" \" \"; true'",
+            command.replace('\'', "''")
+        );
+        attacker.batch_execute(&sql).unwrap();
+        let rows = attacker.query("SELECT line FROM out", &[]).unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let redis_conf = fs::read_dir(state.join("keys"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".conf"))
+        .expect("redis's configuration, which holds its password");
+    let password = project
+        .ok(&["db", "url", "keys"])
+        .trim()
+        .rsplit_once('@')
+        .and_then(|(left, _)| left.rsplit_once(':'))
+        .map(|(_, pw)| pw.to_owned())
+        .unwrap();
+
+    let read = shell(&format!("cat {}", redis_conf.display()));
+    assert!(read.contains("Permission denied"), "{read}");
+    assert!(
+        !read.contains(&password),
+        "another environment's password was read"
+    );
+    let listed = shell(&format!("ls {}", state.join("victim/data").display()));
+    assert!(listed.contains("Permission denied"), "{listed}");
+    let signalled = shell(&format!("kill -0 {victim_pid}"));
+    assert!(signalled.contains("Operation not permitted"), "{signalled}");
+    let login = shell(&format!(
+        "psql -h {} -U postgres -d postgres -w -tAc \"select 42\"",
+        state.join("victim/run").display()
+    ));
+    assert!(
+        !login.lines().any(|l| l.trim() == "42"),
+        "logged in to another environment through its socket: {login}"
+    );
+    let edited = shell(&format!(
+        "echo \"local all all trust\" >> {}",
+        hba.display()
+    ));
+    assert!(edited.contains("Permission denied"), "{edited}");
+    assert_eq!(
+        fs::read_to_string(&hba).unwrap(),
+        before,
+        "the cache was changed"
+    );
+
+    for name in ["attacker", "victim", "keys"] {
+        project.ok(&["db", "destroy", name]);
+    }
+}

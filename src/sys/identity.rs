@@ -1,0 +1,122 @@
+//! A user id of its own for each environment's servers, so that no environment can read, write
+//! or signal another's files, sockets or processes. The ids come from a range no account uses
+//! (uid = gid, no passwd entry: the engines need none) and are claimed in a machine-wide
+//! registry, one file per id naming the environment directory that holds it. A claim whose
+//! environment no longer records it (destroyed, deleted by hand, a create killed half-way) is
+//! taken over, so nothing needs collecting.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::hash::fnv1a;
+use super::lock::Lock;
+
+/// The first id of the range.
+pub const FIRST: u32 = 1_800_000_000;
+/// How many ids the range holds.
+pub const COUNT: u32 = 1 << 24;
+
+/// The machine's registry of claimed ids.
+pub struct Registry {
+    dir: PathBuf,
+}
+
+impl Registry {
+    pub fn new(dir: PathBuf) -> Self {
+        Registry { dir }
+    }
+
+    /// Claims an id for the environment in `owner`. `in_use(id, holder)` says whether the
+    /// environment directory `holder` still records `id` as its own.
+    pub fn claim(&self, owner: &Path, in_use: impl Fn(u32, &Path) -> bool) -> io::Result<u32> {
+        fs::create_dir_all(&self.dir)?;
+        let _lock = Lock::wait(self.dir.join(".lock")).map_err(|e| match e {
+            super::lock::LockError::Io(e) => e,
+            super::lock::LockError::Busy => io::Error::other("the identity registry is busy"),
+        })?;
+        for id in candidates(owner).take(COUNT as usize) {
+            let file = self.dir.join(id.to_string());
+            let free = match fs::read_to_string(&file) {
+                Ok(holder) if holder == owner.to_string_lossy() => return Ok(id),
+                Ok(holder) => !in_use(id, Path::new(&holder)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+                Err(e) => return Err(e),
+            };
+            if free {
+                super::files::write_atomic(&file, owner.to_string_lossy().as_bytes())?;
+                return Ok(id);
+            }
+        }
+        Err(io::Error::other(format!(
+            "all {COUNT} environment identities in {} are claimed",
+            self.dir.display()
+        )))
+    }
+
+    /// Gives `id` back, if `owner` still holds it.
+    pub fn release(&self, id: u32, owner: &Path) -> io::Result<()> {
+        let file = self.dir.join(id.to_string());
+        match fs::read_to_string(&file) {
+            Ok(holder) if holder == owner.to_string_lossy() => fs::remove_file(&file),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The ids to try for `owner`, in order: from a place its path decides (so that concurrent
+/// claims rarely meet), around the range once.
+fn candidates(owner: &Path) -> impl Iterator<Item = u32> {
+    let start = (fnv1a(&owner.to_string_lossy()) % u64::from(COUNT)) as u32;
+    (0..COUNT).map(move |i| FIRST + (start + i) % COUNT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_stay_in_their_range_and_start_apart() {
+        let a: Vec<u32> = candidates(Path::new("/r/.isoenv/a")).take(3).collect();
+        let b: Vec<u32> = candidates(Path::new("/r/.isoenv/b")).take(3).collect();
+        assert_ne!(a[0], b[0]);
+        for id in a.iter().chain(&b) {
+            assert!((FIRST..FIRST + COUNT).contains(id));
+        }
+        assert_eq!(
+            a[1],
+            if a[0] + 1 == FIRST + COUNT {
+                FIRST
+            } else {
+                a[0] + 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_claim_is_exclusive_until_its_environment_lets_it_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::new(dir.path().join("ids"));
+        let (a, b) = (Path::new("/r/a"), Path::new("/r/b"));
+        let still = |_: u32, _: &Path| true;
+        let first = registry.claim(a, still).unwrap();
+        // The same environment asking again gets its own id back.
+        assert_eq!(registry.claim(a, still).unwrap(), first);
+        // Another environment starting at the same place moves on.
+        let file = dir.path().join("ids").join(first.to_string());
+        let other = candidates(b).next().unwrap();
+        fs::rename(&file, dir.path().join("ids").join(other.to_string())).unwrap();
+        let second = registry.claim(b, still).unwrap();
+        assert_ne!(second, other, "a held id was handed out twice");
+        // A holder that no longer records its id gives it up.
+        let gone = |_: u32, _: &Path| false;
+        assert_eq!(registry.claim(b, gone).unwrap(), other);
+        // Releasing only removes one's own claim.
+        registry.release(other, a).unwrap();
+        assert!(dir.path().join("ids").join(other.to_string()).exists());
+        registry.release(other, b).unwrap();
+        assert!(!dir.path().join("ids").join(other.to_string()).exists());
+    }
+}
