@@ -380,3 +380,29 @@ fn one_environments_superuser_cannot_reach_another_environment() {
         project.ok(&["db", "destroy", name]);
     }
 }
+
+/// Redis's superuser (anyone with the password) cannot move where Redis writes its files, nor
+/// load native code: Redis 7 refuses both unless configured otherwise, and isoenv does not.
+#[test]
+fn redis_cannot_be_told_to_write_elsewhere_or_load_modules() {
+    let project = Project::new("");
+    project.ok(&["db", "create", "cache", "--engine", "redis"]);
+    let redis = |args: &str| {
+        let activate = project.state().join("cache/bin/activate");
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; redis-cli --no-auth-warning -h \"$DB_HOST\" -p \"$DB_PORT\" {args}",
+                activate.display()
+            ))
+            .output()
+            .unwrap();
+        text(&out)
+    };
+    assert_eq!(redis("PING").trim(), "PONG", "the probe reaches the server");
+    let moved = redis("CONFIG SET dir /tmp");
+    assert!(moved.contains("protected config"), "{moved}");
+    let loaded = redis("MODULE LOAD /tmp/nothing.so");
+    assert!(loaded.contains("not allowed"), "{loaded}");
+    project.ok(&["db", "destroy", "cache"]);
+}
