@@ -59,7 +59,7 @@ impl<'a> Target<'a> {
     fn create(project: &'a Project, name: &str, backend: &str, library: &Path) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
-            "the isolation probes need root (as CI runs them)"
+            "the isolation probes need root (as CI runs them; rootless ones run as nobody)"
         );
         let t = Target {
             project,
@@ -116,49 +116,51 @@ fn create_cmd(project: &Project, name: &str, backend: &str) -> Command {
 }
 
 /// The finding: a sandboxed server's accepted connections are sockets of the host's network,
-/// so native code could disconnect one and connect it to any port on the host's loopback.
+/// so native code could disconnect one and connect it to any port on the host's loopback. Tried
+/// rootful and rootless (the sandbox in a user namespace of its own).
 #[test]
 fn a_sandboxed_server_cannot_point_a_host_socket_elsewhere_nor_unshare_nor_read_keys() {
     let (_dir, library) = probe_library();
-    let project = Project::new("");
-    project.ok(&[
-        "db",
-        "create",
-        "escape",
-        "--engine",
-        "postgres",
-        "--backend",
-        "sandbox",
-    ]);
-    let t = Target::create(&project, "escape", "sandbox", &library);
-    // Something on the host's loopback that the server must never reach.
-    let bait = TcpListener::bind("127.0.0.1:0").unwrap();
-    bait.set_nonblocking(true).unwrap();
-    let port = bait.local_addr().unwrap().port();
+    for project in [Project::new(""), Project::unprivileged("")] {
+        project.ok(&[
+            "db",
+            "create",
+            "escape",
+            "--engine",
+            "postgres",
+            "--backend",
+            "sandbox",
+        ]);
+        let t = Target::create(&project, "escape", "sandbox", &library);
+        // Something on the host's loopback that the server must never reach.
+        let bait = TcpListener::bind("127.0.0.1:0").unwrap();
+        bait.set_nonblocking(true).unwrap();
+        let port = bait.local_addr().unwrap().port();
 
-    let reply: Result<String, _> = t
-        .client()
-        .query_one(&format!("SELECT isoenv_probe_reconnect({port})"), &[])
-        .map(|r| r.get(0));
-    sleep(Duration::from_millis(300));
-    assert!(
-        bait.accept().is_err(),
-        "the server connected to the host's 127.0.0.1:{port} (probe said {reply:?})"
-    );
-    let reply = reply.expect("a refused probe leaves the session intact");
-    assert_eq!(reply, "disconnect refused: Operation not permitted");
+        let reply: Result<String, _> = t
+            .client()
+            .query_one(&format!("SELECT isoenv_probe_reconnect({port})"), &[])
+            .map(|r| r.get(0));
+        sleep(Duration::from_millis(300));
+        assert!(
+            bait.accept().is_err(),
+            "the server connected to the host's 127.0.0.1:{port} (probe said {reply:?})"
+        );
+        let reply = reply.expect("a refused probe leaves the session intact");
+        assert_eq!(reply, "disconnect refused: Operation not permitted");
 
-    assert_eq!(
-        t.ask("SELECT isoenv_probe_userns()"),
-        "refused: Operation not permitted",
-        "a new user namespace inside the sandbox"
-    );
-    assert_eq!(
-        t.ask("SELECT isoenv_probe_key('anything')"),
-        "not found: Operation not permitted",
-        "the kernel's keyrings from inside the sandbox"
-    );
-    project.ok(&["db", "destroy", "escape"]);
+        assert_eq!(
+            t.ask("SELECT isoenv_probe_userns()"),
+            "refused: Operation not permitted",
+            "a new user namespace inside the sandbox"
+        );
+        assert_eq!(
+            t.ask("SELECT isoenv_probe_key('anything')"),
+            "not found: Operation not permitted",
+            "the kernel's keyrings from inside the sandbox"
+        );
+        project.ok(&["db", "destroy", "escape"]);
+    }
 }
 
 /// The finding: servers inherited the invoker's open descriptors (a directory one reaches the
