@@ -103,13 +103,28 @@ pub struct Enforcement {
 #[derive(Debug, Clone, Serialize)]
 pub struct Isolation {
     pub manifest_file: PathBuf,
-    /// The manifest, or why it cannot be used.
+    /// The manifest, or why it cannot be used (as JSON: the manifest, or `{"error": "..."}`).
+    #[serde(serialize_with = "manifest_or_error")]
     pub manifest: Result<Manifest, String>,
     pub running: bool,
     /// The sandbox's pid 1 as the host sees it (for `nsenter --target`).
     pub init_pid: Option<i32>,
     /// Each limit and whether the kernel enforces it right now.
     pub limits: Vec<Enforcement>,
+}
+
+fn manifest_or_error<S: serde::Serializer>(
+    manifest: &Result<Manifest, String>,
+    to: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Unusable<'a> {
+        error: &'a str,
+    }
+    match manifest {
+        Ok(m) => m.serialize(to),
+        Err(error) => Unusable { error }.serialize(to),
+    }
 }
 
 /// Whether an environment's server runs, as its backend tells.

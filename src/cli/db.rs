@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, Status};
 use crate::engine::EngineKind;
 use crate::workspace::{CreateOptions, Down, EnvInfo, UpOutcome, Workspace};
 use anyhow::Result;
@@ -185,16 +185,23 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
         }
         DbCommand::Start { name, json } => {
+            let was = ws.inspect(&name)?.status;
             let info = ws.start(&name, &progress)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
+            } else if was == Status::Running {
+                print_usage("already running:", &info);
             } else {
                 print_usage("started", &info);
             }
         }
         DbCommand::Stop { name } => {
+            let was = ws.inspect(&name)?.status;
             ws.stop(&name)?;
-            println!("stopped `{name}`");
+            match was {
+                Status::Running => println!("stopped `{name}`"),
+                other => println!("`{name}` was already {}", other.as_str()),
+            }
         }
         DbCommand::Destroy { name } => {
             ws.destroy(&name)?;

@@ -204,22 +204,42 @@ pub fn check(ctx: &Context) -> Result<ExitCode> {
 }
 
 pub fn doctor(ctx: &Context, json: bool) -> Result<ExitCode> {
-    let mut checks = doctor::run(&ctx.vars()?);
+    let vars = ctx.vars()?;
+    let mut checks = doctor::run(&vars);
     checks.push(doctor::env_file(ctx.env_file.path()));
+    // What this profile's `db up` needs decides the exit code; an unreadable configuration
+    // needs nothing here (`env check` reports it).
+    let needed = ctx
+        .config(&vars)
+        .map(|config| doctor::needed(&config))
+        .unwrap_or_default();
+    let missing: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok && needed.contains(&c.name.as_str()))
+        .map(|c| c.name.as_str())
+        .collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    for c in &checks {
-        println!(
-            "{} {:<11} {}",
-            if c.ok { "ok " } else { "MISSING" },
-            c.name,
-            c.detail
-        );
-        if let Some(fix) = &c.fix {
-            println!("    fix: {fix}");
+    } else {
+        for c in &checks {
+            let mark = match (c.ok, needed.contains(&c.name.as_str())) {
+                (true, _) => "ok     ",
+                (false, true) => "MISSING",
+                (false, false) if c.name == doctor::ENV_FILE => "WARNING",
+                (false, false) => "absent ",
+            };
+            println!("{mark} {:<11} {}", c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("    fix: {fix}");
+            }
+        }
+        if !missing.is_empty() {
+            println!("this profile needs: {}", missing.join(", "));
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -9,8 +9,11 @@ use std::process::{Command, Stdio};
 use nix::sched::CloneFlags;
 use serde::Serialize;
 
+use super::policy::{plan_up, UpPlan};
 use crate::backend::docker::client::{Docker, DockerError};
 use crate::backend::sandbox::cgroup::{CgroupLayout, Version};
+use crate::backend::BackendKind;
+use crate::config::EnvironmentConfig;
 use crate::engine::{install_command, EngineKind};
 use crate::envfile::Vars;
 
@@ -23,9 +26,12 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
+/// The name of [`env_file`]'s check.
+pub const ENV_FILE: &str = "env file";
+
 /// Whether the `.env` at `path` keeps its passwords to its owner.
 pub fn env_file(path: &Path) -> Check {
-    let name = "env file".to_owned();
+    let name = ENV_FILE.to_owned();
     let read = std::fs::read_to_string(path).and_then(|text| {
         let mode = std::fs::metadata(path)?.permissions().mode();
         Ok(crate::envfile::exposure(&text, mode, path))
@@ -52,6 +58,19 @@ pub fn env_file(path: &Path) -> Check {
             detail: format!("{}: {e}", path.display()),
             fix: None,
         },
+    }
+}
+
+/// What this profile's `db up` needs of the machine, by check name: the rest is optional.
+pub fn needed(config: &EnvironmentConfig) -> Vec<&'static str> {
+    match plan_up(config) {
+        UpPlan::Env { backend, .. } => match backend {
+            BackendKind::Lightweight => vec!["postgres"],
+            BackendKind::Sandbox => vec!["postgres", "namespaces"],
+            BackendKind::SshTunnel => vec!["ssh"],
+            BackendKind::Docker => vec!["docker"],
+        },
+        UpPlan::VerifyProduction => Vec::new(),
     }
 }
 
@@ -225,5 +244,28 @@ fn ssh() -> Check {
                 |pm| pm.install_command("openssh-client"),
             )),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_profile_needs_what_its_up_runs() {
+        let config = |pairs: &[(&str, &str)]| {
+            EnvironmentConfig::from_vars(
+                &Vars::from_pairs(pairs.iter().copied()),
+                std::path::Path::new("/p"),
+            )
+            .unwrap()
+        };
+        assert_eq!(needed(&config(&[])), ["postgres"]);
+        assert_eq!(
+            needed(&config(&[("WASI_USE_NAMESPACES", "true")])),
+            ["postgres", "namespaces"]
+        );
+        assert_eq!(needed(&config(&[("ENVIRONMENT", "staging")])), ["docker"]);
+        assert_eq!(needed(&config(&[("DB_VM_SSH_ENABLED", "true")])), ["ssh"]);
     }
 }

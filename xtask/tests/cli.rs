@@ -497,3 +497,56 @@ fn interrupted_demo() {
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     assert!(demo_dirs().is_empty(), "{:?}", demo_dirs());
 }
+
+/// What a script reads: `doctor` fails when this profile's `db up` would, idempotent verbs say
+/// that they changed nothing, and `inspect --json` keeps one schema.
+#[test]
+fn the_cli_tells_scripts_what_happened() {
+    let p = Project::new("");
+    p.ok(&["db", "create", "idem", "--engine", "redis"]);
+    assert!(p
+        .ok(&["db", "start", "idem"])
+        .starts_with("already running"));
+    assert_eq!(p.ok(&["db", "stop", "idem"]).trim(), "stopped `idem`");
+    assert_eq!(
+        p.ok(&["db", "stop", "idem"]).trim(),
+        "`idem` was already stopped"
+    );
+    p.ok(&["db", "destroy", "idem"]);
+
+    p.ok(&[
+        "db",
+        "create",
+        "iso",
+        "--engine",
+        "redis",
+        "--backend",
+        "sandbox",
+    ]);
+    let manifest = &p.json(&["db", "inspect", "iso", "--json"])["isolation"]["manifest"];
+    assert!(manifest["limits"].is_object(), "{manifest}");
+    assert!(
+        manifest.get("Ok").is_none(),
+        "a Rust Result leaked: {manifest}"
+    );
+    fs::write(p.state().join("iso/manifest.json"), "{").unwrap();
+    let manifest = &p.json(&["db", "inspect", "iso", "--json"])["isolation"]["manifest"];
+    assert!(manifest["error"].is_string(), "{manifest}");
+    p.ok(&["db", "destroy", "iso"]);
+
+    assert!(
+        p.run(&["doctor"]).status.success(),
+        "postgres is all development needs"
+    );
+    let staging = Project::new("ENVIRONMENT=staging\nDOCKER_HOST=tcp://127.0.0.1:1\n");
+    let out = staging.run(&["doctor"]);
+    assert!(
+        !out.status.success(),
+        "staging without Docker passed doctor"
+    );
+    assert!(
+        text(&out).contains("this profile needs: docker"),
+        "{}",
+        text(&out)
+    );
+}

@@ -278,7 +278,7 @@ fn a_readable_env_file_with_a_password_is_flagged() {
     assert!(check.contains("chmod 600"), "{check}");
     assert!(!check.contains("hunter2"), "the warning shows the password");
     let doctor = project.ok(&["doctor"]);
-    assert!(doctor.contains("MISSING env file"), "{doctor}");
+    assert!(doctor.contains("WARNING env file"), "{doctor}");
     fs::set_permissions(&env, fs::Permissions::from_mode(0o600)).unwrap();
     assert!(!project.ok(&["env", "check"]).contains("chmod 600"));
 }
