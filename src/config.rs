@@ -203,6 +203,8 @@ impl fmt::Display for DatabaseConfig {
 pub struct SandboxSettings {
     /// The state root (`WASI_SANDBOX_DIR`, default `.isoenv` under the project root).
     pub dir: PathBuf,
+    /// Whether `dir` is the default (no `WASI_SANDBOX_DIR`), which isoenv may relocate.
+    pub dir_is_default: bool,
     pub use_namespaces: bool,
     pub memory_limit_bytes: u64,
 }
@@ -268,10 +270,10 @@ impl EnvironmentConfig {
                 None
             }
         };
+        let chosen = r.path("WASI_SANDBOX_DIR");
         let sandbox = SandboxSettings {
-            dir: r
-                .path("WASI_SANDBOX_DIR")
-                .unwrap_or_else(|| root.join(".isoenv")),
+            dir_is_default: chosen.is_none(),
+            dir: chosen.unwrap_or_else(|| root.join(".isoenv")),
             use_namespaces: r.bool("WASI_USE_NAMESPACES", false),
             memory_limit_bytes: r.memory("WASI_MEMORY_LIMIT"),
         };

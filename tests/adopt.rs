@@ -7,6 +7,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -163,4 +164,43 @@ fn any_repository_adopts_isoenv_with_the_standalone_binary() {
     assert!(String::from_utf8_lossy(&listed.stdout).contains("dev"));
     run(isoenv().args(["db", "destroy", "dev"]));
     assert!(!state.join("dev").exists());
+}
+
+/// A repository under a 0700 directory (root's home, in most CI containers): servers could not
+/// enter it, so the state root moves where they can and `.isoenv` links to it.
+#[test]
+fn a_repository_under_a_private_directory_works_out_of_the_box() {
+    let private = tempfile::Builder::new()
+        .prefix("isoenv-private-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(private.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let root = private.path().join("repo");
+    fs::create_dir_all(root.join(".git")).unwrap();
+    fs::write(
+        root.join(".env"),
+        format!("ISOENV_CACHE_DIR={}\n", shared_cache().display()),
+    )
+    .unwrap();
+    let dir = root.clone();
+    let isoenv = move || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_isoenv"));
+        c.current_dir(&dir);
+        c
+    };
+    let _destroy = Destroy(Box::new(isoenv.clone()));
+    let up = run(isoenv().args(["db", "up"]));
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("environments live in"),
+        "the move is said: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert_eq!(answer(&root.join(".isoenv/dev/bin/activate")), "42");
+    let inspect = run(isoenv().args(["db", "inspect", "dev", "--json"]));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let data = PathBuf::from(info["dir"].as_str().unwrap());
+    assert!(data.starts_with("/var/lib/isoenv/roots"), "{data:?}");
+    run(isoenv().args(["db", "destroy", "dev"]));
+    let moved = fs::canonicalize(root.join(".isoenv")).unwrap();
+    fs::remove_dir_all(moved).unwrap();
 }

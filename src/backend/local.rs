@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use super::{
 use crate::engine::{wait_ready, Binaries, Credentials, Engine};
 use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
-use crate::sys::files::set_mode;
+use crate::sys::files::{reachable, set_mode};
 use crate::sys::net;
 use crate::sys::process::{tail, Launch, ProcessId, ServiceUser};
 use crate::sys::secret::Secret;
@@ -307,32 +306,4 @@ impl<C: Confinement> Local<C> {
             ),
         })
     }
-}
-
-/// The service user must be able to traverse every directory down to the state root.
-fn reachable(path: &Path, user: &ServiceUser) -> std::result::Result<(), String> {
-    let abs =
-        fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
-    for dir in abs.ancestors() {
-        let Ok(meta) = fs::metadata(dir) else {
-            continue;
-        };
-        let bit = if meta.uid() == user.uid {
-            0o100
-        } else if meta.gid() == user.gid {
-            0o010
-        } else {
-            0o001
-        };
-        if meta.mode() & bit == 0 {
-            return Err(format!(
-                "servers run as `{}`, which cannot enter {} (mode {:o}), so it cannot reach {}; set WASI_SANDBOX_DIR to a directory it can reach, or ISOENV_SERVICE_USER to a user that can",
-                user.name,
-                dir.display(),
-                meta.mode() & 0o777,
-                abs.display()
-            ));
-        }
-    }
-    Ok(())
 }

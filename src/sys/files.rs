@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use crate::sys::process::ServiceUser;
@@ -59,6 +59,34 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     fs::write(&tmp, contents)?;
     fs::rename(tmp, path)
+}
+
+/// The service user must be able to traverse every directory down to the state root.
+pub fn reachable(path: &Path, user: &ServiceUser) -> std::result::Result<(), String> {
+    let abs =
+        fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    for dir in abs.ancestors() {
+        let Ok(meta) = fs::metadata(dir) else {
+            continue;
+        };
+        let bit = if meta.uid() == user.uid {
+            0o100
+        } else if meta.gid() == user.gid {
+            0o010
+        } else {
+            0o001
+        };
+        if meta.mode() & bit == 0 {
+            return Err(format!(
+                "servers run as `{}`, which cannot enter {} (mode {:o}), so it cannot reach {}; set WASI_SANDBOX_DIR to a directory it can reach, or ISOENV_SERVICE_USER to a user that can",
+                user.name,
+                dir.display(),
+                meta.mode() & 0o777,
+                abs.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

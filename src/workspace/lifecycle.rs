@@ -6,6 +6,7 @@ use std::fs;
 
 use super::cleanup::Cleanup;
 use super::policy::Action;
+use super::root;
 use super::{check_name, EnvInfo, Workspace};
 use crate::backend::CreateOptions;
 use crate::error::{Error, IoContext, Result};
@@ -15,8 +16,7 @@ impl Workspace {
     pub fn create(&self, opts: &CreateOptions, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
         self.guard(Action::Create, "create an environment")?;
         check_name(&opts.name)?;
-        fs::create_dir_all(&self.root)
-            .context(|| format!("cannot create {}", self.root.display()))?;
+        self.make_root(progress)?;
         let (layout, _lock) = self.claim(&opts.name)?;
         // From here on, anything that fails removes what was made.
         let mut cleanup = Cleanup {
@@ -33,6 +33,25 @@ impl Workspace {
         cleanup.disarm();
         self.refill_spare();
         Ok(self.info(&state, &layout))
+    }
+
+    /// Makes the state root; says where it is when servers could not have reached the default.
+    fn make_root(&self, progress: &dyn Fn(&str)) -> Result<()> {
+        let moved = self.root_link.as_ref().filter(|link| !link.exists());
+        root::StateRoot {
+            path: self.root.clone(),
+            link: self.root_link.clone(),
+        }
+        .make()
+        .context(|| format!("cannot create {}", self.root.display()))?;
+        if let Some(link) = moved {
+            progress(&format!(
+                "servers could not reach {} (a directory above it is private), so environments live in {} (linked from there)",
+                link.display(),
+                self.root.display()
+            ));
+        }
+        Ok(())
     }
 
     pub fn start(&self, name: &str, progress: &dyn Fn(&str)) -> Result<EnvInfo> {

@@ -21,6 +21,7 @@ mod lifecycle;
 pub mod policy;
 mod provision;
 mod queries;
+mod root;
 mod spare;
 pub mod test_run;
 mod up;
@@ -66,6 +67,8 @@ pub struct Workspace {
     docker_host: Option<String>,
     /// The Docker engine, connected on first use (most commands never need it).
     docker: OnceLock<std::result::Result<Docker, DockerError>>,
+    /// The project's `.isoenv`, linked to `root` when servers could not reach it.
+    root_link: Option<PathBuf>,
     /// Whether each environment's servers get an identity of their own.
     own_identities: bool,
     /// The template a `create` copied, for the spare copy made once it is complete.
@@ -74,14 +77,23 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new(config: &EnvironmentConfig, vars: Vars) -> Self {
-        let root = config.sandbox().dir.clone();
+        let user = ServiceUser::resolve(vars.get("ISOENV_SERVICE_USER"));
+        let own_identities = ServiceUser::per_environment(vars.get("ISOENV_SERVICE_USER"));
+        // Who must reach the state root: an identity of each environment's own is no owner or
+        // group of anything, so any of them stands for all.
+        let servers = match (&user, own_identities) {
+            (_, true) => Some(ServiceUser::own(crate::sys::identity::FIRST)),
+            (Ok(u), false) if u.switch => Some(u.clone()),
+            _ => None,
+        };
+        let state_root = root::locate(config.sandbox(), servers.as_ref());
+        let root = state_root.path.clone();
         let cache = vars
             .get("ISOENV_CACHE_DIR")
             .map_or_else(|| root.join(".cache"), PathBuf::from);
-        let user = ServiceUser::resolve(vars.get("ISOENV_SERVICE_USER"));
-        let own_identities = ServiceUser::per_environment(vars.get("ISOENV_SERVICE_USER"));
         Workspace {
             root,
+            root_link: state_root.link,
             cache,
             profile: config.profile(),
             database: config.database_config().clone(),
