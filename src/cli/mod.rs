@@ -74,6 +74,9 @@ pub enum Command {
     Db(db::DbCommand),
     /// Run the test suite; with --isolated, against databases provisioned for this run.
     Test(test::TestArgs),
+    /// Run any command (pytest, npm test, a script); with --isolated, against databases
+    /// provisioned for this run, always torn down, its exit code passed through.
+    Run(test::RunArgs),
     /// The opt-in git pre-commit hook.
     #[command(subcommand)]
     Hooks(hooks::HooksCommand),
@@ -90,7 +93,8 @@ impl Command {
             Command::Env(args) => env::run(ctx, args),
             Command::Doctor { json } => env::doctor(ctx, json),
             Command::Db(cmd) => db::run(ctx, cmd),
-            Command::Test(args) => test::run(ctx, args),
+            Command::Test(args) => test::test(ctx, args),
+            Command::Run(args) => test::run(ctx, args),
             Command::Hooks(cmd) => hooks::run(ctx, cmd),
             Command::Image(cmd) => image::run(ctx, cmd),
             Command::Demo(args) => demo::run(ctx, args),

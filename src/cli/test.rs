@@ -1,6 +1,8 @@
-//! `test [--isolated]`: run the Rust test suite, with isolated databases provisioned for the run
-//! and always torn down (success, failure, panic, Ctrl-C, SIGTERM). A SIGKILLed run leaves
-//! environments whose owner is dead, which the next isoenv command collects.
+//! `test [--isolated]` and `run [--isolated] -- COMMAND`: run the Rust test suite, or any
+//! command (pytest, a Node test runner, a script), with isolated databases provisioned for the
+//! run, exported to it, and always torn down (success, failure, panic, Ctrl-C, SIGTERM). The
+//! command's exit code is passed through. A SIGKILLed run leaves environments whose owner is
+//! dead, which the next isoenv command collects.
 
 use std::process::{Command, ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -19,23 +21,30 @@ use nix::unistd::Pid;
 
 use super::Context;
 
+/// What to provision for a run.
 #[derive(Args)]
-pub struct TestArgs {
-    /// Provision isolated databases for this run and export them to the tests.
+pub struct Provision {
+    /// Provision isolated databases for this run and export them to the command.
     #[arg(long)]
     isolated: bool,
-    /// Backend for the databases (default: from ENVIRONMENT).
+    /// Backend for the databases: lightweight, sandbox or docker (default: from ENVIRONMENT).
     #[arg(long, value_parser = super::db::parse::<BackendKind>)]
     backend: Option<BackendKind>,
-    /// Engines to provision (repeatable; default: postgres).
+    /// Engine to provision: postgres, mysql or redis (repeatable; default: postgres).
     #[arg(long = "engine", value_parser = super::db::parse::<EngineKind>)]
     engines: Vec<EngineKind>,
-    /// Run `cargo nextest run` instead of `cargo test`.
-    #[arg(long)]
-    nextest: bool,
     /// Leave the environments after the run, for debugging.
     #[arg(long)]
     keep: bool,
+}
+
+#[derive(Args)]
+pub struct TestArgs {
+    #[command(flatten)]
+    provision: Provision,
+    /// Run `cargo nextest run` instead of `cargo test`.
+    #[arg(long)]
+    nextest: bool,
     /// Arguments for the test command.
     #[arg(last = true)]
     args: Vec<String>,
@@ -45,14 +54,25 @@ impl TestArgs {
     /// What `cargo xtask ci` runs: the whole workspace against every engine.
     pub fn ci() -> Self {
         TestArgs {
-            isolated: true,
-            backend: None,
-            engines: EngineKind::ALL.to_vec(),
+            provision: Provision {
+                isolated: true,
+                backend: None,
+                engines: EngineKind::ALL.to_vec(),
+                keep: false,
+            },
             nextest: false,
-            keep: false,
             args: vec!["--workspace".into()],
         }
     }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    provision: Provision,
+    /// The command and its arguments, run in the current directory.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 /// The signal that asked us to stop, or 0.
@@ -78,10 +98,35 @@ pub fn stop_requested() -> Option<i32> {
     Some(STOP.load(Ordering::SeqCst)).filter(|&s| s != 0)
 }
 
-pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
+/// `test`: the Rust test suite at the project's root.
+pub fn test(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    if args.nextest {
+        command.args(["nextest", "run"]);
+    } else {
+        command.arg("test");
+    }
+    command.args(&args.args).current_dir(&ctx.root);
+    provisioned(ctx, &args.provision, command)
+}
+
+/// `run`: any command, in the current directory.
+pub fn run(ctx: &Context, args: RunArgs) -> Result<ExitCode> {
+    let (program, rest) = args
+        .command
+        .split_first()
+        .context("name the command to run after `--`")?;
+    let mut command = Command::new(program);
+    command.args(rest);
+    provisioned(ctx, &args.provision, command)
+}
+
+/// Runs `command` (with what was provisioned exported to it) and passes its exit code on.
+fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<ExitCode> {
     // Before anything is made: from here on, Ctrl-C and SIGTERM end in the teardown below.
     trap_stop_signals()?;
-    let mut command = test_command(ctx, &args);
+    own_group(&mut command);
     if !args.isolated {
         return Ok(exit_code(wait(command.spawn()?)?));
     }
@@ -130,9 +175,9 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
         }
         stopped()?;
         command.envs(test_run::child_env(&exports));
-        Ok(exit_code(wait(
-            command.spawn().context("cannot start the test command")?,
-        )?))
+        Ok(exit_code(wait(command.spawn().with_context(|| {
+            format!("cannot start {:?}", command.get_program())
+        })?)?))
     })();
 
     if args.keep {
@@ -152,29 +197,26 @@ pub fn run(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
             }
         }
     }
-    result
+    // Stopped by a signal during provisioning: the shell's convention, not a plain failure.
+    match (result, stop_requested()) {
+        (Err(e), Some(sig)) => {
+            eprintln!("isoenv: {e}");
+            Ok(ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)))
+        }
+        (result, _) => result,
+    }
 }
 
-fn test_command(ctx: &Context, args: &TestArgs) -> Command {
-    // The cargo that runs us (rust-analyzer's xtask convention), so toolchains stay consistent.
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    if args.nextest {
-        cmd.args(["nextest", "run"]);
-    } else {
-        cmd.arg("test");
-    }
-    cmd.args(&args.args).current_dir(&ctx.root);
-    // Its own process group, so that we decide how it is stopped; and if we are SIGKILLed, the
-    // kernel stops it for us.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+/// Its own process group, so that we decide how it is stopped; and if we are SIGKILLed, the
+/// kernel stops it for us.
+fn own_group(cmd: &mut Command) {
+    std::os::unix::process::CommandExt::process_group(cmd, 0);
     // SAFETY: prctl is async-signal-safe and touches no state of the parent.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
         });
     }
-    cmd
 }
 
 /// Fails when a stop was asked for, so that provisioning stops early.

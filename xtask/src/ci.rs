@@ -16,5 +16,5 @@ pub fn run(ctx: &isoenv::cli::Context) -> Result<ExitCode> {
     )
     .run()?;
     cmd!(sh, "cargo xtask env check --env-file .env.example").run()?;
-    isoenv::cli::test::run(ctx, isoenv::cli::test::TestArgs::ci())
+    isoenv::cli::test::test(ctx, isoenv::cli::test::TestArgs::ci())
 }

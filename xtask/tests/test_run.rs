@@ -215,3 +215,82 @@ fn sigkill_leaves_nothing_once_another_command_runs() {
     assert!(!out.contains("test-"), "{out}");
     run.assert_nothing_left(&urls);
 }
+
+/// `run` does for any command what `test` does for cargo: the databases exported, its exit
+/// code passed through, everything torn down.
+#[test]
+fn run_gives_any_command_its_databases_and_passes_its_exit_code() {
+    let project = Project::new("");
+    let out_file = project.dir.path().join("answers");
+    let script = format!(
+        "psql \"$DATABASE_URL\" -tAc 'select 6*7' > {out} && \
+         redis-cli --no-auth-warning -u \"$ISOENV_REDIS_URL\" ping >> {out} && exit 3",
+        out = out_file.display()
+    );
+    let out = project
+        .cmd(&[
+            "run",
+            "--isolated",
+            "--engine",
+            "postgres",
+            "--engine",
+            "redis",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", support::text(&out));
+    assert_eq!(
+        fs::read_to_string(&out_file)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["42", "PONG"]
+    );
+    let left: Vec<_> = fs::read_dir(project.state())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("test-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// SIGTERM while the databases are still being made: everything made is removed, and the exit
+/// code says which signal (143), as a shell would.
+#[test]
+fn sigterm_during_provisioning_exits_143_and_leaves_nothing() {
+    let project = Project::new("");
+    let script = runner(project.dir.path());
+    let mut child = project
+        .cmd(&[
+            "test",
+            "--isolated",
+            "--engine",
+            "mysql",
+            "--engine",
+            "postgres",
+        ])
+        .env("CARGO", &script)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let provisioning = || {
+        fs::read_dir(project.state())
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("test-"))
+            })
+            .unwrap_or(false)
+    };
+    while !provisioning() {
+        assert!(Instant::now() < deadline, "nothing was provisioned");
+        sleep(Duration::from_millis(5));
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(!provisioning(), "an environment outlived the run");
+}
