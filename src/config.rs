@@ -16,6 +16,53 @@ use crate::sys::secret::Secret;
 
 /// Set by an activate script, with `DB_HOST`, `DB_PORT`, ...: that environment takes precedence.
 pub const ACTIVE_MARKER: &str = "ISOENV_ACTIVE";
+/// Set by [`with_default_environment`]: development's default environment, read from its
+/// dotenv file.
+pub const DEFAULT_MARKER: &str = "ISOENV_DEFAULT";
+
+/// The environment `db up` makes in development.
+pub const DEFAULT_ENV: &str = "dev";
+
+/// The variables of an environment's dotenv file that make up its connection.
+const CONNECTION: [&str; 6] = [
+    "DB_HOST",
+    "DB_PORT",
+    "DB_NAME",
+    "DB_USER",
+    "DB_PASSWORD",
+    ACTIVE_ENGINE,
+];
+
+/// `vars` with development's default environment (`dev`, which `db up` makes) added, when it
+/// exists and nothing else decides: development, no activated environment, no SSH tunnel. Its
+/// connection comes from its dotenv file (`STATE_ROOT/dev/dotenv`), so that an application
+/// reading its configuration without an activated shell gets the database `db up` made. `root`
+/// is the project root (the state root defaults to `.isoenv` there). Variables already set win.
+pub fn with_default_environment(vars: Vars, root: &Path) -> Vars {
+    let development = matches!(vars.get("ENVIRONMENT"), None | Some("development"));
+    let tunnel = vars.get("DB_VM_SSH_ENABLED").is_some_and(|v| v == "true");
+    if !development || tunnel || vars.get(ACTIVE_MARKER).is_some() {
+        return vars;
+    }
+    let state = vars
+        .get("WASI_SANDBOX_DIR")
+        .map_or_else(|| root.join(".isoenv"), |d| root.join(d));
+    let file = crate::envfile::EnvFile::Explicit(state.join(DEFAULT_ENV).join("dotenv"));
+    let Ok(default) = Vars::load(&file, std::iter::empty()) else {
+        return vars;
+    };
+    let missing: Vec<(&str, String)> = CONNECTION
+        .iter()
+        .filter(|key| vars.get(key).is_none())
+        .filter_map(|key| Some((*key, default.get(key)?.to_owned())))
+        .collect();
+    missing
+        .into_iter()
+        .fold(vars.with(DEFAULT_MARKER, DEFAULT_ENV), |v, (k, value)| {
+            v.with(k, value)
+        })
+}
+
 /// Set by an activate script: the active environment's engine.
 pub const ACTIVE_ENGINE: &str = "ISOENV_ENGINE";
 
@@ -128,6 +175,9 @@ pub enum ConfigSource {
     Variables { prefix: &'static str },
     /// An environment exported by an isoenv activate script.
     Active { name: String },
+    /// Development's default environment (`db up` made it), read from its dotenv file because
+    /// no shell was activated.
+    Default { name: String },
 }
 
 impl fmt::Display for ConfigSource {
@@ -135,6 +185,9 @@ impl fmt::Display for ConfigSource {
         match self {
             ConfigSource::Variables { prefix } => write!(f, "{prefix}* variables"),
             ConfigSource::Active { name } => write!(f, "active isoenv environment `{name}`"),
+            ConfigSource::Default { name } => {
+                write!(f, "isoenv environment `{name}`, development's default")
+            }
         }
     }
 }
@@ -250,6 +303,17 @@ pub struct EnvironmentConfig {
 }
 
 impl EnvironmentConfig {
+    /// What an application uses: `.env` at the project `root` (optional), the process
+    /// environment over it, and in development the default environment `db up` made
+    /// ([`with_default_environment`]).
+    pub fn load(root: &Path) -> crate::Result<Self> {
+        let process = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let vars = Vars::load(&crate::EnvFile::Default(root.join(".env")), process)?;
+        let vars = with_default_environment(vars, root);
+        Ok(Self::from_vars(&vars, root)?)
+    }
+
     /// Resolves the configuration. `root` anchors relative paths (the project root). Every
     /// problem is reported at once.
     pub fn from_vars(vars: &Vars, root: &Path) -> Result<Self, ConfigError> {
@@ -463,7 +527,15 @@ impl Reader<'_> {
                 return self.active(name);
             }
         }
+        let default = self.vars.get(DEFAULT_MARKER).map(str::to_owned);
         match env {
+            Profile::Development if default.is_some() && !self.bool("DB_VM_SSH_ENABLED", false) => {
+                let name = default.unwrap_or_default();
+                DatabaseConfig {
+                    source: ConfigSource::Default { name: name.clone() },
+                    ..self.active(name)
+                }
+            }
             Profile::Development => {
                 let ssh_enabled = self.bool("DB_VM_SSH_ENABLED", false);
                 let ssh_tunnel = ssh_enabled.then(|| SshTunnel {
@@ -765,5 +837,36 @@ mod tests {
             !shown.contains("p:w/d@#") && !shown.contains("p%3Aw"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn development_uses_the_default_environment_when_nothing_else_decides() {
+        let root = tempfile::tempdir().unwrap();
+        let dev = root.path().join(".isoenv").join(DEFAULT_ENV);
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(
+            dev.join("dotenv"),
+            "DB_HOST=127.0.0.1\nDB_PORT=40001\nDB_NAME=postgres\nDB_USER=postgres\nDB_PASSWORD=pw\nISOENV_ENGINE=postgres\n",
+        )
+        .unwrap();
+        let resolve = |pairs: &[(&str, &str)]| {
+            let vars =
+                with_default_environment(Vars::from_pairs(pairs.iter().copied()), root.path());
+            EnvironmentConfig::from_vars(&vars, root.path()).unwrap()
+        };
+        let db = resolve(&[]).database_config().clone();
+        assert_eq!(db.port, 40001);
+        assert_eq!(db.source, ConfigSource::Default { name: "dev".into() });
+        // The tunnel, staging, or an activated shell decide instead.
+        let tunnel = resolve(&[("DB_VM_SSH_ENABLED", "true")]);
+        assert_eq!(tunnel.database_config().port, 5432);
+        let staging = resolve(&[("ENVIRONMENT", "staging")]);
+        assert_eq!(staging.database_config().port, 5432);
+        let active = resolve(&[
+            (ACTIVE_MARKER, "other"),
+            ("DB_PORT", "40002"),
+            ("DB_HOST", "127.0.0.1"),
+        ]);
+        assert_eq!(active.database_config().port, 40002);
     }
 }

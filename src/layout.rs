@@ -50,6 +50,10 @@ impl Layout {
     pub fn credentials_file(&self) -> PathBuf {
         self.dir.join("credentials")
     }
+    /// The connection as a dotenv file (0600).
+    pub fn dotenv(&self) -> PathBuf {
+        self.dir.join("dotenv")
+    }
     pub fn activate(&self) -> PathBuf {
         self.bin.join("activate")
     }

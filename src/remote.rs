@@ -112,7 +112,7 @@ pub fn verify(db: &DatabaseConfig, host: &str, port: u16) -> crate::Result<Serve
         target: db.redacted_url(),
         advice: source.advice(match &db.source {
             ConfigSource::Variables { prefix } => prefix,
-            ConfigSource::Active { .. } => "DB_",
+            ConfigSource::Active { .. } | ConfigSource::Default { .. } => "DB_",
         }),
         cause: source,
     })

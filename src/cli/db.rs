@@ -185,22 +185,23 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
         }
         DbCommand::Start { name, json } => {
-            let was = ws.inspect(&name)?.status;
+            // Read before (a missing one is the verb's to report, after its own checks).
+            let was = ws.inspect(&name).map(|i| i.status).ok();
             let info = ws.start(&name, &progress)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
-            } else if was == Status::Running {
+            } else if was == Some(Status::Running) {
                 print_usage("already running:", &info);
             } else {
                 print_usage("started", &info);
             }
         }
         DbCommand::Stop { name } => {
-            let was = ws.inspect(&name)?.status;
+            let was = ws.inspect(&name).map(|i| i.status).ok();
             ws.stop(&name)?;
             match was {
-                Status::Running => println!("stopped `{name}`"),
-                other => println!("`{name}` was already {}", other.as_str()),
+                Some(Status::Running) | None => println!("stopped `{name}`"),
+                Some(other) => println!("`{name}` was already {}", other.as_str()),
             }
         }
         DbCommand::Destroy { name } => {

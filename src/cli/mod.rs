@@ -179,7 +179,8 @@ impl Context {
     pub fn vars(&self) -> Result<Vars> {
         let process = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-        Ok(Vars::load(&self.env_file, process)?)
+        let vars = Vars::load(&self.env_file, process)?;
+        Ok(crate::config::with_default_environment(vars, &self.root))
     }
 
     pub fn config(&self, vars: &Vars) -> Result<EnvironmentConfig> {

@@ -40,10 +40,31 @@ pub(super) fn write(
     };
     write_private(&layout.credentials_file(), &serde_json::to_vec(&stored)?)?;
     let exports = exports(state, creds, layout);
+    write_private(&layout.dotenv(), dotenv(&exports).as_bytes())?;
     write_private(
         &layout.activate(),
         activate::script(&state.name, &exports).as_bytes(),
     )
+}
+
+/// The exports as a dotenv file, for direnv's `dotenv`, `docker run --env-file`, Python's
+/// dotenv and [`crate::config::with_default_environment`]. Plain values stay bare (Docker
+/// reads quotes literally); others are double-quoted.
+fn dotenv(exports: &[(String, String)]) -> String {
+    exports
+        .iter()
+        .map(|(key, value)| {
+            let plain = value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_./:@?=&%+-,".contains(c));
+            if plain {
+                format!("{key}={value}\n")
+            } else {
+                let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+                format!("{key}=\"{escaped}\"\n")
+            }
+        })
+        .collect()
 }
 
 pub(super) fn read_credentials(layout: &Layout) -> Result<Credentials> {
@@ -106,4 +127,24 @@ pub(super) fn exports(
             .map(|(k, v)| (k.to_owned(), v)),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dotenv_values_read_back_as_written() {
+        let exports = vec![
+            ("DB_PORT".to_owned(), "5432".to_owned()),
+            ("PGPASSFILE".to_owned(), "/r/a b/pgpass".to_owned()),
+            ("ODD".to_owned(), "x\"y\\z".to_owned()),
+        ];
+        let text = dotenv(&exports);
+        assert!(text.starts_with("DB_PORT=5432\n"), "{text}");
+        let back: Vec<(String, String)> = dotenvy::from_read_iter(text.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(back, exports);
+    }
 }

@@ -4,8 +4,7 @@ use crate::backend::BackendKind;
 use crate::config::{EnvironmentConfig, Profile};
 use crate::engine::EngineKind;
 
-/// The environment `cargo xtask db up` brings up in development.
-pub const DEFAULT_ENV: &str = "dev";
+pub use crate::config::DEFAULT_ENV;
 /// The environment that records the development VM tunnel.
 pub const TUNNEL_ENV: &str = "vm";
 /// The environment `cargo xtask db up` brings up in staging, in a container.

@@ -550,3 +550,36 @@ fn the_cli_tells_scripts_what_happened() {
         text(&out)
     );
 }
+
+/// An application that reads its configuration as the design documents show (no activated
+/// shell) gets the `dev` environment `db up` made, and `env` says where it came from. The VM
+/// tunnel keeps `DB_VM_*`.
+#[test]
+fn development_resolves_to_the_dev_environment_without_activation() {
+    let p = Project::new("");
+    let before = p.json(&["env", "--json"]);
+    assert_eq!(
+        before["database"]["port"], 5432,
+        "nothing made yet: DB_VM_*"
+    );
+    p.ok(&["db", "up"]);
+    let port = p.json(&["db", "inspect", "dev", "--json"])["port"].clone();
+    let after = p.json(&["env", "--json"]);
+    assert_eq!(after["database"]["port"], port);
+    assert_eq!(after["database"]["source"]["kind"], "default");
+    assert!(p.ok(&["env"]).contains("from isoenv environment `dev`"));
+    // Its dotenv file is what `docker run --env-file` and python-dotenv read.
+    let dotenv = fs::read_to_string(p.state().join("dev/dotenv")).unwrap();
+    assert!(dotenv.contains(&format!("DB_PORT={port}")), "{dotenv}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(p.state().join("dev/dotenv"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    p.write_env("DB_VM_SSH_ENABLED=true\nDB_VM_HOST=vm.local\n");
+    assert_eq!(p.json(&["env", "--json"])["database"]["host"], "vm.local");
+    p.write_env("");
+    p.ok(&["db", "destroy", "dev"]);
+}
