@@ -189,11 +189,13 @@ pub trait Engine: Sync {
     /// engine needs none. Its output is cached per engine, version and arguments.
     fn init(&self, bins: &Binaries, data: &Path) -> Option<Launch>;
 
-    /// Writes the environment's own configuration (passwords, client files) into `layout`.
+    /// Writes the environment's own configuration into `layout`: what the server reads (owned by
+    /// `user`), and what makes the engine's own clients connect with no arguments to
+    /// `endpoint` (the invoker's, 0600).
     fn configure(
         &self,
         layout: &Layout,
-        port: u16,
+        endpoint: &Endpoint,
         creds: &Credentials,
         user: &ServiceUser,
     ) -> io::Result<()>;

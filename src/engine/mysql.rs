@@ -96,13 +96,31 @@ impl Engine for Mysql {
     fn configure(
         &self,
         layout: &Layout,
-        _port: u16,
+        endpoint: &Endpoint,
         creds: &Credentials,
         user: &ServiceUser,
     ) -> io::Result<()> {
         let path = init_file(layout);
         write_private(&path, login_sql(creds).as_bytes())?;
-        user.chown(&path)
+        user.chown(&path)?;
+        // What `mariadb` reads through MYSQL_HOME, after (so over) the system's option files,
+        // which may name another socket. `database` is the interactive client's option only.
+        let dir = client_home(layout);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let socket = match &endpoint.socket_dir {
+            Some(_) => format!("socket={}\n", socket(layout).display()),
+            None => String::new(),
+        };
+        let options = format!(
+            "[client]\nuser={}\npassword={}\nhost={}\nport={}\n{socket}\n[mysql]\ndatabase={}\n",
+            creds.user,
+            creds.password.expose(),
+            endpoint.host,
+            endpoint.port,
+            creds.database
+        );
+        write_private(&dir.join("my.cnf"), options.as_bytes())
     }
 
     fn disposable_args(&self) -> &'static [&'static str] {
@@ -213,6 +231,7 @@ impl Engine for Mysql {
         vec![
             ("MYSQL_HOST", endpoint.host.clone()),
             ("MYSQL_TCP_PORT", endpoint.port.to_string()),
+            ("MYSQL_HOME", client_home(layout).display().to_string()),
         ]
         .into_iter()
         .chain(
@@ -270,6 +289,11 @@ const PASSWORD_FILE: &str = "/isoenv/password";
 /// Creates (or re-keys) the environment's login with every privilege, and its database.
 /// Idempotent, one statement per line (as `--init-file` wants). Generated passwords are
 /// alphanumeric, so the literals need no escaping.
+/// The directory of the client option file (`MYSQL_HOME`).
+fn client_home(layout: &Layout) -> PathBuf {
+    layout.dir.join("mysql")
+}
+
 fn login_sql(creds: &Credentials) -> String {
     let (u, pw, db) = (&creds.user, creds.password.expose(), &creds.database);
     format!(

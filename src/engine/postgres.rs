@@ -88,13 +88,14 @@ impl Engine for Postgres {
     fn configure(
         &self,
         layout: &Layout,
-        port: u16,
+        endpoint: &Endpoint,
         creds: &Credentials,
         _user: &ServiceUser,
     ) -> io::Result<()> {
-        let pw = creds.password.expose();
+        let (pw, port, host) = (creds.password.expose(), endpoint.port, &endpoint.host);
+        // `localhost` is what libpq matches for a Unix socket.
         let lines = format!(
-            "127.0.0.1:{port}:*:{}:{pw}\nlocalhost:{port}:*:{}:{pw}\n",
+            "{host}:{port}:*:{}:{pw}\nlocalhost:{port}:*:{}:{pw}\n",
             creds.user, creds.user
         );
         write_private(&pgpass(layout), lines.as_bytes())

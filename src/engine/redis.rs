@@ -68,22 +68,24 @@ impl Engine for Redis {
     fn configure(
         &self,
         layout: &Layout,
-        port: u16,
+        endpoint: &Endpoint,
         creds: &Credentials,
         user: &ServiceUser,
     ) -> io::Result<()> {
         let conf = format!(
-            "bind 127.0.0.1\nport {port}\nprotected-mode yes\nrequirepass {}\n\
+            "bind 127.0.0.1\nport {}\nprotected-mode yes\nrequirepass {}\n\
              dir {}\ndbfilename dump.rdb\nsave 3600 1 300 100 60 10000\nappendonly no\n\
              databases 256\n\
              unixsocket {}\nunixsocketperm 700\ndaemonize no\nlogfile \"\"\n",
+            endpoint.port,
             creds.password.expose(),
             layout.data.display(),
             socket(layout).display(),
         );
         let path = config(layout);
         write_private(&path, conf.as_bytes())?;
-        user.chown(&path)
+        user.chown(&path)?;
+        cli_wrapper(layout, endpoint)
     }
 
     fn disposable_args(&self) -> &'static [&'static str] {
@@ -186,4 +188,34 @@ fn config(layout: &Layout) -> PathBuf {
 
 fn socket(layout: &Layout) -> PathBuf {
     layout.run.join("redis.sock")
+}
+
+/// `bin/redis-cli`, first on `PATH` while the environment is active: redis-cli reads its
+/// password from `REDISCLI_AUTH` but no address from anywhere, so the wrapper adds the
+/// environment's unless the command line names one.
+fn cli_wrapper(layout: &Layout, endpoint: &Endpoint) -> io::Result<()> {
+    let script = format!(
+        r#"#!/bin/sh
+# isoenv: redis-cli for this environment, at {host}:{port} unless the command line says otherwise.
+own={bin}
+real=
+IFS=:
+for dir in $PATH; do
+    [ "$dir" = "$own" ] && continue
+    if [ -x "$dir/redis-cli" ]; then real="$dir/redis-cli"; break; fi
+done
+unset IFS
+[ -n "$real" ] || {{ echo "isoenv: redis-cli is not installed" >&2; exit 127; }}
+for arg in "$@"; do
+    case "$arg" in -h|-p|-s|-u|--host|--port|--socket|--uri) exec "$real" "$@" ;; esac
+done
+exec "$real" -h {host} -p {port} "$@"
+"#,
+        bin = crate::sys::shell::quote(&layout.bin.display().to_string()),
+        host = crate::sys::shell::quote(&endpoint.host),
+        port = endpoint.port,
+    );
+    let path = layout.bin.join("redis-cli");
+    write_private(&path, script.as_bytes())?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
 }

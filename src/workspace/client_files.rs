@@ -29,10 +29,12 @@ pub(super) fn write(
     creds: &Credentials,
     user: &ServiceUser,
 ) -> std::io::Result<()> {
-    state
-        .engine
-        .engine()
-        .configure(layout, state.port, creds, user)?;
+    state.engine.engine().configure(
+        layout,
+        &state.backend.backend().endpoint(state, layout),
+        creds,
+        user,
+    )?;
     let stored = StoredCredentials {
         user: creds.user.clone(),
         password: creds.password.expose().to_owned(),
@@ -43,7 +45,11 @@ pub(super) fn write(
     write_private(&layout.dotenv(), dotenv(&exports).as_bytes())?;
     write_private(
         &layout.activate(),
-        activate::script(&state.name, &exports).as_bytes(),
+        activate::script(&state.name, &layout.bin, &exports).as_bytes(),
+    )?;
+    write_private(
+        &layout.bin.join("activate.fish"),
+        activate::fish(&state.name, &layout.bin, &exports).as_bytes(),
     )
 }
 

@@ -583,3 +583,107 @@ fn development_resolves_to_the_dev_environment_without_activation() {
     p.write_env("");
     p.ok(&["db", "destroy", "dev"]);
 }
+
+/// `activate` beside a Python venv, in both orders (bash and zsh), and `activate.fish`.
+#[test]
+fn activate_coexists_with_a_python_venv_and_fish_has_its_own() {
+    let p = Project::new("");
+    p.ok(&["db", "create", "act", "--engine", "postgres"]);
+    let activate = p.state().join("act/bin/activate");
+    let venv = p.dir.path().join("venv");
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made));
+    let venv = venv.join("bin/activate");
+    let show = "echo \"${VIRTUAL_ENV:+venv}|${ISOENV_ACTIVE-unset}\"";
+    let shell = |sh: &str, script: String| {
+        let out = Command::new(sh)
+            .arg("-c")
+            .arg(format!("unset ISOENV_ACTIVE VIRTUAL_ENV\n{script}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sh}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for sh in ["bash", "zsh"] {
+        // venv first: `deactivate` undoes isoenv, then the venv, as a stack.
+        let out = shell(
+            sh,
+            format!(
+                ". {v}\n. {a}\n{show}\npsql -w -tAc 'select 6*7'\ndeactivate\n{show}\ndeactivate\n{show}",
+                v = venv.display(),
+                a = activate.display()
+            ),
+        );
+        assert_eq!(
+            out, "venv|act\n42\nvenv|unset\n|unset\n",
+            "{sh}, venv first"
+        );
+        // isoenv first: the venv's activate takes `deactivate`; isoenv_deactivate remains.
+        let out = shell(
+            sh,
+            format!(
+                ". {a}\n. {v}\n{show}\ndeactivate\n{show}\nisoenv_deactivate\n{show}",
+                v = venv.display(),
+                a = activate.display()
+            ),
+        );
+        assert_eq!(out, "venv|act\n|act\n|unset\n", "{sh}, isoenv first");
+    }
+    let fish = Command::new("fish")
+        .arg("-c")
+        .arg(format!(
+            "set -e ISOENV_ACTIVE; source {}.fish; psql -w -tAc 'select 6*7'; echo $ISOENV_ACTIVE; isoenv_deactivate; set -q ISOENV_ACTIVE; or echo gone",
+            activate.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&fish.stdout),
+        "42\nact\ngone\n",
+        "{}",
+        text(&fish)
+    );
+}
+
+/// After `source .../bin/activate`, each engine's own client connects with no arguments: over
+/// TCP, and over the Unix socket where the backend has one (Debian's /etc/mysql names another
+/// socket; redis-cli reads no address from the environment).
+#[test]
+fn every_client_connects_with_no_arguments_after_activate() {
+    let p = Project::new("");
+    p.ok(&["db", "create", "my", "--engine", "mysql"]);
+    p.ok(&["db", "create", "kv", "--engine", "redis"]);
+    let shell = |env: &str, commands: &str| {
+        let activate = p.state().join(env).join("bin/activate");
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "unset ISOENV_ACTIVE MYSQL_HOST MYSQL_TCP_PORT REDISCLI_AUTH\n. {}\n{commands}",
+                activate.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{env}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let my = shell(
+        "my",
+        "mariadb -N -e 'select 6*7'\nmariadb -h localhost -N -e 'select 6*7, database()'",
+    );
+    assert_eq!(my, "42\n42\tisoenv\n");
+    let socket = p.state().join("kv/run/redis.sock");
+    let kv = shell(
+        "kv",
+        &format!(
+            "redis-cli set answer 42\nredis-cli -s {} get answer",
+            socket.display()
+        ),
+    );
+    assert_eq!(kv, "OK\n42\n");
+    p.ok(&["db", "destroy", "my"]);
+    p.ok(&["db", "destroy", "kv"]);
+}

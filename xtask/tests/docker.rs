@@ -73,7 +73,7 @@ fn client(p: &Project, env: &str, engine: &str, query: &str, password: Option<&s
         ),
         "mysql" => (
             "export DB_PASSWORD=\"$PW\"",
-            "MYSQL_PWD=$DB_PASSWORD mariadb -h \"$MYSQL_HOST\" -P \"$MYSQL_TCP_PORT\" -u \"$DB_USER\" -N -e \"$Q\"",
+            "mariadb -h \"$MYSQL_HOST\" -P \"$MYSQL_TCP_PORT\" -u \"$DB_USER\" --password=\"$DB_PASSWORD\" -N -e \"$Q\"",
         ),
         _ => (
             "export REDISCLI_AUTH=\"$PW\"",

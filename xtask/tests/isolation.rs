@@ -244,7 +244,7 @@ fn mariadb_writes_files_only_inside_its_environment() {
         Command::new("bash")
             .arg("-c")
             .arg(format!(
-                "source {}; MYSQL_PWD=$DB_PASSWORD mariadb -h \"$MYSQL_HOST\" -P \"$MYSQL_TCP_PORT\" -u \"$DB_USER\" -N -e \"$Q\"",
+                "source {}; mariadb -N -e \"$Q\"",
                 activate.display()
             ))
             .env("Q", sql)
