@@ -18,6 +18,7 @@ pub enum DbCommand {
         /// Install a missing engine with the system package manager.
         #[arg(long)]
         install: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -26,14 +27,19 @@ pub enum DbCommand {
     Down,
     /// Whether what `up` brings up is running and its database answers (exit 1 if not).
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Create an environment (and start its server unless --no-service).
     Create {
+        /// The environment: letters, digits, `.`, `_` and `-`, at most 48 characters.
         name: String,
+        /// The database: postgres, mysql (MariaDB) or redis.
         #[arg(long, value_parser = parse::<EngineKind>)]
         engine: EngineKind,
+        /// Where it runs: lightweight (a local process), sandbox (Linux namespaces confined by
+        /// manifest.json) or docker (a container).
         #[arg(long, default_value = "lightweight", value_parser = parse::<BackendKind>)]
         backend: BackendKind,
         /// Port on 127.0.0.1 (default: a free one; for docker, one Docker picks at each start).
@@ -49,27 +55,39 @@ pub enum DbCommand {
         /// Install a missing engine with the system package manager.
         #[arg(long)]
         install: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Start a stopped (or crashed) environment's server.
     Start {
+        /// The environment: letters, digits, `.`, `_` and `-`, at most 48 characters.
         name: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Stop an environment's server; its data stays.
-    Stop { name: String },
+    Stop {
+        /// The environment.
+        name: String,
+    },
     /// Stop the server and remove the environment with its data.
-    Destroy { name: String },
+    Destroy {
+        /// The environment.
+        name: String,
+    },
     /// List environments.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show one environment.
     Inspect {
+        /// The environment: letters, digits, `.`, `_` and `-`, at most 48 characters.
         name: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -78,9 +96,13 @@ pub enum DbCommand {
     /// environment accounts for.
     Gc,
     /// Print the full connection URL, password included.
-    Url { name: String },
+    Url {
+        /// The environment.
+        name: String,
+    },
     /// Print the server's log.
     Logs {
+        /// The environment: letters, digits, `.`, `_` and `-`, at most 48 characters.
         name: String,
         /// Number of lines from the end.
         #[arg(short = 'n', long, default_value_t = 50)]

@@ -16,10 +16,13 @@ pub enum ImageCommand {
     /// shared libraries, share files, an initialized data directory; FROM scratch). Skipped
     /// when an image built from the same installation exists, unless --force.
     Build {
+        /// Engines to build: postgres, mysql, redis (default: all three).
         #[arg(value_parser = parse::<EngineKind>)]
         engines: Vec<EngineKind>,
+        /// Build even when an image from the same installation exists.
         #[arg(long)]
         force: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

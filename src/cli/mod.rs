@@ -66,6 +66,7 @@ pub enum Command {
     Env(env::EnvArgs),
     /// What this machine has for each engine and backend, and how to get what is missing.
     Doctor {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -197,6 +198,29 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command and argument says what it is (`--help` is the documentation scripts read).
+    #[test]
+    fn every_argument_has_help() {
+        fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                out.push(path.clone());
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = ["help", "version"].contains(&arg.get_id().as_str());
+                if !builtin && arg.get_help().is_none() {
+                    out.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                undocumented(sub, &path, out);
+            }
+        }
+        let mut missing = Vec::new();
+        undocumented(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
 
     #[test]
     fn messages_name_the_program_as_it_was_called() {

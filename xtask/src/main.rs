@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "isoenv: isolated, real databases for this repository",
     version
 )]

@@ -25,6 +25,7 @@ pub enum HooksCommand {
     Status,
     /// Run a hook's checks now (what the installed hook does).
     Run {
+        /// The hook: pre-commit.
         #[arg(value_parser = ["pre-commit"])]
         hook: String,
     },
