@@ -42,7 +42,8 @@ pub enum DbCommand {
         /// manifest.json) or docker (a container).
         #[arg(long, default_value = "lightweight", value_parser = parse::<BackendKind>)]
         backend: BackendKind,
-        /// Port on 127.0.0.1 (default: a free one; for docker, one Docker picks at each start).
+        /// Port on 127.0.0.1 (default: a free one, kept across starts; for a Docker engine on
+        /// another machine, one it picks at each start).
         #[arg(long)]
         port: Option<u16>,
         /// The docker backend's image (default: ISOENV_<ENGINE>_IMAGE, else the official

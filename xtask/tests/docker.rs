@@ -192,6 +192,11 @@ fn lifecycle(engine: &str) {
     p.ok(&["db", "start", &env]);
     assert_eq!(inspect(&p, &env)["status"], "running");
     assert_eq!(
+        inspect(&p, &env)["port"].as_u64(),
+        Some(port),
+        "an activated shell stays right: the port is kept across starts"
+    );
+    assert_eq!(
         answer(&p, &env, engine, read),
         "42",
         "the data survives stop/start"

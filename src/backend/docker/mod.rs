@@ -23,6 +23,7 @@ use super::{
 use crate::engine::{wait_ready, Credentials, Endpoint, Engine};
 use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
+use crate::sys::net;
 use crate::sys::process::{ProcessId, ServiceUser};
 use crate::sys::secret::Secret;
 use client::{Docker as Client, Observed};
@@ -86,11 +87,16 @@ impl Backend for Docker {
             docker_host: host.docker_host().map(str::to_owned),
             started: false,
         };
-        let mut state = EnvState::new(
-            opts,
-            addresses(host.docker_host()).1,
-            opts.port.unwrap_or(0),
-        );
+        // A port of its own for good, so that an activated shell stays right across starts;
+        // an engine elsewhere picks one at each start (0).
+        let port = match opts.port {
+            Some(port) => port,
+            None if spec::publishes_here(host.docker_host()) => {
+                net::free_port().context(|| "cannot find a free port on 127.0.0.1".into())?
+            }
+            None => 0,
+        };
+        let mut state = EnvState::new(opts, addresses(host.docker_host()).1, port);
         state.engine_version = version;
         state.container = Some(container);
         layout

@@ -124,6 +124,17 @@ pub fn addresses(docker_host: Option<&str>) -> (String, String) {
     }
 }
 
+/// Whether the engine publishes ports on this machine (its socket, or TCP to loopback), so that
+/// a port found free here can be given to a container for good.
+pub fn publishes_here(docker_host: Option<&str>) -> bool {
+    match docker_host.and_then(|h| h.split_once("://")) {
+        None => true,
+        Some(("unix", _)) => true,
+        Some(("tcp" | "http" | "https", _)) => addresses(docker_host).1 == "127.0.0.1",
+        Some(_) => false,
+    }
+}
+
 fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host
@@ -469,5 +480,14 @@ mod tests {
         assert!(!is_leftover(&labels, alive, |_| true));
         labels.insert(OWNER_LABEL.into(), "42:8".into());
         assert!(is_leftover(&labels, alive, |_| true), "a recycled pid");
+    }
+
+    #[test]
+    fn only_an_engine_on_this_machine_gets_a_fixed_port() {
+        assert!(publishes_here(None));
+        assert!(publishes_here(Some("unix:///var/run/docker.sock")));
+        assert!(publishes_here(Some("tcp://127.0.0.1:2375")));
+        assert!(!publishes_here(Some("tcp://build-box:2376")));
+        assert!(!publishes_here(Some("ssh://me@build-box")));
     }
 }
