@@ -59,6 +59,11 @@ impl BackendKind {
         }
     }
 
+    /// Whether its servers run from this machine's installed engines.
+    pub fn runs_locally(self) -> bool {
+        matches!(self, BackendKind::Lightweight | BackendKind::Sandbox)
+    }
+
     pub fn backend(self) -> &'static dyn Backend {
         match self {
             BackendKind::Lightweight => &local::Local(lightweight::Lightweight),

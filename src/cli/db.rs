@@ -115,6 +115,33 @@ pub fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
     s.parse()
 }
 
+/// Whether to install `engine` if it is missing: `--install`, `ISOENV_AUTO_INSTALL=1` and
+/// `CI=true` install without asking; on a terminal the user is asked (Enter means yes);
+/// otherwise not, and the error names the command to run.
+pub(super) fn may_install(vars: &crate::Vars, engine: EngineKind, asked: bool) -> bool {
+    use std::io::IsTerminal;
+    if asked || vars.get("ISOENV_AUTO_INSTALL") == Some("1") || vars.get("CI") == Some("true") {
+        return true;
+    }
+    let engine = engine.engine();
+    if engine.locate(vars).is_ok() || !std::io::stdin().is_terminal() {
+        return false;
+    }
+    let Some(command) = crate::engine::install_command(engine) else {
+        return false;
+    };
+    eprint!(
+        "isoenv: {} is not installed. Install it now with `{command}`? [Y/n] ",
+        engine.kind()
+    );
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok()
+        && matches!(
+            answer.trim().to_ascii_lowercase().as_str(),
+            "" | "y" | "yes"
+        )
+}
+
 fn progress(message: &str) {
     eprintln!("isoenv: {}", say(message));
 }
@@ -122,7 +149,7 @@ fn progress(message: &str) {
 pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
     let vars = ctx.vars()?;
     let config = ctx.config(&vars)?;
-    let ws = Workspace::new(&config, vars);
+    let ws = Workspace::new(&config, vars.clone());
     if !matches!(cmd, DbCommand::Gc) && !config.is_prod() {
         // What a killed run left behind goes first, so names and ports are free again.
         for name in ws.gc()? {
@@ -131,6 +158,12 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
     }
     match cmd {
         DbCommand::Up { install, json } => {
+            let install = match crate::workspace::plan_up(&config) {
+                crate::workspace::UpPlan::Env {
+                    engine, backend, ..
+                } if backend.runs_locally() => may_install(&vars, engine, install),
+                _ => install,
+            };
             let outcome = ws.up(&config, install, &progress)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
@@ -190,6 +223,10 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             install,
             json,
         } => {
+            let install = match backend.runs_locally() && !no_service {
+                true => may_install(&vars, engine, install),
+                false => install,
+            };
             let opts = CreateOptions {
                 name,
                 engine,

@@ -141,7 +141,7 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
         command.envs(test_run::shared_env(url).map_err(anyhow::Error::msg)?);
         return Ok(exit_code(wait(command.spawn()?)?));
     }
-    let ws = Workspace::new(&config, vars);
+    let ws = Workspace::new(&config, vars.clone());
     let me = ProcessId::of(std::process::id() as i32)?;
     let run_id = format!("{}{:04x}", me.pid, rand_suffix());
     let plan = test_run::plan(
@@ -163,6 +163,8 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
             stopped()?;
             let opts = CreateOptions {
                 owner: Some(me),
+                install: plan.backend.runs_locally()
+                    && super::db::may_install(&vars, *engine, false),
                 ..CreateOptions::server(name, *engine, plan.backend)
             };
             let info = ws.create(&opts, &|m| eprintln!("isoenv: {m}"))?;

@@ -687,3 +687,37 @@ fn every_client_connects_with_no_arguments_after_activate() {
     p.ok(&["db", "destroy", "my"]);
     p.ok(&["db", "destroy", "kv"]);
 }
+
+/// On a terminal a missing engine is offered for installation (here declined, so nothing is
+/// installed or made); `--install`, `ISOENV_AUTO_INSTALL=1` and `CI=true` would not ask.
+#[test]
+fn a_missing_engine_is_offered_for_installation_on_a_terminal() {
+    use std::io::Write;
+    let p = Project::new("ISOENV_REDIS_BIN_DIR=/nonexistent\n");
+    let command = format!(
+        "{} --env-file {} db create offered --engine redis",
+        env!("CARGO_BIN_EXE_xtask"),
+        p.env_file().display()
+    );
+    // `script` gives the command a terminal.
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("CI")
+        .env_remove("ISOENV_AUTO_INSTALL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        shown.contains("redis is not installed. Install it now with `"),
+        "{shown}"
+    );
+    assert!(shown.contains("install it with:"), "{shown}");
+    assert!(!p.state().join("offered").exists());
+}
