@@ -221,6 +221,13 @@ impl<C: Confinement> Backend for Local<C> {
         host.release_user(state, layout)
     }
 
+    fn abandon(&self, _host: &dyn Host, layout: &Layout) -> Result<()> {
+        crate::sys::process::stop_working_in(&layout.dir);
+        self.0
+            .release(&layout.dir)
+            .context(|| format!("cannot clean up after {}", layout.dir.display()))
+    }
+
     fn isolation(&self, _host: &dyn Host, _state: &EnvState, layout: &Layout) -> Option<Isolation> {
         self.0.isolation(&layout.dir)
     }

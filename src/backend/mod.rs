@@ -371,6 +371,13 @@ pub trait Backend: Sync {
         None
     }
 
+    /// Stops what a `create` killed before it recorded it left running in the environment's
+    /// directory (servers start there), and what that left outside it.
+    fn abandon(&self, _host: &dyn Host, layout: &Layout) -> Result<()> {
+        crate::sys::process::stop_working_in(&layout.dir);
+        Ok(())
+    }
+
     /// Removes what this backend made for environments that no longer account for it (their
     /// directory or their owner is gone), e.g. after the state root was deleted by hand.
     /// Returns what was removed.

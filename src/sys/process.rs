@@ -135,9 +135,13 @@ impl Launch {
     pub fn run(&self, user: &ServiceUser, cwd: &Path) -> Result<(), String> {
         let mut cmd = self.command();
         user.apply(&mut cmd);
-        // SAFETY: fresh_start is async-signal-safe and touches no state of the parent.
+        // SAFETY: prctl and fresh_start are async-signal-safe and touch no state of the parent.
+        // An initializer dies with the command that runs it: a killed `create` leaves none.
         unsafe {
-            cmd.pre_exec(fresh_start);
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                fresh_start()
+            });
         }
         let out = cmd
             .current_dir(cwd)
@@ -293,6 +297,33 @@ impl ProcessId {
             sleep(Duration::from_millis(2));
         }
         true
+    }
+}
+
+/// The processes whose working directory is `dir` or below it: what a command killed before it
+/// recorded its server left running there (servers and initializers start in the directory
+/// they belong to).
+pub fn working_in(dir: &Path) -> Vec<ProcessId> {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
+        })
+        .filter_map(|pid| ProcessId::of(pid).ok())
+        .collect()
+}
+
+/// Stops (SIGKILL) every process [`working_in`] `dir`.
+pub fn stop_working_in(dir: &Path) {
+    for pid in working_in(dir) {
+        pid.stop(Signal::SIGKILL, Duration::from_secs(10));
     }
 }
 

@@ -2,13 +2,16 @@
 //! gone, directories a killed `create` left half-made, spare copies whose copier died, and what
 //! backends made for environments that no longer account for it.
 
+use std::fs;
+
 use super::policy::Action;
 use super::{spare, Workspace};
 use crate::backend::{self, EnvState};
 use crate::error::{IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::files::remove_tree;
-use crate::sys::process::ProcessId;
+use crate::sys::lock::Lock;
+use crate::sys::process::{stop_working_in, ProcessId};
 
 impl Workspace {
     /// Removes environments whose owner process is gone (a `test --isolated` run killed with
@@ -18,6 +21,8 @@ impl Workspace {
     pub fn gc(&self) -> Result<Vec<String>> {
         self.guard(Action::Destroy, "collect environments")?;
         spare::collect(&self.cache);
+        self.collect_initializations();
+        self.collect_locks();
         let mut removed = Vec::new();
         for name in self.names()? {
             let layout = self.layout(&name);
@@ -44,11 +49,51 @@ impl Workspace {
                     continue;
                 }
             }
+            // A create killed before its record named what it started.
+            if layout.creating_marker().exists() {
+                for kind in backend::ALL {
+                    let _ = kind.backend().abandon(self, &layout);
+                }
+            }
             remove_tree(&layout.dir)
                 .context(|| format!("cannot remove {}", layout.dir.display()))?;
             removed.push(name);
         }
         Ok(removed)
+    }
+
+    /// Removes the temporary directories of cache initializations whose command was killed
+    /// (its lock is free again), stopping what still runs in them.
+    fn collect_initializations(&self) {
+        let Ok(entries) = fs::read_dir(&self.cache) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(key) = name
+                .strip_prefix(".tmp-")
+                .and_then(|rest| rest.rsplit_once('-'))
+                .map(|(key, _pid)| key.to_owned())
+            else {
+                continue;
+            };
+            let Ok(_lock) = Lock::try_acquire(self.cache.join(format!(".{key}.lock"))) else {
+                continue;
+            };
+            stop_working_in(&entry.path());
+            let _ = remove_tree(&entry.path());
+        }
+    }
+
+    /// Removes lock files that nobody holds (a killed command's).
+    fn collect_locks(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join(".locks")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            // Taken and dropped: the file goes with the lock.
+            drop(Lock::try_acquire(entry.path()));
+        }
     }
 
     /// Removes what backends made (containers, volumes) for environments that no longer

@@ -1,0 +1,140 @@
+//! Faults injected on purpose: `db create` killed with SIGKILL at spread-out moments (each
+//! engine, lightweight and sandbox, warm and cold cache), then one more command. Nothing may be
+//! left: no process working in the project, no environment directory, no lock, no temporary
+//! directory of a cache initialization, no cgroup. Bounded: a few dozen kills.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use support::Project;
+
+/// Processes whose working directory is under `dir` (servers and initializers start there).
+fn working_under(dir: &Path) -> Vec<String> {
+    let dir = fs::canonicalize(dir).unwrap();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = stat.rsplit(')').next()?.trim_start().starts_with('Z');
+            (cwd.starts_with(&dir) && !zombie).then(|| format!("{pid} in {}", cwd.display()))
+        })
+        .collect()
+}
+
+fn cgroups_named(prefix: &str) -> Vec<String> {
+    let out = Command::new("find")
+        .args(["/sys/fs/cgroup", "-maxdepth", "6", "-type", "d", "-name"])
+        .arg(format!("{prefix}*"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A command of the project, with a cache of its own (so that a cold initialization can be
+/// killed too; the process environment wins over `.env`).
+fn cmd(project: &Project, args: &[&str]) -> Command {
+    let mut c = project.cmd(args);
+    c.env("ISOENV_CACHE_DIR", project.dir.path().join("cache"));
+    c
+}
+
+/// Everything the project's commands made is gone, once `db gc` has run.
+fn assert_nothing_left(project: &Project, what: &str) {
+    let gc = cmd(project, &["db", "gc"]).output().unwrap();
+    assert!(gc.status.success(), "{}", support::text(&gc));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let running = working_under(project.dir.path());
+        if running.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still running: {running:?}"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    let state = project.state();
+    let envs: Vec<String> = fs::read_dir(&state)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(envs.is_empty(), "{what}: environments left: {envs:?}");
+    let locks: Vec<_> = fs::read_dir(state.join(".locks"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(locks.is_empty(), "{what}: locks left: {locks:?}");
+    let temporary: Vec<_> = fs::read_dir(project.dir.path().join("cache"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".tmp-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        temporary.is_empty(),
+        "{what}: initializations left: {temporary:?}"
+    );
+    let cgroups = cgroups_named("isoenv-fault");
+    assert!(cgroups.is_empty(), "{what}: cgroups left: {cgroups:?}");
+}
+
+#[test]
+fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the fault tests need root (the sandbox), as CI runs them"
+    );
+    let project = Project::new("");
+    let mut kills = 0;
+    for engine in ["postgres", "mysql", "redis"] {
+        for backend in ["lightweight", "sandbox"] {
+            // Cold first (the cache is empty until a create completes), then warm: the delays
+            // spread over the whole create, from before anything exists to after the record.
+            for (round, delay_ms) in [5u64, 40, 120, 300, 700].into_iter().enumerate() {
+                let name = format!("fault-{engine}-{backend}-{round}");
+                let mut child = cmd(
+                    &project,
+                    &[
+                        "db",
+                        "create",
+                        &name,
+                        "--engine",
+                        engine,
+                        "--backend",
+                        backend,
+                    ],
+                )
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+                sleep(Duration::from_millis(delay_ms));
+                let _ = child.kill();
+                let _ = child.wait();
+                kills += 1;
+                // Whatever the moment, the next command leaves nothing of it behind; a create
+                // that finished before the kill is removed by hand, as a user would.
+                let _ = cmd(&project, &["db", "destroy", &name]).output();
+                assert_nothing_left(&project, &format!("{name} killed after {delay_ms} ms"));
+            }
+        }
+    }
+    assert_eq!(kills, 30);
+}
