@@ -22,6 +22,8 @@ pub enum Error {
     Exists { name: String, dir: PathBuf },
     #[error("no environment `{name}` in {}; `cargo xtask db list` shows the existing ones", root.display())]
     NotFound { name: String, root: PathBuf },
+    #[error("environment `{name}`: its record cannot be used: {cause}\n  fix: `cargo xtask db destroy {name}` stops what runs in it and removes it")]
+    Broken { name: String, cause: std::io::Error },
     #[error("environment `{name}` is being changed by another isoenv command; try again when it finishes")]
     Busy { name: String },
     #[error("port {port} on 127.0.0.1 is already in use; pick another with --port, or omit --port for a free one")]

@@ -87,17 +87,28 @@ impl EnvState {
         self.owner.as_ref().is_some_and(|o| !alive(o))
     }
 
+    /// The record, `None` when there is none; a record that cannot be used (truncated,
+    /// garbage, wrong types, unknown fields, another schema) is `InvalidData` saying why.
     pub fn load(layout: &Layout) -> io::Result<Option<Self>> {
-        match fs::read(layout.state_file()) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", layout.state_file().display()),
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        let bytes = match fs::read(layout.state_file()) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let invalid = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {why}", layout.state_file().display()),
+            )
+        };
+        let state: Self = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        if state.schema != SCHEMA {
+            return Err(invalid(format!(
+                "schema {} is not this isoenv's ({SCHEMA}); it was written by another version",
+                state.schema
+            )));
         }
+        Ok(Some(state))
     }
 
     /// [`EnvState::save`], the error saying which file.

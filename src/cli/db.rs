@@ -270,10 +270,18 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
         }
         DbCommand::List { json } => {
             let envs = ws.list()?;
+            let broken = ws.broken()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&envs)?);
+                // Broken ones as `{"name", "status": "broken", "error"}` after the others.
+                let mut all = serde_json::to_value(&envs)?;
+                if let Some(list) = all.as_array_mut() {
+                    list.extend(broken.iter().map(|(name, error)| {
+                        serde_json::json!({ "name": name, "status": "broken", "error": error })
+                    }));
+                }
+                println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                print_table(&envs);
+                print_table(&envs, &broken);
             }
         }
         DbCommand::Inspect { name, json } => {
@@ -330,8 +338,8 @@ fn print_usage(verb: &str, info: &EnvInfo) {
     );
 }
 
-fn print_table(envs: &[EnvInfo]) {
-    if envs.is_empty() {
+fn print_table(envs: &[EnvInfo], broken: &[(String, String)]) {
+    if envs.is_empty() && broken.is_empty() {
         println!("{}", say("no environments (create one with `cargo xtask db up` or `cargo xtask db create NAME --engine postgres`)"));
         return;
     }
@@ -350,6 +358,15 @@ fn print_table(envs: &[EnvInfo]) {
             format!("{}:{}", e.host, e.port),
             pid,
             e.version
+        );
+    }
+    for (name, error) in broken {
+        println!("{name:<20} {:<9} {:<12} broken    {error}", "-", "-");
+    }
+    if let Some((name, _)) = broken.first() {
+        println!(
+            "{}",
+            say(&format!("(`cargo xtask db destroy {name}` removes a broken environment, stopping what runs in it)"))
         );
     }
 }

@@ -8,7 +8,7 @@ use super::cleanup::Cleanup;
 use super::policy::Action;
 use super::root;
 use super::{check_name, EnvInfo, Workspace};
-use crate::backend::CreateOptions;
+use crate::backend::{self, CreateOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::files::remove_tree;
 
@@ -86,8 +86,17 @@ impl Workspace {
                 ),
             });
         }
-        let (layout, _lock, state) = self.open_locked(name)?;
-        state.backend.backend().teardown(self, &state, &layout)?;
+        let _lock = self.lock(name)?;
+        match self.load(name, &layout) {
+            Ok(state) => state.backend.backend().teardown(self, &state, &layout)?,
+            // An unreadable record names nothing: what runs in the directory is its server.
+            Err(Error::Broken { .. }) => {
+                for kind in backend::ALL {
+                    kind.backend().abandon(self, &layout)?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
         remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
     }
 

@@ -154,7 +154,10 @@ impl Workspace {
 
     fn load(&self, name: &str, layout: &Layout) -> Result<EnvState> {
         EnvState::load(layout)
-            .context(|| format!("cannot read the state of environment `{name}`"))?
+            .map_err(|cause| Error::Broken {
+                name: name.into(),
+                cause,
+            })?
             .ok_or_else(|| Error::NotFound {
                 name: name.into(),
                 root: self.root.clone(),

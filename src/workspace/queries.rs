@@ -103,6 +103,19 @@ impl Workspace {
         Ok(out)
     }
 
+    /// The environments whose record cannot be used, with why (`list` shows them as broken;
+    /// `destroy` removes them).
+    pub fn broken(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .filter_map(|name| {
+                let why = EnvState::load(&self.layout(&name)).err()?;
+                Some((name, why.to_string()))
+            })
+            .collect())
+    }
+
     pub fn inspect(&self, name: &str) -> Result<EnvInfo> {
         let (layout, state) = self.open(name)?;
         let mut info = self.info(&state, &layout);

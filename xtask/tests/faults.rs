@@ -138,3 +138,63 @@ fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
     }
     assert_eq!(kills, 30);
 }
+
+/// A record that cannot be used (truncated, garbage, wrong types, an unknown field, another
+/// schema) shows as broken with the reason; other verbs say how to fix it; `destroy` still
+/// stops the server running in it and removes it.
+#[test]
+fn a_corrupted_record_is_shown_broken_and_destroy_still_cleans_up() {
+    let project = Project::new("");
+    let cases: [(&str, fn(&str) -> String); 5] = [
+        ("truncated", |s| s[..s.len() / 2].to_owned()),
+        ("garbage", |_| "\u{1}\u{2}not json".to_owned()),
+        ("types", |s| {
+            s.replace("\"port\": ", "\"port\": \"x\", \"_p\": ")
+        }),
+        ("unknown", |s| s.replacen('{', "{\"surprise\": 1,", 1)),
+        ("schema", |s| s.replace("\"schema\": 1", "\"schema\": 99")),
+    ];
+    for (name, corrupt) in cases {
+        project.ok(&["db", "create", name, "--engine", "redis"]);
+        let info = project.json(&["db", "inspect", name, "--json"]);
+        let port = info["port"].as_u64().unwrap() as u16;
+        let file = project.state().join(name).join("state.json");
+        fs::write(&file, corrupt(&fs::read_to_string(&file).unwrap())).unwrap();
+
+        let list = project.ok(&["db", "list"]);
+        let row = list
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default();
+        assert!(
+            row.contains("broken") && row.contains("state.json"),
+            "{name}: {list}"
+        );
+        let listed = project.json(&["db", "list", "--json"]);
+        assert!(
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == name && e["status"] == "broken"),
+            "{name}: {listed}"
+        );
+        let refused = project.fails(&["db", "start", name]);
+        assert!(
+            refused.contains("record cannot be used"),
+            "{name}: {refused}"
+        );
+        assert!(refused.contains("db destroy"), "{name}: {refused}");
+
+        project.ok(&["db", "destroy", name]);
+        assert!(!project.state().join(name).exists(), "{name}: still there");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: its server still answers"
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+}
