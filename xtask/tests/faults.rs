@@ -145,7 +145,8 @@ fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
 #[test]
 fn a_corrupted_record_is_shown_broken_and_destroy_still_cleans_up() {
     let project = Project::new("");
-    let cases: [(&str, fn(&str) -> String); 5] = [
+    type Corruption = fn(&str) -> String;
+    let cases: [(&str, Corruption); 5] = [
         ("truncated", |s| s[..s.len() / 2].to_owned()),
         ("garbage", |_| "\u{1}\u{2}not json".to_owned()),
         ("types", |s| {
