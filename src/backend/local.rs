@@ -65,6 +65,12 @@ pub trait Confinement: Sync {
     fn isolation(&self, _dir: &Path) -> Option<Isolation> {
         None
     }
+
+    /// What the confinement made outside any environment directory that nothing accounts for
+    /// any more; removed, and named.
+    fn leftovers(&self) -> io::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A local server under a [`Confinement`].
@@ -219,6 +225,12 @@ impl<C: Confinement> Backend for Local<C> {
         }
         self.release(host, state, layout)?;
         host.release_user(state, layout)
+    }
+
+    fn leftovers(&self, _host: &dyn Host) -> Result<Vec<String>> {
+        self.0
+            .leftovers()
+            .context(|| format!("cannot collect what {} servers left", self.0.kind()))
     }
 
     fn abandon(&self, _host: &dyn Host, layout: &Layout) -> Result<()> {

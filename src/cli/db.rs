@@ -297,16 +297,10 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             for name in &removed {
                 println!("removed `{name}` (its owner is gone)");
             }
-            let leftovers = match ws.gc_leftovers() {
-                Ok(l) => l,
-                Err(crate::Error::Docker(
-                    e @ crate::backend::docker::client::DockerError::Unreachable { .. },
-                )) => {
-                    progress(&format!("containers not checked: {e}"));
-                    Vec::new()
-                }
-                Err(e) => return Err(e.into()),
-            };
+            let (leftovers, unchecked) = ws.gc_leftovers()?;
+            for e in &unchecked {
+                progress(&format!("not checked: {e}"));
+            }
             for what in &leftovers {
                 println!("removed {what} (no environment accounts for it)");
             }

@@ -320,6 +320,50 @@ pub fn working_in(dir: &Path) -> Vec<ProcessId> {
         .collect()
 }
 
+/// The processes working in a directory under `root` that was deleted while they ran (an
+/// environment removed by hand), with that directory.
+pub fn orphans_under(root: &Path) -> Vec<(ProcessId, PathBuf)> {
+    let roots: Vec<PathBuf> = std::iter::once(root.to_owned())
+        .chain(std::fs::canonicalize(root))
+        .collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            let dir = PathBuf::from(cwd.to_str()?.strip_suffix(" (deleted)")?);
+            // The directory right under the root: the environment, wherever inside it it ran.
+            let (root, inside) = roots
+                .iter()
+                .find_map(|r| Some((r, dir.strip_prefix(r).ok()?)))?;
+            let env = root.join(inside.components().next()?);
+            Some((ProcessId::of(pid).ok()?, env))
+        })
+        .collect()
+}
+
+impl ProcessId {
+    /// When it started, on the wall clock (`/proc/stat`'s boot time plus its start ticks).
+    pub fn started(&self) -> Option<std::time::SystemTime> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let boot: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .ok()
+            .filter(|&t| t > 0)?;
+        let after_boot = Duration::from_millis(self.start_time * 1000 / ticks);
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(boot) + after_boot)
+    }
+}
+
 /// Stops (SIGKILL) every process [`working_in`] `dir`.
 pub fn stop_working_in(dir: &Path) {
     for pid in working_in(dir) {

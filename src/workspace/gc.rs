@@ -6,12 +6,13 @@ use std::fs;
 
 use super::policy::Action;
 use super::{spare, Workspace};
+use crate::backend::STOP_GRACE;
 use crate::backend::{self, EnvState};
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::files::remove_tree;
 use crate::sys::lock::Lock;
-use crate::sys::process::{stop_working_in, ProcessId};
+use crate::sys::process::{orphans_under, stop_working_in, ProcessId};
 
 impl Workspace {
     /// Removes environments whose owner process is gone (a `test --isolated` run killed with
@@ -99,13 +100,30 @@ impl Workspace {
     /// Removes what backends made (containers, volumes) for environments that no longer
     /// account for it (their directory is gone, or their owner is), e.g. after the state root
     /// was deleted by hand. Returns what was removed.
-    pub fn gc_leftovers(&self) -> Result<Vec<String>> {
+    /// What could not be checked (an unreachable Docker engine) is the second list; it holds
+    /// nothing else up.
+    pub fn gc_leftovers(&self) -> Result<(Vec<String>, Vec<Error>)> {
         self.guard(Action::Destroy, "collect leftovers")?;
-        let mut removed = Vec::new();
+        // Servers whose environment directory was deleted under them.
+        let mut removed: Vec<String> = orphans_under(&self.root)
+            .into_iter()
+            .map(|(pid, dir)| {
+                pid.stop(nix::sys::signal::Signal::SIGTERM, STOP_GRACE);
+                format!(
+                    "process {} (its environment {} was deleted)",
+                    pid.pid,
+                    dir.display()
+                )
+            })
+            .collect();
+        let mut unchecked = Vec::new();
         for kind in backend::ALL {
-            removed.extend(kind.backend().leftovers(self)?);
+            match kind.backend().leftovers(self) {
+                Ok(found) => removed.extend(found),
+                Err(e) => unchecked.push(e),
+            }
         }
-        Ok(removed)
+        Ok((removed, unchecked))
     }
 }
 

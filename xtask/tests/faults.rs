@@ -199,3 +199,49 @@ fn a_corrupted_record_is_shown_broken_and_destroy_still_cleans_up() {
         }
     }
 }
+
+/// The state root deleted by hand while servers run: the next `db gc` finds them (they work in
+/// a directory that no longer exists), stops them, removes what the sandbox's left (cgroups),
+/// and says what it stopped.
+#[test]
+fn servers_of_a_deleted_state_root_are_found_and_stopped() {
+    let project = Project::new("");
+    let mut ports = Vec::new();
+    for (name, backend) in [("orphan-a", "lightweight"), ("orphan-b", "sandbox")] {
+        project.ok(&[
+            "db",
+            "create",
+            name,
+            "--engine",
+            "redis",
+            "--backend",
+            backend,
+        ]);
+        let info = project.json(&["db", "inspect", name, "--json"]);
+        ports.push(info["port"].as_u64().unwrap() as u16);
+    }
+    fs::remove_dir_all(project.state()).unwrap();
+    let said = project.ok(&["db", "gc"]);
+    assert!(said.contains("orphan-a was deleted"), "{said}");
+    assert!(said.contains("orphan-b was deleted"), "{said}");
+    for port in ports {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "a server still answers on {port}: {said}"
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cgroups_named("isoenv-orphan").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "cgroups left: {:?}",
+            cgroups_named("isoenv-orphan")
+        );
+        project.ok(&["db", "gc"]);
+        sleep(Duration::from_millis(100));
+    }
+}

@@ -113,6 +113,48 @@ impl Confinement for Sandbox {
         Record::release(dir)
     }
 
+    /// Cgroups of supervisors that died with nobody left to remove them (their environment
+    /// directory, and its record of them, deleted by hand): `isoenv-NAME-PID` beside the ones
+    /// a sandbox started from here would get, whose PID is gone or now names a process that
+    /// started after the group was made. Only empty ones go (the kernel refuses the others).
+    fn leftovers(&self) -> io::Result<Vec<String>> {
+        let Ok(layout) = CgroupLayout::detect() else {
+            return Ok(Vec::new());
+        };
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let limits = manifest::Limits {
+            memory: manifest::Bytes(1 << 20),
+            cpu: 1.0,
+            pids: 1,
+        };
+        let mut removed = Vec::new();
+        for group in layout.plan(&own, "isoenv-probe", &limits).groups {
+            let Some(Ok(entries)) = group.parent().map(std::fs::read_dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let supervisor = name
+                    .strip_prefix("isoenv-")
+                    .and_then(|rest| rest.rsplit_once('-'))
+                    .and_then(|(_, pid)| pid.parse::<i32>().ok());
+                let Some(pid) = supervisor else { continue };
+                let made = entry.metadata().and_then(|m| m.modified()).ok();
+                let gone = match crate::sys::process::ProcessId::of(pid) {
+                    Err(_) => true,
+                    // A reused pid: that process started after the group existed.
+                    Ok(p) => {
+                        matches!((p.started(), made), (Some(s), Some(m)) if s > m + Duration::from_secs(2))
+                    }
+                };
+                if gone && std::fs::remove_dir(entry.path()).is_ok() {
+                    removed.push(format!("cgroup {}", entry.path().display()));
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     fn isolation(&self, dir: &Path) -> Option<Isolation> {
         let file = manifest_file(dir);
         let manifest = Manifest::load(&file);
