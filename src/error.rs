@@ -26,6 +26,8 @@ pub enum Error {
     Broken { name: String, cause: std::io::Error },
     #[error("environment `{name}` is being changed by another isoenv command; try again when it finishes")]
     Busy { name: String },
+    #[error("port {port}: {reason}")]
+    InvalidPort { port: u16, reason: String },
     #[error("port {port} on 127.0.0.1 is already in use; pick another with --port, or omit --port for a free one")]
     PortTaken { port: u16 },
     #[error("{engine} is not installed: {detail}\n  install it with: {install}\n  (or rerun with --install / ISOENV_AUTO_INSTALL=1 to let isoenv run that)")]

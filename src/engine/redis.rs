@@ -74,7 +74,8 @@ impl Engine for Redis {
     ) -> io::Result<()> {
         let conf = format!(
             "bind 127.0.0.1\nport {}\nprotected-mode yes\nrequirepass {}\n\
-             dir {}\ndbfilename dump.rdb\nsave 3600 1 300 100 60 10000\nappendonly no\n\
+             dir {}\ndbfilename dump.rdb\nsave 3600 1 300 100 60 10000\n\
+             appendonly yes\nappendfsync everysec\n\
              databases 256\n\
              unixsocket {}\nunixsocketperm 700\ndaemonize no\nlogfile \"\"\n",
             endpoint.port,
@@ -88,8 +89,9 @@ impl Engine for Redis {
         cli_wrapper(layout, endpoint)
     }
 
+    /// A test run's server keeps nothing: no snapshots, no append-only file.
     fn disposable_args(&self) -> &'static [&'static str] {
-        &["--save", ""]
+        &["--save", "", "--appendonly", "no"]
     }
 
     fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch {
@@ -105,7 +107,8 @@ impl Engine for Redis {
         const CONFIG: &str = "/isoenv/redis.conf";
         let cmd = container_cmd(&["redis-server", CONFIG], self, disposable);
         let conf = format!(
-            "port 6379\nprotected-mode yes\nrequirepass {}\ndir /data\nappendonly no\n\
+            "port 6379\nprotected-mode yes\nrequirepass {}\ndir /data\n\
+             appendonly yes\nappendfsync everysec\n\
              databases 256\n",
             creds.password.expose()
         );

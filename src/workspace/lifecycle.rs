@@ -16,6 +16,9 @@ impl Workspace {
     pub fn create(&self, opts: &CreateOptions, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
         self.guard(Action::Create, "create an environment")?;
         check_name(&opts.name)?;
+        if let Some(port) = opts.port {
+            check_port(port)?;
+        }
         self.make_root(progress)?;
         let (layout, _lock) = self.claim(&opts.name)?;
         // From here on, anything that fails removes what was made.
@@ -105,5 +108,34 @@ impl Workspace {
         let (layout, _lock, mut state) = self.open_locked(name)?;
         state.owner = None;
         state.store(&layout)
+    }
+}
+
+/// A port an environment may be given: not 0 (which means "any", and none is then known) and
+/// not a privileged one (servers run unprivileged, and a root sandbox supervisor must not bind
+/// one on their behalf).
+fn check_port(port: u16) -> Result<()> {
+    let problem = match port {
+        0 => "0 is not a port; omit --port for a free one",
+        1..=1023 => "ports below 1024 are privileged and servers run unprivileged; pick one from 1024 up, or omit --port for a free one",
+        _ => return Ok(()),
+    };
+    Err(Error::InvalidPort {
+        port,
+        reason: problem.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unprivileged_ports_can_be_asked_for() {
+        assert!(check_port(0).is_err());
+        assert!(check_port(22).is_err());
+        assert!(check_port(1023).is_err());
+        assert!(check_port(1024).is_ok());
+        assert!(check_port(65535).is_ok());
     }
 }

@@ -245,3 +245,90 @@ fn servers_of_a_deleted_state_root_are_found_and_stopped() {
         sleep(Duration::from_millis(100));
     }
 }
+
+/// `--port 0` used to make Redis wait a minute before failing, and a privileged port passed
+/// through the root sandbox supervisor where lightweight refused it: both are refused up front,
+/// for every backend, and nothing is made.
+#[test]
+fn ports_that_cannot_work_are_refused_up_front() {
+    let project = Project::new("");
+    for (port, backend, says) in [
+        ("0", "lightweight", "0 is not a port"),
+        ("0", "sandbox", "0 is not a port"),
+        ("22", "sandbox", "privileged"),
+        ("80", "lightweight", "privileged"),
+    ] {
+        let started = Instant::now();
+        let err = project.fails(&[
+            "db",
+            "create",
+            "p",
+            "--engine",
+            "redis",
+            "--backend",
+            backend,
+            "--port",
+            port,
+        ]);
+        assert!(err.contains(says), "{port} {backend}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{port}: slow refusal"
+        );
+        assert!(!project.state().join("p").exists());
+    }
+}
+
+/// A development Redis keeps what it acknowledged through a kill -9 of its server (an
+/// append-only file), in the lightweight and sandbox backends; a sandboxed one used to lose
+/// every key written since its last snapshot.
+#[test]
+fn a_development_redis_survives_kill_9_of_its_server() {
+    let project = Project::new("");
+    for (name, backend) in [("aof-l", "lightweight"), ("aof-s", "sandbox")] {
+        project.ok(&[
+            "db",
+            "create",
+            name,
+            "--engine",
+            "redis",
+            "--backend",
+            backend,
+        ]);
+        let activate = project.state().join(name).join("bin/activate");
+        let redis = |script: &str| {
+            let out = Command::new("bash")
+                .arg("-c")
+                .arg(format!(
+                    "unset ISOENV_ACTIVE; . {}; {script}",
+                    activate.display()
+                ))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", support::text(&out));
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        redis("for i in $(seq 1 1000); do echo \"SET k$i v$i\"; done | redis-cli > /dev/null");
+        assert_eq!(redis("redis-cli dbsize"), "1000");
+        // The server itself killed, as a crash would: the sandbox's whole pid namespace.
+        let pid = project.json(&["db", "inspect", name, "--json"])["pid"]
+            .as_i64()
+            .unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while project.json(&["db", "inspect", name, "--json"])["status"] == "running" {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: still running after kill -9"
+            );
+            sleep(Duration::from_millis(50));
+        }
+        project.ok(&["db", "start", name]);
+        assert_eq!(redis("redis-cli dbsize"), "1000", "{name} lost writes");
+        project.ok(&["db", "destroy", name]);
+    }
+}
