@@ -24,7 +24,11 @@ pub enum DbCommand {
     },
     /// Undo `up`: stop the local server or the development tunnel (data kept); in staging,
     /// remove the container and its volume.
-    Down,
+    Down {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Whether what `up` brings up is running and its database answers (exit 1 if not).
     Status {
         /// Print JSON instead of text.
@@ -72,11 +76,17 @@ pub enum DbCommand {
     Stop {
         /// The environment.
         name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the server and remove the environment with its data.
     Destroy {
         /// The environment.
         name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// List environments.
     List {
@@ -95,7 +105,11 @@ pub enum DbCommand {
     /// Remove environments whose owner (e.g. a killed `test --isolated`) is gone, what a
     /// killed `create` left half-made, and this project's containers and volumes that no
     /// environment accounts for.
-    Gc,
+    Gc {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the full connection URL, password included.
     Url {
         /// The environment.
@@ -150,7 +164,7 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
     let vars = ctx.vars()?;
     let config = ctx.config(&vars)?;
     let ws = Workspace::new(&config, vars.clone());
-    if !matches!(cmd, DbCommand::Gc) && !config.is_prod() {
+    if !matches!(cmd, DbCommand::Gc { .. }) && !config.is_prod() {
         // What a killed run left behind goes first, so names and ports are free again.
         for name in ws.gc()? {
             progress(&format!("removed `{name}`: its owner is gone"));
@@ -181,7 +195,16 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 print_usage(verb, info);
             }
         }
-        DbCommand::Down => match ws.down(&config)? {
+        DbCommand::Down { json: true } => {
+            let (outcome, name) = match ws.down(&config)? {
+                Down::Stopped(name) => ("stopped", Some(name)),
+                Down::Removed(name) => ("removed", Some(name.to_owned())),
+                Down::Nothing => ("nothing", None),
+            };
+            let said = serde_json::json!({ "outcome": outcome, "name": name });
+            println!("{}", serde_json::to_string_pretty(&said)?);
+        }
+        DbCommand::Down { json: false } => match ws.down(&config)? {
             Down::Stopped(name) => {
                 println!(
                     "{}",
@@ -256,17 +279,23 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 print_usage("started", &info);
             }
         }
-        DbCommand::Stop { name } => {
+        DbCommand::Stop { name, json } => {
             let was = ws.inspect(&name).map(|i| i.status).ok();
-            ws.stop(&name)?;
+            let info = ws.stop(&name)?;
             match was {
+                _ if json => println!("{}", serde_json::to_string_pretty(&info)?),
                 Some(Status::Running) | None => println!("stopped `{name}`"),
                 Some(other) => println!("`{name}` was already {}", other.as_str()),
             }
         }
-        DbCommand::Destroy { name } => {
+        DbCommand::Destroy { name, json } => {
             ws.destroy(&name)?;
-            println!("destroyed `{name}`");
+            if json {
+                let said = serde_json::json!({ "destroyed": name });
+                println!("{}", serde_json::to_string_pretty(&said)?);
+            } else {
+                println!("destroyed `{name}`");
+            }
         }
         DbCommand::List { json } => {
             let envs = ws.list()?;
@@ -292,12 +321,20 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 print_inspect(&info);
             }
         }
-        DbCommand::Gc => {
+        DbCommand::Gc { json } => {
             let removed = ws.gc()?;
+            let (leftovers, unchecked) = ws.gc_leftovers()?;
+            if json {
+                let unchecked: Vec<String> = unchecked.iter().map(|e| e.to_string()).collect();
+                let said = serde_json::json!({
+                    "environments": removed, "leftovers": leftovers, "unchecked": unchecked
+                });
+                println!("{}", serde_json::to_string_pretty(&said)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             for name in &removed {
                 println!("removed `{name}` (its owner is gone)");
             }
-            let (leftovers, unchecked) = ws.gc_leftovers()?;
             for e in &unchecked {
                 progress(&format!("not checked: {e}"));
             }

@@ -36,6 +36,10 @@ pub struct Provision {
     /// Leave the environments after the run, for debugging.
     #[arg(long)]
     keep: bool,
+    /// After the command, print what was provisioned and its exit code as JSON on stdout
+    /// (`{"exit_code", "environments", "kept"}`).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -59,6 +63,7 @@ impl TestArgs {
                 backend: None,
                 engines: EngineKind::ALL.to_vec(),
                 keep: false,
+                json: false,
             },
             nextest: false,
             args: vec!["--workspace".into()],
@@ -128,7 +133,7 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
     trap_stop_signals()?;
     own_group(&mut command);
     if !args.isolated {
-        return Ok(exit_code(wait(command.spawn()?)?));
+        return Ok(to_exit(exit_code(wait(command.spawn()?)?)));
     }
     let vars = ctx.vars()?;
     let config = ctx.config(&vars)?;
@@ -139,7 +144,7 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
             test_run::SHARED_VAR
         );
         command.envs(test_run::shared_env(url).map_err(anyhow::Error::msg)?);
-        return Ok(exit_code(wait(command.spawn()?)?));
+        return Ok(to_exit(exit_code(wait(command.spawn()?)?)));
     }
     let ws = Workspace::new(&config, vars.clone());
     let me = ProcessId::of(std::process::id() as i32)?;
@@ -157,7 +162,7 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
     }
 
     let mut made = Vec::new();
-    let result = (|| -> Result<ExitCode> {
+    let result = (|| -> Result<i32> {
         let mut exports = Vec::new();
         for (engine, name) in &plan.envs {
             stopped()?;
@@ -200,13 +205,22 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
         }
     }
     // Stopped by a signal during provisioning: the shell's convention, not a plain failure.
-    match (result, stop_requested()) {
+    let result = match (result, stop_requested()) {
         (Err(e), Some(sig)) => {
             eprintln!("isoenv: {e}");
-            Ok(ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)))
+            Ok(128 + sig)
         }
         (result, _) => result,
+    };
+    if args.json {
+        let said = serde_json::json!({
+            "exit_code": result.as_ref().ok(),
+            "environments": made,
+            "kept": args.keep,
+        });
+        println!("{}", serde_json::to_string_pretty(&said)?);
     }
+    result.map(to_exit)
 }
 
 /// Its own process group, so that we decide how it is stopped; and if we are SIGKILLed, the
@@ -252,14 +266,18 @@ fn wait(mut child: std::process::Child) -> Result<ExitStatus> {
     }
 }
 
-fn exit_code(status: ExitStatus) -> ExitCode {
+/// The shell's number for how the command ended (128 + N when signal N stopped it or us).
+fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    let code = match (status.code(), status.signal(), STOP.load(Ordering::SeqCst)) {
+    match (status.code(), status.signal(), STOP.load(Ordering::SeqCst)) {
         (_, _, sig) if sig != 0 => 128 + sig,
         (Some(code), _, _) => code,
         (None, Some(sig), _) => 128 + sig,
         (None, None, _) => 1,
-    };
+    }
+}
+
+fn to_exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

@@ -721,3 +721,43 @@ fn a_missing_engine_is_offered_for_installation_on_a_terminal() {
     assert!(shown.contains("install it with:"), "{shown}");
     assert!(!p.state().join("offered").exists());
 }
+
+/// Every verb that reports something says it as JSON when asked, one object per command.
+#[test]
+fn every_reporting_verb_speaks_json() {
+    let p = Project::new("");
+    p.ok(&["db", "create", "j", "--engine", "redis"]);
+    assert_eq!(p.json(&["db", "stop", "j", "--json"])["status"], "stopped");
+    assert_eq!(p.json(&["db", "start", "j", "--json"])["status"], "running");
+    assert_eq!(p.json(&["db", "destroy", "j", "--json"])["destroyed"], "j");
+    let gc = p.json(&["db", "gc", "--json"]);
+    assert!(
+        gc["environments"].is_array() && gc["leftovers"].is_array(),
+        "{gc}"
+    );
+    assert_eq!(p.json(&["db", "down", "--json"])["outcome"], "nothing");
+    let run = p.json(&[
+        "run",
+        "--isolated",
+        "--engine",
+        "redis",
+        "--json",
+        "--",
+        "true",
+    ]);
+    assert_eq!(run["exit_code"], 0);
+    assert_eq!(run["environments"].as_array().unwrap().len(), 1, "{run}");
+    assert_eq!(run["kept"], false);
+    let git = Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(p.dir.path())
+        .status()
+        .unwrap();
+    assert!(git.success());
+    let mut hooks = p.cmd(&["hooks", "status", "--json"]);
+    hooks.current_dir(p.dir.path());
+    let out = hooks.output().unwrap();
+    let status: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    assert_eq!(status["state"], "absent");
+}

@@ -22,7 +22,11 @@ pub enum HooksCommand {
     /// Remove the pre-commit hook if it is isoenv's.
     Uninstall,
     /// Whether the hook is installed.
-    Status,
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a hook's checks now (what the installed hook does).
     Run {
         /// The hook: pre-commit.
@@ -64,14 +68,19 @@ pub fn run(ctx: &Context, cmd: HooksCommand) -> Result<ExitCode> {
                 HookState::Absent => println!("no pre-commit hook installed"),
             }
         }
-        HooksCommand::Status => {
+        HooksCommand::Status { json } => {
             let path = hook_path(&sh)?;
-            let what = match state(&path)? {
-                HookState::Ours => "installed (isoenv)",
-                HookState::Foreign => "another tool's hook (not isoenv's)",
-                HookState::Absent => "not installed",
+            let (key, what) = match state(&path)? {
+                HookState::Ours => ("isoenv", "installed (isoenv)"),
+                HookState::Foreign => ("foreign", "another tool's hook (not isoenv's)"),
+                HookState::Absent => ("absent", "not installed"),
             };
-            println!("pre-commit: {what} ({})", path.display());
+            if json {
+                let said = serde_json::json!({ "hook": "pre-commit", "path": path, "state": key });
+                println!("{}", serde_json::to_string_pretty(&said)?);
+            } else {
+                println!("pre-commit: {what} ({})", path.display());
+            }
         }
         HooksCommand::Run { .. } => return pre_commit(ctx, &sh),
     }
