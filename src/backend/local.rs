@@ -174,6 +174,10 @@ impl<C: Confinement> Backend for Local<C> {
         progress: &dyn Fn(&str),
     ) -> Result<Started> {
         let name = &state.name;
+        // A server killed a moment ago may still be exiting: wait for it, then start anew.
+        if let Some(pid) = state.process.filter(|p| p.is_exiting()) {
+            pid.wait_exit(STOP_GRACE);
+        }
         match self.status(host, state) {
             Status::Running => return Ok(Started::Already),
             Status::EnvOnly => {

@@ -268,12 +268,16 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
         }
         DbCommand::Start { name, json } => {
-            // Read before (a missing one is the verb's to report, after its own checks).
-            let was = ws.inspect(&name).map(|i| i.status).ok();
+            // Read before (a missing one is the verb's to report, after its own checks); the
+            // same server afterwards means nothing was started.
+            let was = ws
+                .inspect(&name)
+                .ok()
+                .filter(|i| i.status == Status::Running);
             let info = ws.start(&name, &progress)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
-            } else if was == Some(Status::Running) {
+            } else if was.is_some_and(|was| was.pid == info.pid) {
                 print_usage("already running:", &info);
             } else {
                 print_usage("started", &info);
@@ -289,6 +293,10 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             }
         }
         DbCommand::Destroy { name, json } => {
+            // Stopping a server can take seconds (PostgreSQL's checkpoint): say so first.
+            if ws.inspect(&name).is_ok_and(|i| i.status == Status::Running) {
+                progress(&format!("stopping `{name}` and removing it with its data"));
+            }
             ws.destroy(&name)?;
             if json {
                 let said = serde_json::json!({ "destroyed": name });

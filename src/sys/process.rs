@@ -270,6 +270,24 @@ impl ProcessId {
         }
     }
 
+    /// Alive but on its way out: its leader already a zombie, or a SIGKILL pending. Such a
+    /// server still holds its port for a moment; nothing may be started in its place yet.
+    pub fn is_exiting(&self) -> bool {
+        if !self.is_alive() {
+            return false;
+        }
+        let zombie = read_stat(self.pid).is_ok_and(|s| s.is_some_and(|s| s.state == 'Z'));
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let killed = status.lines().any(|l| {
+            l.strip_prefix("ShdPnd:")
+                .or_else(|| l.strip_prefix("SigPnd:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+                .is_some_and(|mask| mask & (1 << (Signal::SIGKILL as u64 - 1)) != 0)
+        });
+        zombie || killed
+    }
+
     pub fn signal(&self, signal: Signal) -> bool {
         self.is_alive() && kill(Pid::from_raw(self.pid), signal).is_ok()
     }

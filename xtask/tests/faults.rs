@@ -332,3 +332,42 @@ fn a_development_redis_survives_kill_9_of_its_server() {
         project.ok(&["db", "destroy", name]);
     }
 }
+
+/// `db start` issued while a killed server is still exiting used to say "running" and start
+/// nothing (MariaDB, most often): it waits for the old one to go, then starts a new one.
+#[test]
+fn start_right_after_a_crash_starts_a_server() {
+    let project = Project::new("");
+    project.ok(&["db", "create", "crash", "--engine", "mysql"]);
+    let activate = project.state().join("crash/bin/activate");
+    for round in 0..5 {
+        let pid = project.json(&["db", "inspect", "crash", "--json"])["pid"]
+            .as_i64()
+            .unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let said = project.ok(&["db", "start", "crash"]);
+        assert!(said.starts_with("started"), "round {round}: {said}");
+        let info = project.json(&["db", "inspect", "crash", "--json"]);
+        assert_eq!(info["status"], "running", "round {round}");
+        assert_ne!(info["pid"].as_i64(), Some(i64::from(pid)), "round {round}");
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "unset ISOENV_ACTIVE; . {}; mariadb -N -e 'select 42'",
+                activate.display()
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "42",
+            "round {round}: {}",
+            support::text(&out)
+        );
+    }
+    project.ok(&["db", "destroy", "crash"]);
+}
