@@ -108,7 +108,16 @@ impl Workspace {
                 .expect("init is Some for this engine");
             init.run(user, &tmp).map_err(|message| Error::Env {
                 name: format!("(cache {key})"),
-                message,
+                // Initializers rarely say so themselves (PostgreSQL: "PANIC: cannot abort
+                // transaction"), so a full disk is named here.
+                message: match free_space(&self.cache) {
+                    Some(free) if free < LOW_SPACE => format!(
+                        "the disk holding {} is full ({} KiB free): free some space, or set ISOENV_CACHE_DIR to a directory on another disk\n{message}",
+                        self.cache.display(),
+                        free >> 10
+                    ),
+                    _ => message,
+                },
             })?;
             read_only_to_servers(&tmp)
                 .context(|| format!("cannot hand {} to root", tmp.display()))?;
@@ -149,6 +158,15 @@ impl Workspace {
             spare::refill(&template, &self.root);
         }
     }
+}
+
+/// Less free space than this after a failed initialization means the disk was full.
+const LOW_SPACE: u64 = 16 << 20;
+
+/// Bytes free for unprivileged writers on the filesystem holding `path`.
+fn free_space(path: &Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
 }
 
 /// As root, the cache of initialized data directories is root's: servers (whatever user they

@@ -371,3 +371,47 @@ fn start_right_after_a_crash_starts_a_server() {
     }
     project.ok(&["db", "destroy", "crash"]);
 }
+
+/// A full disk during the first initialization used to show only the engine's own last words
+/// ("PANIC: cannot abort transaction"): it is named, with the path and the fix, and nothing is
+/// left half-made. The small disk is a tmpfs in a mount namespace of the command's own, so it
+/// goes with it whatever happens.
+#[test]
+fn a_full_disk_during_the_first_initialization_says_so_and_leaves_nothing() {
+    let project = Project::new("");
+    let cache = project.dir.path().join("tiny");
+    fs::create_dir(&cache).unwrap();
+    let create = project.cmd(&["db", "create", "full", "--engine", "postgres"]);
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o size=6m,mode=0755 tmpfs \"$0\" || exit 99\n\
+             ISOENV_CACHE_DIR=\"$0\" \"$@\"; code=$?\n\
+             echo \"left: $(ls -A \"$0\" | grep '^.tmp-')\"; exit $code",
+        )
+        .arg(&cache)
+        .arg(create.get_program())
+        .args(create.get_args());
+    for (key, value) in create.get_envs() {
+        match value {
+            Some(value) => unshare.env(key, value),
+            None => unshare.env_remove(key),
+        };
+    }
+    let out = unshare.output().unwrap();
+    let said = support::text(&out);
+    assert_ne!(
+        out.status.code(),
+        Some(99),
+        "mounting a small tmpfs (needs root): {said}"
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("is full"), "{said}");
+    assert!(said.contains("ISOENV_CACHE_DIR"), "{said}");
+    assert!(
+        said.contains("left: \n"),
+        "a half-made initialization was left: {said}"
+    );
+    assert!(!project.state().join("full").exists());
+}
