@@ -238,7 +238,6 @@ impl<C: Confinement> Backend for Local<C> {
     }
 
     fn abandon(&self, _host: &dyn Host, layout: &Layout) -> Result<()> {
-        crate::sys::process::stop_working_in(&layout.dir);
         self.0
             .release(&layout.dir)
             .context(|| format!("cannot clean up after {}", layout.dir.display()))

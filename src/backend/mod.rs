@@ -260,6 +260,17 @@ impl Answer {
     pub fn no(detail: String) -> Self {
         Answer { ok: false, detail }
     }
+
+    /// A database isoenv does not run (the VM's, production's), checked read-only.
+    pub fn of_remote(db: &DatabaseConfig, host: &str, port: u16) -> Self {
+        match crate::remote::verify(db, host, port) {
+            Ok(report) => Answer {
+                ok: true,
+                detail: format!("{} answers: {report}", db.redacted_url()),
+            },
+            Err(e) => Answer::no(e.to_string()),
+        }
+    }
 }
 
 /// Whether `start` found the server running or started it.
@@ -316,9 +327,8 @@ pub trait Backend: Sync {
     /// Where clients reach the server.
     fn endpoint(&self, state: &EnvState, layout: &Layout) -> Endpoint {
         Endpoint {
-            host: state.host.clone(),
-            port: state.port,
             socket_dir: Some(layout.run.clone()),
+            ..tcp_only(state)
         }
     }
 
@@ -371,10 +381,9 @@ pub trait Backend: Sync {
         None
     }
 
-    /// Stops what a `create` killed before it recorded it left running in the environment's
-    /// directory (servers start there), and what that left outside it.
-    fn abandon(&self, _host: &dyn Host, layout: &Layout) -> Result<()> {
-        crate::sys::process::stop_working_in(&layout.dir);
+    /// Removes what a `create` killed before it recorded its server left outside the
+    /// environment's directory (a sandbox's cgroups), once nothing runs in it any more.
+    fn abandon(&self, _host: &dyn Host, _layout: &Layout) -> Result<()> {
         Ok(())
     }
 
@@ -383,6 +392,15 @@ pub trait Backend: Sync {
     /// Returns what was removed.
     fn leftovers(&self, _host: &dyn Host) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+}
+
+/// The recorded address, without a socket (a container's, or a tunnel's local end).
+pub fn tcp_only(state: &EnvState) -> Endpoint {
+    Endpoint {
+        host: state.host.clone(),
+        port: state.port,
+        socket_dir: None,
     }
 }
 

@@ -138,7 +138,7 @@ pub(super) fn may_install(vars: &crate::Vars, engine: EngineKind, asked: bool) -
         return true;
     }
     let engine = engine.engine();
-    if engine.locate(vars).is_ok() || !std::io::stdin().is_terminal() {
+    if !std::io::stdin().is_terminal() || engine.locate(vars).is_ok() {
         return false;
     }
     let Some(command) = crate::engine::install_command(engine) else {

@@ -35,7 +35,7 @@ impl Registry {
             super::lock::LockError::Io(e) => e,
             super::lock::LockError::Busy => io::Error::other("the identity registry is busy"),
         })?;
-        for id in candidates(owner).take(COUNT as usize) {
+        for id in candidates(owner) {
             let file = self.dir.join(id.to_string());
             let free = match fs::read_to_string(&file) {
                 Ok(holder) if holder == owner.to_string_lossy() => return Ok(id),

@@ -316,6 +316,23 @@ impl ProcessId {
         }
         true
     }
+
+    /// When it started, on the wall clock (`/proc/stat`'s boot time plus its start ticks).
+    pub fn started(&self) -> Option<std::time::SystemTime> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let boot: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .ok()
+            .filter(|&t| t > 0)?;
+        let after_boot = Duration::from_millis(self.start_time * 1000 / ticks);
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(boot) + after_boot)
+    }
 }
 
 /// The processes whose working directory is `dir` or below it: what a command killed before it
@@ -361,25 +378,6 @@ pub fn orphans_under(root: &Path) -> Vec<(ProcessId, PathBuf)> {
             Some((ProcessId::of(pid).ok()?, env))
         })
         .collect()
-}
-
-impl ProcessId {
-    /// When it started, on the wall clock (`/proc/stat`'s boot time plus its start ticks).
-    pub fn started(&self) -> Option<std::time::SystemTime> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let boot: u64 = stat
-            .lines()
-            .find_map(|l| l.strip_prefix("btime "))?
-            .trim()
-            .parse()
-            .ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-            .ok()
-            .filter(|&t| t > 0)?;
-        let after_boot = Duration::from_millis(self.start_time * 1000 / ticks);
-        Some(std::time::UNIX_EPOCH + Duration::from_secs(boot) + after_boot)
-    }
 }
 
 /// Stops (SIGKILL) every process [`working_in`] `dir`.

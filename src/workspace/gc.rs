@@ -52,15 +52,22 @@ impl Workspace {
             }
             // A create killed before its record named what it started.
             if layout.creating_marker().exists() {
-                for kind in backend::ALL {
-                    let _ = kind.backend().abandon(self, &layout);
-                }
+                self.abandon(&layout);
             }
             remove_tree(&layout.dir)
                 .context(|| format!("cannot remove {}", layout.dir.display()))?;
             removed.push(name);
         }
         Ok(removed)
+    }
+
+    /// Stops what runs in an environment's directory (servers start there) and removes what
+    /// any backend left outside it: for a directory whose record names nothing.
+    pub(super) fn abandon(&self, layout: &Layout) {
+        stop_working_in(&layout.dir);
+        for kind in backend::ALL {
+            let _ = kind.backend().abandon(self, layout);
+        }
     }
 
     /// Removes the temporary directories of cache initializations whose command was killed

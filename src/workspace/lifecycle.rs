@@ -8,7 +8,7 @@ use super::cleanup::Cleanup;
 use super::policy::Action;
 use super::root;
 use super::{check_name, EnvInfo, Workspace};
-use crate::backend::{self, CreateOptions};
+use crate::backend::CreateOptions;
 use crate::error::{Error, IoContext, Result};
 use crate::sys::files::remove_tree;
 
@@ -41,12 +41,8 @@ impl Workspace {
     /// Makes the state root; says where it is when servers could not have reached the default.
     fn make_root(&self, progress: &dyn Fn(&str)) -> Result<()> {
         let moved = self.root_link.as_ref().filter(|link| !link.exists());
-        root::StateRoot {
-            path: self.root.clone(),
-            link: self.root_link.clone(),
-        }
-        .make()
-        .context(|| format!("cannot create {}", self.root.display()))?;
+        root::make(&self.root, self.root_link.as_deref())
+            .context(|| format!("cannot create {}", self.root.display()))?;
         if let Some(link) = moved {
             progress(&format!(
                 "servers could not reach {} (a directory above it is private), so environments live in {} (linked from there)",
@@ -93,11 +89,7 @@ impl Workspace {
         match self.load(name, &layout) {
             Ok(state) => state.backend.backend().teardown(self, &state, &layout)?,
             // An unreadable record names nothing: what runs in the directory is its server.
-            Err(Error::Broken { .. }) => {
-                for kind in backend::ALL {
-                    kind.backend().abandon(self, &layout)?;
-                }
-            }
+            Err(Error::Broken { .. }) => self.abandon(&layout),
             Err(e) => return Err(e),
         }
         remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))

@@ -128,19 +128,27 @@ impl Workspace {
         }
     }
 
+    /// The name's lock. Another command's collection takes free locks for an instant (to remove
+    /// a killed command's files), so a lock found busy is asked again for a moment before the
+    /// name counts as busy.
     fn lock(&self, name: &str) -> Result<Lock> {
-        Lock::try_acquire(self.root.join(".locks").join(format!("{name}.lock"))).map_err(
-            |e| match e {
-                LockError::Busy => Error::Busy { name: name.into() },
-                LockError::Io(source) => Error::Io {
-                    context: format!(
-                        "cannot lock environment `{name}` in {}",
-                        self.root.display()
-                    ),
-                    cause: source,
-                },
+        let path = self.root.join(".locks").join(format!("{name}.lock"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+        let mut taken = Lock::try_acquire(path.clone());
+        while matches!(taken, Err(LockError::Busy)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            taken = Lock::try_acquire(path.clone());
+        }
+        taken.map_err(|e| match e {
+            LockError::Busy => Error::Busy { name: name.into() },
+            LockError::Io(source) => Error::Io {
+                context: format!(
+                    "cannot lock environment `{name}` in {}",
+                    self.root.display()
+                ),
+                cause: source,
             },
-        )
+        })
     }
 
     /// Validates the name, takes the lock and loads the record of an existing environment.

@@ -65,23 +65,25 @@ fn relocated(project: &Path) -> PathBuf {
     Path::new(RELOCATED).join(tag)
 }
 
-impl StateRoot {
-    /// Makes the root (traversable by servers) and, when it moved, the project's link to it.
-    pub fn make(&self) -> io::Result<()> {
-        fs::create_dir_all(&self.path)?;
-        if let Some(link) = &self.link {
-            let parents = self.path.parent().into_iter().flat_map(Path::ancestors);
-            for dir in parents.take_while(|d| d.starts_with("/var/lib/isoenv")) {
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
-            }
-            match std::os::unix::fs::symlink(&self.path, link) {
-                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-                _ => {}
-            }
+/// Makes the root at `path` and, when it moved, `link` to it, with the directories isoenv made
+/// for it traversable by servers.
+pub(super) fn make(path: &Path, link: Option<&Path>) -> io::Result<()> {
+    fs::create_dir_all(path)?;
+    if let Some(link) = link {
+        let ours = Path::new(RELOCATED)
+            .parent()
+            .unwrap_or(Path::new(RELOCATED));
+        let parents = path.parent().into_iter().flat_map(Path::ancestors);
+        for dir in parents.take_while(|d| d.starts_with(ours)) {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
         }
-        Ok(())
+        match std::os::unix::fs::symlink(path, link) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]

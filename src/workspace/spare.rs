@@ -31,8 +31,8 @@ pub(super) fn take(template: &Path, dst: &Path) -> bool {
 }
 
 /// Starts making a spare of `template` in the background, unless one is there or on its way,
-/// or a spare could not be renamed into `state_root` (another filesystem). The copier is `cp
-/// -a` (ownership and modes as in the cache) in its own session; a copy it leaves half-made is
+/// or a spare could not be renamed into `state_root` (another filesystem). The copier is `cp`
+/// (ownership, modes and links as in the cache) in its own session; a copy it leaves half-made is
 /// removed by [`collect`].
 pub(super) fn refill(template: &Path, state_root: &Path) {
     let dir = spares(template);
@@ -56,9 +56,12 @@ pub(super) fn refill(template: &Path, state_root: &Path) {
     let done = dir.join(id);
     let mut cp = Command::new("sh");
     // At the lowest priority: whatever the new environment's user does next comes first.
+    // Timestamps are not kept: the copy's own mtime is what tells [`collect`] it is still
+    // being made (with `-a` it took the template's old one before the rename, and a collection
+    // in that moment gutted a finished spare).
     cp.args([
         "-c",
-        "nice -n 19 cp -a \"$1\" \"$2\" && mv \"$2\" \"$3\" || rm -rf \"$2\"",
+        "nice -n 19 cp -dR --preserve=mode,ownership \"$1\" \"$2\" && mv \"$2\" \"$3\" || rm -rf \"$2\"",
         "sh",
     ])
     .arg(template)

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use super::policy::{plan_up, Action, UpPlan};
 use super::{EnvInfo, Workspace};
-use crate::backend::{BackendKind, CreateOptions, EnvState, Started, Status};
-use crate::config::{DatabaseConfig, EnvironmentConfig, Profile};
+use crate::backend::{Answer, BackendKind, CreateOptions, EnvState, Started, Status};
+use crate::config::{EnvironmentConfig, Profile};
 use crate::engine::EngineKind;
 use crate::error::{Error, IoContext, Result};
 use crate::remote::{self, ServerReport};
@@ -151,10 +151,9 @@ impl Workspace {
         let name = match plan_up(config) {
             UpPlan::Env { name, .. } => name,
             UpPlan::VerifyProduction => {
-                checks.push(remote_check(
+                checks.push(Check::of(
                     "production database",
-                    db,
-                    remote::verify(db, &db.host, db.port),
+                    Answer::of_remote(db, &db.host, db.port),
                 ));
                 return Ok(StatusReport {
                     environment: self.profile,
@@ -190,12 +189,10 @@ impl Workspace {
             },
         });
         if running {
-            let answer = backend.answers(self, &state, &layout);
-            checks.push(Check {
-                what: format!("database at {}:{}", state.host, state.port),
-                ok: answer.ok,
-                detail: answer.detail,
-            });
+            checks.push(Check::of(
+                &format!("database at {}:{}", state.host, state.port),
+                backend.answers(self, &state, &layout),
+            ));
         }
         Ok(StatusReport {
             environment: self.profile,
@@ -205,17 +202,12 @@ impl Workspace {
     }
 }
 
-fn remote_check(what: &str, db: &DatabaseConfig, result: Result<ServerReport>) -> Check {
-    match result {
-        Ok(report) => Check {
+impl Check {
+    fn of(what: &str, answer: Answer) -> Self {
+        Check {
             what: what.into(),
-            ok: true,
-            detail: format!("{} answers: {report}", db.redacted_url()),
-        },
-        Err(e) => Check {
-            what: what.into(),
-            ok: false,
-            detail: e.to_string(),
-        },
+            ok: answer.ok,
+            detail: answer.detail,
+        }
     }
 }

@@ -192,7 +192,7 @@ impl Backend for Docker {
 
     /// A container's socket is out of the host's reach.
     fn endpoint(&self, state: &EnvState, _layout: &Layout) -> Endpoint {
-        endpoint(state)
+        super::tcp_only(state)
     }
 
     /// The container's last output.
@@ -280,14 +280,6 @@ fn observe(host: &dyn Host, state: &EnvState) -> (Status, Option<Observed>) {
     match docker.inspect(&record.name) {
         Ok(o) => (spec::status(record.started, o.as_ref()), o),
         Err(_) => (Status::Unknown, None),
-    }
-}
-
-fn endpoint(state: &EnvState) -> Endpoint {
-    Endpoint {
-        host: state.host.clone(),
-        port: state.port,
-        socket_dir: None,
     }
 }
 
@@ -481,7 +473,7 @@ fn run_container(
         state.host
     ));
     let mut checked = Instant::now();
-    let failure = wait_ready(engine, &endpoint(state), creds, READY_TIMEOUT, |m| {
+    let failure = wait_ready(engine, &super::tcp_only(state), creds, READY_TIMEOUT, |m| {
         if checked.elapsed() < LIVENESS_EVERY {
             return Ok::<_, Error>(None);
         }

@@ -102,11 +102,7 @@ impl Backend for SshTunnel {
 
     /// The local end of the tunnel; there is no socket.
     fn endpoint(&self, state: &EnvState, _layout: &Layout) -> Endpoint {
-        Endpoint {
-            host: state.host.clone(),
-            port: state.port,
-            socket_dir: None,
-        }
+        super::tcp_only(state)
     }
 
     /// Clients use TLS if the VM's server offers it.
@@ -116,14 +112,7 @@ impl Backend for SshTunnel {
 
     /// The VM's database, checked with the configured login (and TLS when it offers it).
     fn answers(&self, host: &dyn Host, state: &EnvState, _layout: &Layout) -> Answer {
-        let db = host.database();
-        match remote::verify(db, &state.host, state.port) {
-            Ok(report) => Answer {
-                ok: true,
-                detail: format!("{} answers: {report}", db.redacted_url()),
-            },
-            Err(e) => Answer::no(e.to_string()),
-        }
+        Answer::of_remote(host.database(), &state.host, state.port)
     }
 }
 
