@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::backend::BackendKind;
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
+use crate::testing::PoolKeeper;
 use crate::workspace::test_run;
 use crate::workspace::{self, CreateOptions, Workspace};
 use anyhow::{Context as _, Result};
@@ -33,6 +34,11 @@ pub struct Provision {
     /// Engine to provision: postgres, mysql or redis (repeatable; default: postgres).
     #[arg(long = "engine", value_parser = super::db::parse::<EngineKind>)]
     engines: Vec<EngineKind>,
+    /// Also set up per-test database pools (PostgreSQL, MariaDB) from the migrations and keep
+    /// them while the command runs, for tests in any language (README: "Per-test databases
+    /// from any language"); each pool's key is exported as ISOENV_<ENGINE>_POOL.
+    #[arg(long, requires = "isolated")]
+    pool: bool,
     /// Leave the environments after the run, for debugging.
     #[arg(long)]
     keep: bool,
@@ -62,6 +68,7 @@ impl TestArgs {
                 isolated: true,
                 backend: None,
                 engines: EngineKind::ALL.to_vec(),
+                pool: false,
                 keep: false,
                 json: false,
             },
@@ -180,11 +187,29 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
             );
             exports.push((*engine, ws.exports(name)?));
         }
+        let mut keepers = Vec::new();
+        if args.pool {
+            let migrations = vars
+                .get("ISOENV_MIGRATIONS_DIR")
+                .map_or_else(|| ctx.root.join("migrations"), std::path::PathBuf::from);
+            for (engine, url) in test_run::urls(&exports) {
+                stopped()?;
+                if let Some(keeper) = PoolKeeper::open(engine, &url, &migrations)? {
+                    command.env(test_run::pool_var(engine), keeper.key());
+                    keepers.push(keeper);
+                }
+            }
+        }
         stopped()?;
         command.envs(test_run::child_env(&exports));
-        Ok(exit_code(wait(command.spawn().with_context(|| {
-            format!("cannot start {:?}", command.get_program())
-        })?)?))
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+        let runner = ProcessId::of(child.id() as i32)?;
+        for keeper in keepers {
+            keeper.keep(runner);
+        }
+        Ok(exit_code(wait(child)?))
     })();
 
     if args.keep {

@@ -13,6 +13,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+use super::Source;
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
 use crate::workspace::test_run::url_var;
@@ -34,8 +35,12 @@ extern "C" fn entry() {
         return;
     };
     let served = std::panic::catch_unwind(|| match parse(&spec) {
-        Some((EngineKind::Postgres, runner)) => super::postgres::keep(runner).is_ok(),
-        Some((EngineKind::Mysql, runner)) => super::mysql::keep(runner).is_ok(),
+        Some((engine @ EngineKind::Postgres, runner)) => Source::of_test(engine)
+            .and_then(|s| super::postgres::keep(s, runner))
+            .is_ok(),
+        Some((engine @ EngineKind::Mysql, runner)) => Source::of_test(engine)
+            .and_then(|s| super::mysql::keep(s, runner))
+            .is_ok(),
         _ => false,
     });
     std::process::exit(if matches!(served, Ok(true)) { 0 } else { 1 });

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::engine::EngineKind;
+use crate::sys::process::ProcessId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestingError {
@@ -171,14 +172,83 @@ fn off_thread<T: Send + 'static>(f: fn() -> T) -> impl Future<Output = T> {
     Handle(shared)
 }
 
-/// The migrations for `engine`, in order, and a hash of their names and contents.
-fn migrations(engine: EngineKind) -> Result<(Vec<(PathBuf, String)>, String)> {
-    let root = std::env::var_os("ISOENV_MIGRATIONS_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("CARGO_MANIFEST_DIR").map(|d| Path::new(&d).join("migrations"))
+/// Where a pool's databases come from: the server, and the migrations with their hash.
+struct Source {
+    url: String,
+    files: Vec<(PathBuf, String)>,
+    hash: String,
+}
+
+impl Source {
+    /// A test process's: the run's server (provisioned if none was exported) and the migrations
+    /// of the crate under test.
+    fn of_test(engine: EngineKind) -> Result<Source> {
+        let root = std::env::var_os("ISOENV_MIGRATIONS_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("CARGO_MANIFEST_DIR").map(|d| Path::new(&d).join("migrations"))
+            })
+            .unwrap_or_else(|| PathBuf::from("migrations"));
+        Source::at(engine, server::url(engine)?, &root)
+    }
+
+    fn at(engine: EngineKind, url: String, migrations_root: &Path) -> Result<Source> {
+        let (files, hash) = migrations(engine, migrations_root)?;
+        Ok(Source { url, files, hash })
+    }
+}
+
+/// A pool set up for tests in any language: what `run --pool` keeps while its command runs.
+/// The tests claim and release databases with the SQL statements of the README's protocol;
+/// the keeper resets released ones and tops the pool up.
+pub struct PoolKeeper(Kept);
+
+enum Kept {
+    Postgres(postgres::Pool),
+    Mysql(mysql::Pool),
+}
+
+impl PoolKeeper {
+    /// Sets `engine`'s pool up on the server at `url`: a template made from the migrations
+    /// under `migrations_root`/ENGINE (unless it exists) and its first databases. Redis needs
+    /// none (a test leases a logical database with `SET NX`).
+    pub fn open(engine: EngineKind, url: &str, migrations_root: &Path) -> Result<Option<Self>> {
+        let source = Source::at(engine, url.to_owned(), migrations_root)?;
+        Ok(match engine {
+            EngineKind::Postgres => Some(PoolKeeper(Kept::Postgres(postgres::Pool::open(
+                source, None,
+            )?))),
+            EngineKind::Mysql => Some(PoolKeeper(Kept::Mysql(mysql::Pool::open(source, None)?))),
+            EngineKind::Redis => None,
         })
-        .unwrap_or_else(|| PathBuf::from("migrations"));
+    }
+
+    /// The pool's key, which claims name: the template's name (PostgreSQL) or the schema's
+    /// hash (MariaDB).
+    pub fn key(&self) -> &str {
+        match &self.0 {
+            Kept::Postgres(p) => p.key(),
+            Kept::Mysql(p) => p.key(),
+        }
+    }
+
+    /// Keeps the pool on a thread of this process while `runner` lives.
+    pub fn keep(self, runner: ProcessId) {
+        std::thread::spawn(move || {
+            let (engine, outcome) = match self.0 {
+                Kept::Postgres(p) => (EngineKind::Postgres, postgres::serve(p, runner)),
+                Kept::Mysql(p) => (EngineKind::Mysql, mysql::serve(p, runner)),
+            };
+            // After the runner, the server goes too: an error then is the teardown's.
+            if let (Err(e), true) = (outcome, runner.is_alive()) {
+                eprintln!("isoenv: the {engine} pool's keeper stopped: {e}");
+            }
+        });
+    }
+}
+
+/// The migrations for `engine` under `root`, in order, and a hash of their names and contents.
+fn migrations(engine: EngineKind, root: &Path) -> Result<(Vec<(PathBuf, String)>, String)> {
     let dir = root.join(engine.as_str());
     let mut files = Vec::new();
     match fs::read_dir(&dir) {

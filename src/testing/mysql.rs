@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use mysql::prelude::Queryable;
 
 use super::{
-    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Idle, Result,
-    TestDb, TestingError,
+    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Result, Source, TestDb,
+    TestingError,
 };
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
@@ -123,12 +123,20 @@ pub(super) struct Pool {
 impl Pool {
     pub(super) fn get() -> Result<&'static Pool> {
         static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
-        shared(&POOL, Pool::new)
+        shared(&POOL, || {
+            Pool::open(Source::of_test(EngineKind::Mysql)?, server::runner())
+        })
     }
 
-    fn new() -> Result<Pool> {
-        let url = super::server::url(EngineKind::Mysql)?;
-        let (files, hash) = migrations(EngineKind::Mysql)?;
+    /// The schema's hash, which claims name.
+    pub(super) fn key(&self) -> &str {
+        &self.template.hash
+    }
+
+    /// Connects, and sets the pool up if this schema has no template record yet. Under a test
+    /// `runner`, a keeper is started unless one serves already.
+    pub(super) fn open(source: Source, runner: Option<ProcessId>) -> Result<Pool> {
+        let Source { url, files, hash } = source;
         let mut admin = connect(&url)?;
         let err = |e: mysql::Error| server_error(&url, e);
         let template = match load(&mut admin, &hash) {
@@ -149,7 +157,7 @@ impl Pool {
             }
         };
         // A keeper that fails to start only means releases reset their databases themselves.
-        let kept = match server::runner() {
+        let kept = match runner {
             Some(runner) => {
                 let held: Option<bool> = admin
                     .query_first(format!("SELECT IS_USED_LOCK('{KEEPER_LOCK}') IS NOT NULL"))
@@ -316,8 +324,12 @@ impl Pool {
 
 /// The keeper's loop (see [`super::keeper`]): while the runner lives, reset what needs it, then
 /// look again (MariaDB has no notifications; the look is one indexed query).
-pub(super) fn keep(runner: ProcessId) -> Result<()> {
-    let pool = Pool::new()?;
+pub(super) fn keep(source: Source, runner: ProcessId) -> Result<()> {
+    serve(Pool::open(source, None)?, runner)
+}
+
+/// The keeper's loop on an open pool.
+pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
     let mut admin = pool.admin()?;
     let locked: Option<i64> = admin
         .query_first(format!("SELECT GET_LOCK('{KEEPER_LOCK}', 0)"))

@@ -11,8 +11,8 @@ use postgres::fallible_iterator::FallibleIterator;
 use std::sync::Mutex;
 
 use super::{
-    keeper, migrations, pool_size, redact, server, shared, unique, with_database, Idle, Result,
-    TestDb, TestingError,
+    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Result, Source, TestDb,
+    TestingError,
 };
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
@@ -207,17 +207,24 @@ impl Claim {
 impl Pool {
     pub(super) fn get() -> Result<&'static Pool> {
         static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
-        shared(&POOL, Pool::new)
+        shared(&POOL, || {
+            Pool::open(Source::of_test(EngineKind::Postgres)?, server::runner())
+        })
+    }
+
+    /// The template's name, which claims name.
+    pub(super) fn key(&self) -> &str {
+        &self.template.name
     }
 
     /// Connects, and in one round trip reads the template's record, whether a keeper serves,
     /// and claims a clone for the first handout (a test process under nextest makes exactly one
-    /// handout). Sets the pool up first if the template is not there yet.
-    fn new() -> Result<Pool> {
-        let url = super::server::url(EngineKind::Postgres)?;
+    /// handout). Sets the pool up first if the template is not there yet. Under a test
+    /// `runner`, a keeper is started unless one serves already.
+    pub(super) fn open(source: Source, runner: Option<ProcessId>) -> Result<Pool> {
+        let Source { url, files, hash } = source;
         let err = |e: postgres::Error| server_error(&url, e);
         let mut admin = connect(&url)?;
-        let (files, hash) = migrations(EngineKind::Postgres)?;
         let name = format!("isoenv_tpl_{hash}");
         let keeper_held = KEEPER_HELD.replace("KEEPER", &keeper::LOCK.to_string());
         let fast = format!("{}; {keeper_held}; {}", load_sql(&name), claim_free(&name));
@@ -248,7 +255,7 @@ impl Pool {
             }
         };
         // A keeper that fails to start only means releases reset their clones themselves.
-        let kept = match server::runner() {
+        let kept = match runner {
             Some(runner) => held || keeper::spawn(EngineKind::Postgres, &url, runner).is_ok(),
             None => false,
         };
@@ -482,8 +489,12 @@ impl Pool {
 
 /// The keeper's loop (see [`super::keeper`]): while the runner lives, reset what needs it,
 /// then wait for the next release (or a second, to notice stale leases and the runner's exit).
-pub(super) fn keep(runner: ProcessId) -> Result<()> {
-    let pool = Pool::new()?;
+pub(super) fn keep(source: Source, runner: ProcessId) -> Result<()> {
+    serve(Pool::open(source, None)?, runner)
+}
+
+/// The keeper's loop on an open pool.
+pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
     let mut admin = pool.admin()?;
     let err = |e: postgres::Error| server_error(&pool.url, e);
     let locked: bool = admin

@@ -70,20 +70,29 @@ pub fn url_var(engine: EngineKind) -> String {
     format!("ISOENV_{}_URL", engine.as_str().to_ascii_uppercase())
 }
 
+/// The variable that names `run --pool`'s pool for `engine` (its key, which claims name).
+pub fn pool_var(engine: EngineKind) -> String {
+    format!("ISOENV_{}_POOL", engine.as_str().to_ascii_uppercase())
+}
+
 /// The test command's variables: the first environment's exports (what its activate script
 /// sets: `DATABASE_URL`, `DB_*`, ...) plus every environment's URL under [`url_var`].
 pub fn child_env(envs: &[(EngineKind, Vec<(String, String)>)]) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = envs.first().map(|(_, e)| e.clone()).unwrap_or_default();
-    for (engine, exports) in envs {
-        let url = exports
+    out.extend(urls(envs).map(|(engine, url)| (url_var(engine), url)));
+    out
+}
+
+/// Each environment's URL, from its exports.
+pub fn urls(
+    envs: &[(EngineKind, Vec<(String, String)>)],
+) -> impl Iterator<Item = (EngineKind, String)> + '_ {
+    envs.iter().filter_map(|(engine, exports)| {
+        exports
             .iter()
             .find(|(k, _)| k == "DATABASE_URL" || k == "REDIS_URL")
-            .map(|(_, v)| v.clone());
-        if let Some(url) = url {
-            out.push((url_var(*engine), url));
-        }
-    }
-    out
+            .map(|(_, v)| (*engine, v.clone()))
+    })
 }
 
 #[cfg(test)]

@@ -294,3 +294,73 @@ fn sigterm_during_provisioning_exits_143_and_leaves_nothing() {
     assert_eq!(status.code(), Some(143));
     assert!(!provisioning(), "an environment outlived the run");
 }
+
+/// A Python with pytest and psycopg (from PyPI, made once per target directory).
+fn pytest_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pytest-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &Path| {
+        std::process::Command::new(python)
+            .args(["-c", "import psycopg, pytest"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&python) {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the pytest example");
+        assert!(made.success(), "python3 -m venv failed (python3-venv)");
+        let pip = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "pytest>=8", "psycopg[binary]>=3.1"])
+            .status()
+            .unwrap();
+        assert!(pip.success(), "pip install pytest psycopg failed");
+        assert!(ready(&python));
+    }
+    python
+}
+
+/// Runs `examples/pytest` (or a copy of it in `dir`) under `run --isolated --pool`.
+fn pytest_example(dir: &Path) -> std::process::Output {
+    let project = Project::new("");
+    let mut cmd = project.cmd(&["run", "--isolated", "--pool", "--engine", "postgres", "--"]);
+    cmd.arg(pytest_python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(dir)
+        .env("ISOENV_MIGRATIONS_DIR", dir.join("migrations"))
+        .current_dir(dir);
+    cmd.output().unwrap()
+}
+
+/// The README's any-language protocol, as the shipped pytest example uses it: every test gets
+/// a clean database of its own through psycopg, and a release that skips the reset (the
+/// example's conftest with `dirty = false`) fails that same suite, so it does tell.
+#[test]
+fn pytest_gets_a_clean_database_per_test_through_the_sql_protocol() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pytest");
+    let out = pytest_example(&example);
+    let said = support::text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("26 passed"), "{said}");
+
+    let broken = tempfile::tempdir().unwrap();
+    for file in [
+        "conftest.py",
+        "test_shop.py",
+        "migrations/postgres/001_shop.sql",
+    ] {
+        let to = broken.path().join(file);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(example.join(file), &to).unwrap();
+    }
+    let conftest = broken.path().join("conftest.py");
+    let text = fs::read_to_string(&conftest).unwrap();
+    assert!(text.contains("dirty = true"));
+    fs::write(&conftest, text.replace("dirty = true", "dirty = false")).unwrap();
+    let out = pytest_example(broken.path());
+    let said = support::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("assert 2 == 1"), "{said}");
+}
