@@ -133,27 +133,20 @@ pub fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
 /// `CI=true` install without asking; on a terminal the user is asked (Enter means yes);
 /// otherwise not, and the error names the command to run.
 pub(super) fn may_install(vars: &crate::Vars, engine: EngineKind, asked: bool) -> bool {
-    use std::io::IsTerminal;
-    if asked || vars.get("ISOENV_AUTO_INSTALL") == Some("1") || vars.get("CI") == Some("true") {
+    if asked || super::installs_unasked(vars) {
         return true;
     }
     let engine = engine.engine();
-    if !std::io::stdin().is_terminal() || engine.locate(vars).is_ok() {
+    if engine.locate(vars).is_ok() {
         return false;
     }
     let Some(command) = crate::engine::install_command(engine) else {
         return false;
     };
-    eprint!(
-        "isoenv: {} is not installed. Install it now with `{command}`? [Y/n] ",
+    super::confirm(&format!(
+        "{} is not installed. Install it now with `{command}`?",
         engine.kind()
-    );
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer).is_ok()
-        && matches!(
-            answer.trim().to_ascii_lowercase().as_str(),
-            "" | "y" | "yes"
-        )
+    ))
 }
 
 fn progress(message: &str) {

@@ -171,6 +171,26 @@ pub fn find_root(dir: &Path) -> PathBuf {
 }
 
 /// What every command needs: where the configuration comes from and the project's root.
+/// Whether missing software is installed without asking: `ISOENV_AUTO_INSTALL=1` or `CI=true`.
+pub fn installs_unasked(vars: &Vars) -> bool {
+    vars.get("ISOENV_AUTO_INSTALL") == Some("1") || vars.get("CI") == Some("true")
+}
+
+/// Asks a yes/no question on the terminal (Enter means yes); no terminal means no.
+pub fn confirm(question: &str) -> bool {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return false;
+    }
+    eprint!("isoenv: {question} [Y/n] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok()
+        && matches!(
+            answer.trim().to_ascii_lowercase().as_str(),
+            "" | "y" | "yes"
+        )
+}
+
 pub struct Context {
     pub env_file: EnvFile,
     pub root: PathBuf,

@@ -27,8 +27,9 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Isoenv(isoenv::cli::Command),
-    /// The full pipeline CI runs: fmt, clippy, env check, all tests (isolated).
-    Ci,
+    /// The full pipeline CI runs: what the suite needs installed, then fmt, clippy, env check,
+    /// all tests (isolated).
+    Ci(ci::CiArgs),
     /// Measure create/start/handout/throughput figures on this machine (medians, p95, ratios).
     Bench(bench::BenchArgs),
 }
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
     let ctx = cli.global.context(project_root());
     isoenv::cli::exit(match cli.command {
         Command::Isoenv(command) => command.run(&ctx),
-        Command::Ci => ci::run(&ctx),
+        Command::Ci(args) => ci::run(&ctx, args),
         Command::Bench(args) => bench::run(&ctx, args),
     })
 }
