@@ -286,20 +286,23 @@ fn pick_version(text: &str) -> Option<String> {
 /// Where the secret goes in a container: the official image reads `MARIADB_ROOT_PASSWORD_FILE`.
 const PASSWORD_FILE: &str = "/isoenv/password";
 
-/// Creates (or re-keys) the environment's login with every privilege, and its database.
-/// Idempotent, one statement per line (as `--init-file` wants). Generated passwords are
-/// alphanumeric, so the literals need no escaping.
 /// The directory of the client option file (`MYSQL_HOME`).
 fn client_home(layout: &Layout) -> PathBuf {
     layout.dir.join("mysql")
 }
 
+/// Creates (or re-keys) the environment's login with every privilege, and its database, and
+/// gives `root@localhost` the same password: the data directory's initialization let the
+/// host's root in through the socket without one. Idempotent, one statement per line (as
+/// `--init-file` wants). Generated passwords are alphanumeric, so the literals need no
+/// escaping.
 fn login_sql(creds: &Credentials) -> String {
     let (u, pw, db) = (&creds.user, creds.password.expose(), &creds.database);
     format!(
         "CREATE USER IF NOT EXISTS '{u}'@'%' IDENTIFIED BY '{pw}';\n\
          ALTER USER '{u}'@'%' IDENTIFIED BY '{pw}';\n\
          GRANT ALL PRIVILEGES ON *.* TO '{u}'@'%' WITH GRANT OPTION;\n\
+         ALTER USER 'root'@'localhost' IDENTIFIED BY '{pw}';\n\
          CREATE DATABASE IF NOT EXISTS `{db}`;\n"
     )
 }

@@ -66,9 +66,9 @@ impl Engine for Postgres {
         }
     }
 
-    /// Local (Unix socket) logins are trusted: the socket lives in the environment's private
-    /// `run/` directory (0700, the service user's). TCP demands the password, which is set per
-    /// environment after the first start, so the cached cluster holds no secret.
+    /// The cached cluster holds no secret, so it trusts its Unix socket (in the environment's
+    /// private `run/`, 0700) until [`Postgres::after_create`] has set the environment's password
+    /// and made the socket demand it too. TCP demands it from the start.
     fn init(&self, bins: &Binaries, data: &Path) -> Option<Launch> {
         let initdb = bins.init.as_ref()?;
         Some(
@@ -93,11 +93,17 @@ impl Engine for Postgres {
         _user: &ServiceUser,
     ) -> io::Result<()> {
         let (pw, port, host) = (creds.password.expose(), endpoint.port, &endpoint.host);
-        // `localhost` is what libpq matches for a Unix socket.
-        let lines = format!(
+        // libpq matches a socket in the default directory as `localhost`, and one elsewhere
+        // (the environment's `run/`) by the directory itself.
+        let mut lines = format!(
             "{host}:{port}:*:{}:{pw}\nlocalhost:{port}:*:{}:{pw}\n",
             creds.user, creds.user
         );
+        if let Some(dir) = &endpoint.socket_dir {
+            let dir = dir.display().to_string();
+            let dir = dir.replace('\\', "\\\\").replace(':', "\\:");
+            lines.push_str(&format!("{dir}:{port}:*:{}:{pw}\n", creds.user));
+        }
         write_private(&pgpass(layout), lines.as_bytes())
     }
 
@@ -140,6 +146,9 @@ impl Engine for Postgres {
         }
     }
 
+    /// Sets the environment's password, then has the server rewrite its `pg_hba.conf` (at the
+    /// path it uses, inside a sandbox too) so that the socket demands the password as TCP does,
+    /// and reload it: no path in is left without the password.
     fn after_create(&self, endpoint: &Endpoint, creds: &Credentials) -> Result<(), EngineError> {
         let mut client = connect(endpoint, creds).map_err(|e| EngineError::Setup(e.to_string()))?;
         // Generated passwords are alphanumeric, so the literal needs no escaping.
@@ -149,7 +158,10 @@ impl Engine for Postgres {
                 creds.user,
                 creds.password.expose()
             ))
-            .map_err(|e| EngineError::Setup(format!("cannot set the password: {e}")))
+            .map_err(|e| EngineError::Setup(format!("cannot set the password: {e}")))?;
+        client
+            .batch_execute(PASSWORD_EVERYWHERE)
+            .map_err(|e| EngineError::Setup(format!("cannot make the socket demand it: {e}")))
     }
 
     /// Debian keeps share files under `/usr/share/postgresql/MAJOR` and uses the system's time
@@ -246,21 +258,27 @@ impl Engine for Postgres {
     }
 }
 
+/// Every login, socket and TCP, with the password (SCRAM); then the server reloads it.
+const PASSWORD_EVERYWHERE: &str = "DO $$ BEGIN EXECUTE format(
+        'COPY (VALUES (%L), (%L)) TO %L',
+        'local all all scram-sha-256', 'host all all all scram-sha-256',
+        current_setting('hba_file'));
+    END $$; SELECT pg_reload_conf()";
+
 fn pgpass(layout: &Layout) -> PathBuf {
     layout.dir.join("pgpass")
 }
 
-/// A superuser session: over the environment's Unix socket where the host has it (trusted;
-/// see [`Postgres::init`]), else over TCP with the password.
+/// A superuser session with the password: over the environment's Unix socket where the host
+/// has it, else over TCP.
 fn connect(endpoint: &Endpoint, creds: &Credentials) -> Result<postgres::Client, postgres::Error> {
     let mut config = postgres::Config::new();
     match &endpoint.socket_dir {
         Some(dir) => config.host_path(dir),
-        None => config
-            .host(&endpoint.host)
-            .password(creds.password.expose()),
+        None => config.host(&endpoint.host),
     };
     config
+        .password(creds.password.expose())
         .port(endpoint.port)
         .user(SUPERUSER)
         .dbname("postgres")

@@ -232,6 +232,93 @@ fn server_logs_are_private() {
     project.ok(&["db", "destroy", "logs"]);
 }
 
+/// No Unix socket lets a client in without the password, not even the invoker's own root:
+/// PostgreSQL's socket was trusted, and MariaDB's `root@localhost` let the host's root in by
+/// its uid. Each socket is tried by root (which can enter `run/`) with no password, then with
+/// it, so a socket that works at all is known to refuse only for want of the password.
+#[test]
+fn no_unix_socket_lets_anyone_in_without_the_password() {
+    let project = Project::new("");
+    let tries: [(&str, &str, &str); 4] = [
+        ("pg", "postgres", "lightweight"),
+        ("pgbox", "postgres", "sandbox"),
+        ("maria", "mysql", "lightweight"),
+        ("keys", "redis", "lightweight"),
+    ];
+    for (name, engine, backend) in tries {
+        project.ok(&[
+            "db",
+            "create",
+            name,
+            "--engine",
+            engine,
+            "--backend",
+            backend,
+        ]);
+        let run = project.state().join(name).join("run");
+        let url = project.ok(&["db", "url", name]).trim().to_owned();
+        let password = url
+            .rsplit_once('@')
+            .and_then(|(left, _)| left.rsplit_once(':'))
+            .map(|(_, pw)| pw.to_owned())
+            .unwrap();
+        let port = project.json(&["db", "inspect", name, "--json"])["port"].to_string();
+        let attempt = |password: Option<&str>, user: &str| -> String {
+            let mut c = match engine {
+                "postgres" => {
+                    let mut c = Command::new("psql");
+                    c.args(["-w", "-tAc", "select 42", "-d", "postgres", "-U", user])
+                        .arg("-h")
+                        .arg(&run)
+                        .args(["-p", &port])
+                        .env("PGPASSFILE", "/dev/null");
+                    if let Some(pw) = password {
+                        c.env("PGPASSWORD", pw);
+                    }
+                    c
+                }
+                "mysql" => {
+                    let mut c = Command::new("mariadb");
+                    c.args(["--no-defaults", "-N", "-e", "select 42", "-u", user])
+                        .arg(format!("--socket={}", run.join("mysqld.sock").display()));
+                    if let Some(pw) = password {
+                        c.arg(format!("--password={pw}"));
+                    }
+                    c
+                }
+                _ => {
+                    let mut c = Command::new("redis-cli");
+                    c.arg("-s").arg(run.join("redis.sock"));
+                    if let Some(pw) = password {
+                        c.args(["--no-auth-warning", "-a", pw]);
+                    }
+                    c.args(["eval", "return 42", "0"]);
+                    c
+                }
+            };
+            text(&c.env_remove("REDISCLI_AUTH").output().unwrap())
+        };
+        let users: &[&str] = match engine {
+            "postgres" => &["postgres"],
+            "mysql" => &["root", "isoenv"],
+            _ => &["default"],
+        };
+        for user in users {
+            let without = attempt(None, user);
+            assert!(
+                !without.lines().any(|l| l.trim() == "42"),
+                "{name} ({backend}): `{user}` got in through the socket without the password: {without}"
+            );
+        }
+        let with = attempt(Some(&password), users[users.len() - 1]);
+        assert!(
+            with.lines().any(|l| l.trim() == "42"),
+            "{name}: the socket refused the password too: {with}"
+        );
+        project.ok(&["db", "destroy", name]);
+    }
+}
+
 /// The finding: MariaDB wrote files wherever its service user could (`INTO OUTFILE`).
 #[test]
 fn mariadb_writes_files_only_inside_its_environment() {
