@@ -18,7 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::files::{reachable, set_mode};
 use crate::sys::net;
-use crate::sys::process::{tail, Launch, ProcessId, ServiceUser};
+use crate::sys::process::{self, tail, Launch, ProcessId, ServiceUser};
 use crate::sys::secret::Secret;
 
 /// What a new environment's backend may prepare (once, at create).
@@ -55,6 +55,12 @@ pub trait Confinement: Sync {
     /// The signal for a graceful, fast stop of what [`Confinement::spawn`] started.
     fn stop_signal(&self, engine: &dyn Engine) -> Signal {
         engine.stop_signal()
+    }
+
+    /// The servers running for the environment in `dir`, recorded or not: by default the
+    /// processes working there that run the engine's `server` program.
+    fn servers_in(&self, dir: &Path, server: &Path) -> Vec<ProcessId> {
+        process::running_in(dir, &[server.to_owned()])
     }
 
     /// Removes what a dead server left outside the environment directory.
@@ -188,14 +194,15 @@ impl<C: Confinement> Backend for Local<C> {
             }
             Status::Stopped | Status::Crashed | Status::Missing | Status::Unknown => {}
         }
+        let engine = state.engine.engine();
+        let bins = host.binaries(engine, false, progress)?;
+        self.stop_strays(state, layout, &bins.server);
         if net::is_taken(state.port) {
             return Err(Error::Env {
                 name: name.clone(),
                 message: format!("its port {} on 127.0.0.1 is now used by another program; stop that program, or destroy and recreate the environment", state.port),
             });
         }
-        let engine = state.engine.engine();
-        let bins = host.binaries(engine, false, progress)?;
         // The recorded server is dead, so what it left behind is stale.
         for stale in engine.stale_files(layout, state.port) {
             let _ = fs::remove_file(stale);
@@ -216,6 +223,7 @@ impl<C: Confinement> Backend for Local<C> {
             pid.stop(self.stop_signal(state), STOP_GRACE);
             state.store(layout)?;
         }
+        self.stop_unrecorded(host, state, layout);
         self.release(host, state, layout)
     }
 
@@ -227,6 +235,7 @@ impl<C: Confinement> Backend for Local<C> {
         if let Some(pid) = state.process {
             pid.stop(self.stop_signal(state), STOP_GRACE);
         }
+        self.stop_unrecorded(host, state, layout);
         self.release(host, state, layout)?;
         host.release_user(state, layout)
     }
@@ -251,6 +260,25 @@ impl<C: Confinement> Backend for Local<C> {
 impl<C: Confinement> Local<C> {
     fn stop_signal(&self, state: &EnvState) -> Signal {
         self.0.stop_signal(state.engine.engine())
+    }
+
+    /// Stops the environment's servers that its record does not name: what a `create` or
+    /// `start` killed between spawning a server and recording it left running, which would
+    /// hold the port and the data directory. Gracefully, as any stop.
+    fn stop_strays(&self, state: &EnvState, layout: &Layout, server: &Path) {
+        for pid in self.0.servers_in(&layout.dir, server) {
+            if Some(pid) != state.process {
+                pid.stop(self.stop_signal(state), STOP_GRACE);
+            }
+        }
+    }
+
+    /// [`Self::stop_strays`] where the engine's binaries may be gone (a stop or a destroy
+    /// must not fail for that).
+    fn stop_unrecorded(&self, host: &dyn Host, state: &EnvState, layout: &Layout) {
+        if let Ok(bins) = host.binaries(state.engine.engine(), false, &|_| {}) {
+            self.stop_strays(state, layout, &bins.server);
+        }
     }
 
     /// What the confinement left outside the directory once the server is gone.

@@ -243,6 +243,12 @@ impl Engine for Mysql {
         .collect()
     }
 
+    /// A killed server's socket file: MariaDB checks one it finds by connecting to it, which
+    /// the sandbox refuses (no `connect`), and then aborts.
+    fn stale_files(&self, layout: &Layout, _port: u16) -> Vec<PathBuf> {
+        vec![socket(layout), layout.run.join("mysqld.pid")]
+    }
+
     fn packages(&self) -> &'static [(PackageManager, &'static str)] {
         &[
             (PackageManager::Apt, "mariadb-server"),

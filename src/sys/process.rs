@@ -355,6 +355,30 @@ pub fn working_in(dir: &Path) -> Vec<ProcessId> {
         .collect()
 }
 
+/// The processes working in `dir` or below it that run one of `programs`, without those whose
+/// parent is one of them too (a server's own workers go with it): the servers a command
+/// started there and was killed before it recorded them.
+pub fn running_in(dir: &Path, programs: &[PathBuf]) -> Vec<ProcessId> {
+    let programs: Vec<PathBuf> = programs
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    let found: Vec<(ProcessId, i32)> = working_in(dir)
+        .into_iter()
+        .filter(|p| {
+            p.pid != std::process::id() as i32
+                && std::fs::read_link(format!("/proc/{}/exe", p.pid))
+                    .is_ok_and(|exe| programs.contains(&exe))
+        })
+        .filter_map(|p| Some((p, read_stat(p.pid).ok()??.parent)))
+        .collect();
+    found
+        .iter()
+        .filter(|(_, parent)| !found.iter().any(|(q, _)| q.pid == *parent))
+        .map(|(p, _)| *p)
+        .collect()
+}
+
 /// The processes working in a directory under `root` that was deleted while they ran (an
 /// environment removed by hand), with that directory.
 pub fn orphans_under(root: &Path) -> Vec<(ProcessId, PathBuf)> {
@@ -406,6 +430,7 @@ fn threads_left(pid: i32) -> bool {
 
 struct Stat {
     state: char,
+    parent: i32,
     start_time: u64,
 }
 
@@ -425,6 +450,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     Some(Stat {
         state: fields.first()?.chars().next()?,
+        parent: fields.get(1)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
     })
 }
@@ -437,7 +463,7 @@ mod tests {
     fn stat_parsing_survives_odd_command_names() {
         let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 777 1000 10";
         let s = parse_stat(line).unwrap();
-        assert_eq!((s.state, s.start_time), ('S', 777));
+        assert_eq!((s.state, s.parent, s.start_time), ('S', 1, 777));
     }
 
     #[test]

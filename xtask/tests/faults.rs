@@ -415,3 +415,125 @@ fn a_full_disk_during_the_first_initialization_says_so_and_leaves_nothing() {
     );
     assert!(!project.state().join("full").exists());
 }
+
+/// SIGKILL at spread-out moments of `db start` (each engine, lightweight and sandbox): the next
+/// `db start` brings the environment up, whatever the killed one had spawned, and `destroy`
+/// then leaves nothing.
+#[test]
+fn kill_9_at_any_moment_of_start_then_start_works_and_destroy_leaves_nothing() {
+    let project = Project::new("");
+    for engine in ["postgres", "mysql", "redis"] {
+        for backend in ["lightweight", "sandbox"] {
+            let name = format!("fault-start-{engine}-{backend}");
+            let made = cmd(
+                &project,
+                &[
+                    "db",
+                    "create",
+                    &name,
+                    "--engine",
+                    engine,
+                    "--backend",
+                    backend,
+                ],
+            )
+            .output()
+            .unwrap();
+            assert!(made.status.success(), "{}", support::text(&made));
+            for delay_ms in [5u64, 30, 80, 200] {
+                let what = format!("{name}: start killed after {delay_ms} ms");
+                let stop = cmd(&project, &["db", "stop", &name]).output().unwrap();
+                assert!(stop.status.success(), "{what}: {}", support::text(&stop));
+                let mut child = cmd(&project, &["db", "start", &name])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                sleep(Duration::from_millis(delay_ms));
+                let _ = child.kill();
+                let _ = child.wait();
+                let start = cmd(&project, &["db", "start", &name]).output().unwrap();
+                assert!(start.status.success(), "{what}: {}", support::text(&start));
+                let url = cmd(&project, &["db", "url", &name]).output().unwrap();
+                let status = cmd(&project, &["db", "inspect", &name, "--json"])
+                    .output()
+                    .unwrap();
+                let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+                assert_eq!(status["status"], "running", "{what}: {status}");
+                assert!(url.status.success(), "{what}");
+            }
+            // The moment that matters, made on purpose: a server running that the record
+            // does not name (spawned, then the command killed before it wrote the pid).
+            let record = project.state().join(&name).join("state.json");
+            let mut state: serde_json::Value =
+                serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+            let stray = state["process"]["pid"].as_i64().unwrap();
+            state["process"] = serde_json::Value::Null;
+            fs::write(&record, serde_json::to_vec(&state).unwrap()).unwrap();
+            let start = cmd(&project, &["db", "start", &name]).output().unwrap();
+            assert!(start.status.success(), "{name}: {}", support::text(&start));
+            let now = cmd(&project, &["db", "inspect", &name, "--json"])
+                .output()
+                .unwrap();
+            let now: serde_json::Value = serde_json::from_slice(&now.stdout).unwrap();
+            assert_eq!(now["status"], "running", "{name}: {now}");
+            assert_ne!(now["pid"].as_i64(), Some(stray), "{name}: {now}");
+            let stray_alive = fs::read_to_string(format!("/proc/{stray}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            });
+            assert!(
+                !stray_alive,
+                "{name}: the unrecorded server {stray} still runs"
+            );
+            // And destroy finds one too.
+            fs::write(&record, serde_json::to_vec(&state).unwrap()).unwrap();
+            let gone = cmd(&project, &["db", "destroy", &name]).output().unwrap();
+            assert!(gone.status.success(), "{}", support::text(&gone));
+            assert_nothing_left(&project, &name);
+        }
+    }
+}
+
+/// SIGKILL at spread-out moments of `run --isolated` (each engine, lightweight and sandbox):
+/// while it provisions, while the command runs, while it tears down. The next isoenv command
+/// removes what the dead run owned, and its command dies with it.
+#[test]
+fn kill_9_at_any_moment_of_a_test_run_leaves_nothing_once_another_command_runs() {
+    let project = Project::new("");
+    for engine in ["postgres", "mysql", "redis"] {
+        for backend in ["lightweight", "sandbox"] {
+            for delay_ms in [20u64, 150, 400, 1200] {
+                let what =
+                    format!("run --isolated ({engine}, {backend}) killed after {delay_ms} ms");
+                let mut child = cmd(
+                    &project,
+                    &[
+                        "run",
+                        "--isolated",
+                        "--engine",
+                        engine,
+                        "--backend",
+                        backend,
+                        "--",
+                        "sh",
+                        "-c",
+                        "sleep 0.3",
+                    ],
+                )
+                .current_dir(project.dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+                sleep(Duration::from_millis(delay_ms));
+                let _ = child.kill();
+                let _ = child.wait();
+                assert_nothing_left(&project, &what);
+            }
+        }
+    }
+}

@@ -113,6 +113,16 @@ impl Confinement for Sandbox {
         Record::release(dir)
     }
 
+    /// The supervisor its record names (it records itself before it starts anything);
+    /// stopping it stops the server inside.
+    fn servers_in(&self, dir: &Path, _server: &Path) -> Vec<ProcessId> {
+        Record::load(dir)
+            .map(|r| r.supervisor)
+            .filter(ProcessId::is_alive)
+            .into_iter()
+            .collect()
+    }
+
     /// Cgroups of supervisors that died with nobody left to remove them (their environment
     /// directory, and its record of them, deleted by hand): `isoenv-NAME-PID` beside the ones
     /// a sandbox started from here would get, whose PID is gone or now names a process that
