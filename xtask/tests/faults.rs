@@ -537,3 +537,54 @@ fn kill_9_at_any_moment_of_a_test_run_leaves_nothing_once_another_command_runs()
         }
     }
 }
+
+/// A sandboxed server the kernel's OOM killer ends used to leave only "Killed" (or PostgreSQL's
+/// "terminated by signal 9"): the server's log says the OOM killer did it, the limit, and where
+/// to raise it.
+#[test]
+fn an_out_of_memory_kill_in_the_sandbox_names_the_limit() {
+    let project = Project::new("");
+    project.ok(&[
+        "db",
+        "create",
+        "hungry",
+        "--engine",
+        "redis",
+        "--backend",
+        "sandbox",
+    ]);
+    project.ok(&["db", "stop", "hungry"]);
+    let manifest = project.state().join("hungry/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    m["limits"]["memory"] = "32M".into();
+    fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    project.ok(&["db", "start", "hungry"]);
+    let url = project.ok(&["db", "url", "hungry"]);
+    // 300 MiB of values, far past the limit.
+    let fill = Command::new("redis-cli")
+        .args(["--no-auth-warning", "-u", url.trim(), "eval"])
+        .arg("for i = 1, 300 do redis.call('SET', 'k' .. i, string.rep('x', 1048576)) end")
+        .arg("0")
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&fill.stdout).contains("OK"),
+        "{}",
+        support::text(&fill)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logs = loop {
+        let logs = project.ok(&["db", "logs", "hungry"]);
+        if logs.contains("OOM killer") || Instant::now() > deadline {
+            break logs;
+        }
+        sleep(Duration::from_millis(100));
+    };
+    assert!(
+        logs.contains("OOM killer") && logs.contains("memory limit of 32M"),
+        "{logs}"
+    );
+    assert!(logs.contains(&manifest.display().to_string()), "{logs}");
+    project.ok(&["db", "destroy", "hungry"]);
+    assert!(cgroups_named("isoenv-hungry").is_empty());
+}

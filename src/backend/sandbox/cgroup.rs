@@ -380,6 +380,23 @@ pub fn attach(groups: &[PathBuf], pid: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// How many processes the kernel's OOM killer has ended in these groups (cgroup v2's
+/// `memory.events`, v1's `memory.oom_control`; only the memory group has either).
+pub fn oom_kills(groups: &[PathBuf]) -> u64 {
+    groups
+        .iter()
+        .flat_map(|dir| ["memory.events", "memory.oom_control"].map(|f| dir.join(f)))
+        .filter_map(|file| fs::read_to_string(file).ok())
+        .map(|text| parse_oom_kills(&text))
+        .sum()
+}
+
+fn parse_oom_kills(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Removes the groups once their processes are gone (the kernel refuses while any remain, so
 /// this retries for a short while after a kill).
 pub fn remove(groups: &[PathBuf]) -> io::Result<()> {
@@ -459,5 +476,14 @@ mod tests {
             Version::V1
         );
         assert_eq!(CgroupLayout::parse("").version, Version::None);
+    }
+
+    #[test]
+    fn oom_kills_are_read_from_either_version() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        let v2 = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(v1), 3);
+        assert_eq!(parse_oom_kills(v2), 2);
+        assert_eq!(parse_oom_kills(""), 0);
     }
 }

@@ -251,7 +251,20 @@ impl Supervisor {
     fn run(&mut self, req: &Request) -> i32 {
         let signals = handled_signals();
         let mut deadline: Option<Instant> = None;
+        let mut oom_kills = 0;
         let code = loop {
+            // Said in the server's log as it happens: PostgreSQL survives a killed backend, and
+            // its own log says only "terminated by signal 9".
+            let now = cgroup::oom_kills(&self.record.cgroups);
+            if now > oom_kills {
+                eprintln!(
+                    "isoenv sandbox: the kernel's OOM killer ended {} process(es) in this sandbox: it reached its memory limit of {} (`limits.memory` in {}); raise it there and restart",
+                    now - oom_kills,
+                    req.manifest.limits.memory,
+                    req.dir.join(crate::backend::manifest::FILE).display()
+                );
+                oom_kills = now;
+            }
             match waitpid(self.init, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(_, code)) => break code,
                 Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
@@ -266,8 +279,8 @@ impl Supervisor {
                 let _ = kill(self.init, Signal::SIGKILL);
                 deadline = None;
             }
-            let timeout = deadline.map_or(Duration::from_secs(3600), |d| {
-                d.saturating_duration_since(Instant::now())
+            let timeout = deadline.map_or(OOM_LOOK, |d| {
+                d.saturating_duration_since(Instant::now()).min(OOM_LOOK)
             });
             match wait_signal(&signals, timeout) {
                 Some(Signal::SIGCHLD) | None => {}
@@ -288,6 +301,9 @@ impl Supervisor {
         code
     }
 }
+
+/// How often the supervisor looks at the OOM killer's count while it waits.
+const OOM_LOOK: Duration = Duration::from_secs(1);
 
 /// Waits for one of `set` (which must be blocked) for at most `timeout`.
 fn wait_signal(set: &SigSet, timeout: Duration) -> Option<Signal> {
