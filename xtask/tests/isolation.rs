@@ -495,3 +495,61 @@ fn redis_cannot_be_told_to_write_elsewhere_or_load_modules() {
     assert!(loaded.contains("not allowed"), "{loaded}");
     project.ok(&["db", "destroy", "cache"]);
 }
+
+/// Without root every server runs as the invoker, so what keeps one environment's superuser
+/// from another's files is the sandbox's mount namespace: tried rootful and rootless, with the
+/// superuser's own file functions, against another environment's password file and data.
+#[test]
+fn a_sandboxed_superuser_sees_no_other_environment_rootful_or_rootless() {
+    for project in [Project::new(""), Project::unprivileged("")] {
+        project.ok(&["db", "create", "other", "--engine", "redis"]);
+        project.ok(&[
+            "db",
+            "create",
+            "boxed",
+            "--engine",
+            "postgres",
+            "--backend",
+            "sandbox",
+        ]);
+        let url = project.ok(&["db", "url", "boxed"]);
+        let mut c = postgres::Client::connect(url.trim(), postgres::NoTls).unwrap();
+        let other = project.state().join("other");
+        let conf = fs::read_dir(&other)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".conf"))
+            .expect("redis's configuration, which holds its password");
+        for sql in [
+            format!("SELECT pg_read_file('{}')", conf.display()),
+            format!(
+                "SELECT count(*)::text FROM pg_ls_dir('{}')",
+                other.display()
+            ),
+        ] {
+            let got = c.query_one(&sql, &[]).map(|r| r.get::<_, String>(0));
+            let err = got.expect_err(&sql);
+            let err = err
+                .as_db_error()
+                .map_or_else(|| err.to_string(), |d| d.message().to_owned());
+            assert!(err.contains("No such file or directory"), "{sql}: {err}");
+        }
+        // The state root shows only its own environment (the path to it exists inside), so the
+        // refusals above are not the functions'.
+        let listed: String = c
+            .query_one(
+                &format!(
+                    "SELECT string_agg(f, ',') FROM pg_ls_dir('{}') f",
+                    project.state().display()
+                ),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(listed, "boxed");
+        for name in ["boxed", "other"] {
+            project.ok(&["db", "destroy", name]);
+        }
+    }
+}
