@@ -565,3 +565,83 @@ fn bad_input_is_explained_and_leaves_nothing() {
     );
     assert_nothing_left(&p, env);
 }
+
+/// The database superuser in a container, tried as in `isolation.rs`: PostgreSQL's own file
+/// functions see the container's process (not root, no capabilities, no_new_privs, Docker's
+/// seccomp filter) and none of the host's files; MariaDB writes files only in its own
+/// directory; Redis cannot be told to write elsewhere. A wrong password is refused by every
+/// engine (see `lifecycle`).
+#[test]
+fn a_containers_superuser_is_confined() {
+    images();
+    let p = Project::new("");
+    for engine in ["postgres", "mysql", "redis"] {
+        let env = format!("confined-{engine}");
+        p.ok(&[
+            "db",
+            "create",
+            &env,
+            "--engine",
+            engine,
+            "--backend",
+            "docker",
+        ]);
+    }
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(marker.path(), "host secret").unwrap();
+    let status = answer(
+        &p,
+        "confined-postgres",
+        "postgres",
+        "SELECT pg_read_file('/proc/self/status')",
+    );
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+    };
+    assert!(!field("Uid:").starts_with("0\t"), "{}", field("Uid:"));
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2");
+    let host_file = client(
+        &p,
+        "confined-postgres",
+        "postgres",
+        &format!("SELECT pg_read_file('{}')", marker.path().display()),
+        None,
+    );
+    assert!(
+        text(&host_file).contains("No such file or directory"),
+        "{}",
+        text(&host_file)
+    );
+
+    let outfile = client(
+        &p,
+        "confined-mysql",
+        "mysql",
+        "SELECT 42 INTO OUTFILE '/tmp/isoenv-outfile'",
+        None,
+    );
+    assert!(
+        text(&outfile).contains("secure-file-priv"),
+        "{}",
+        text(&outfile)
+    );
+
+    for config in ["CONFIG SET dir /tmp", "CONFIG SET dbfilename x.rdb"] {
+        let reply = client(&p, "confined-redis", "redis", config, None);
+        let said = String::from_utf8_lossy(&reply.stdout).to_string();
+        assert!(
+            said.contains("protected config"),
+            "{config}: {}",
+            text(&reply)
+        );
+    }
+    for engine in ["postgres", "mysql", "redis"] {
+        p.ok(&["db", "destroy", &format!("confined-{engine}")]);
+    }
+}

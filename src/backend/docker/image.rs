@@ -21,6 +21,9 @@ pub const FORMAT: u32 = 1;
 /// The label naming the engine of an isoenv image (how `create` finds a local fallback).
 pub const ENGINE_LABEL: &str = "isoenv.engine";
 
+/// How every local image's reference begins.
+pub const LOCAL_PREFIX: &str = "isoenv/";
+
 /// The local image's reference: `isoenv/ENGINE:VERSION-local`, where VERSION has as many
 /// components as the official default tag (`postgres:15` -> `15`, `mariadb:10.11` -> `10.11`).
 pub fn local_reference(engine: EngineKind, official: &str, version: &str) -> String {
@@ -32,7 +35,7 @@ pub fn local_reference(engine: EngineKind, official: &str, version: &str) -> Str
         .filter(|p| !p.is_empty())
         .take(parts)
         .collect();
-    format!("isoenv/{engine}:{}-local", numeric.join("."))
+    format!("{LOCAL_PREFIX}{engine}:{}-local", numeric.join("."))
 }
 
 /// The image's configuration, as `docker import` changes (Dockerfile instructions; import takes

@@ -206,6 +206,14 @@ pub fn create_body(plan: &Plan) -> ContainerCreateBody {
                 }]),
             )])),
             mounts: Some(mounts),
+            // Nothing in the container gains privileges through exec (setuid files, file
+            // capabilities); isoenv's own images run as their service user from the start and
+            // need no capability at all. Other images' entrypoints may switch users as root.
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            cap_drop: plan
+                .image
+                .starts_with(super::image::LOCAL_PREFIX)
+                .then(|| vec!["ALL".into()]),
             memory: Some(memory),
             // No swap beyond the memory limit, as in the sandbox.
             memory_swap: Some(memory),
