@@ -352,11 +352,30 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Runs `binary --version` and extracts the version with `pick`.
+/// Runs `binary --version` and extracts the version with `pick`, once per process for a binary
+/// that has not changed since (a command may locate the engine twice; each run costs 10-20 ms).
 pub(crate) fn version_of(
     binary: &Path,
     pick: fn(&str) -> Option<String>,
 ) -> Result<String, EngineError> {
+    use std::os::unix::fs::MetadataExt;
+    type Seen = Vec<((PathBuf, u64, i64, i64), String)>;
+    static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(Vec::new());
+    let key = std::fs::metadata(binary)
+        .ok()
+        .map(|m| (binary.to_owned(), m.ino(), m.ctime(), m.ctime_nsec()));
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, version)) = seen.iter().find(|(k, _)| Some(k) == key.as_ref()) {
+        return Ok(version.clone());
+    }
+    let version = run_version(binary, pick)?;
+    if let Some(key) = key {
+        seen.push((key, version.clone()));
+    }
+    Ok(version)
+}
+
+fn run_version(binary: &Path, pick: fn(&str) -> Option<String>) -> Result<String, EngineError> {
     let out = std::process::Command::new(binary)
         .arg("--version")
         .output()
