@@ -114,6 +114,9 @@ pub struct Isolation {
     pub running: bool,
     /// The sandbox's pid 1 as the host sees it (for `nsenter --target`).
     pub init_pid: Option<i32>,
+    /// Where the server's port can be reached from, and what that means, when that is more
+    /// than this machine's loopback (a container on a remote engine).
+    pub exposed: Option<String>,
     /// Each limit and whether the kernel enforces it right now.
     pub limits: Vec<Enforcement>,
 }

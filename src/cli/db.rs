@@ -454,12 +454,12 @@ fn print_isolation(iso: &crate::backend::Isolation, backend: BackendKind) {
             None => println!("  fs {mode} {}", bind.host.display()),
         }
     }
-    match (backend, m.network.expose.port()) {
-        (BackendKind::Docker, 0) => {
-            println!("  network: a port Docker picks at each start, published on 127.0.0.1")
+    match (backend, m.network.expose.port(), &iso.exposed) {
+        (BackendKind::Docker, 0, Some(exposed)) => {
+            println!("  network: a port Docker picks at each start, published on {exposed}")
         }
-        (BackendKind::Docker, port) => println!("  network: port {port}, published on 127.0.0.1"),
-        (_, port) => println!(
+        (BackendKind::Docker, _, Some(exposed)) => println!("  network: published on {exposed}"),
+        (_, port, _) => println!(
             "  network: 127.0.0.1:{port} on the host; inside only `lo`, no outbound access"
         ),
     }

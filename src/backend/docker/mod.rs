@@ -28,7 +28,7 @@ use crate::sys::process::{ProcessId, ServiceUser};
 use crate::sys::secret::Secret;
 use client::{Docker as Client, Observed};
 use image::SOURCE_LABEL;
-use spec::{addresses, Plan, Project};
+use spec::{Plan, Project};
 
 /// How long Docker may still be making a container whose creator was killed.
 const MAKING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,7 +96,7 @@ impl Backend for Docker {
             }
             None => 0,
         };
-        let mut state = EnvState::new(opts, addresses(host.docker_host()).1, port);
+        let mut state = EnvState::new(opts, reach(host).client_host, port);
         state.engine_version = version;
         state.container = Some(container);
         layout
@@ -242,6 +242,14 @@ impl Backend for Docker {
             manifest: manifest.map_err(|e| e.to_string()),
             running: status == Status::Running,
             init_pid: None,
+            exposed: Some(
+                reach(host).exposure(
+                    observed
+                        .as_ref()
+                        .and_then(|o| o.host_port)
+                        .unwrap_or(state.port),
+                ),
+            ),
             limits,
         })
     }
@@ -302,6 +310,11 @@ fn docker_for<'h>(host: &'h dyn Host, state: &EnvState) -> Result<&'h Client> {
         });
     }
     host.docker()
+}
+
+/// Where this engine's containers publish their port, and where clients reach it.
+fn reach(host: &dyn Host) -> spec::Reach {
+    spec::Reach::of(host.docker_host(), host.vars().get(spec::PUBLISH_VAR))
 }
 
 /// This state root on this machine, which owns the containers and volumes.
@@ -391,7 +404,7 @@ fn make_container(
     if new_volume {
         docker.create_volume(&record.volume, labels.clone())?;
     }
-    let (publish_ip, _) = addresses(host.docker_host());
+    let publish_ip = reach(host).publish_ip;
     let body = spec::create_body(&Plan {
         image: &record.image,
         container: &container,

@@ -105,22 +105,63 @@ impl Project {
     }
 }
 
-/// Where a published port is bound and where clients reach it: loopback for a local engine; the
-/// engine's host for a remote one (`DOCKER_HOST=tcp://HOST:PORT`), where a loopback binding
-/// would be out of reach.
-pub fn addresses(docker_host: Option<&str>) -> (String, String) {
-    let remote = docker_host
-        .and_then(|h| h.split_once("://"))
-        .filter(|(scheme, _)| matches!(*scheme, "tcp" | "http" | "https"))
-        .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or_default())
-        .map(|authority| match authority.rsplit_once(':') {
-            Some((host, _)) => host.trim_matches(['[', ']']).to_owned(),
-            None => authority.to_owned(),
-        })
-        .filter(|h| !h.is_empty());
-    match remote {
-        Some(h) if !is_loopback(&h) => ("0.0.0.0".into(), h),
-        _ => ("127.0.0.1".into(), "127.0.0.1".into()),
+/// The variable naming the address on a remote engine's host that containers publish on.
+pub const PUBLISH_VAR: &str = "ISOENV_DOCKER_PUBLISH_IP";
+
+/// Where a container's port is published on the engine's host, and where clients reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    pub publish_ip: String,
+    pub client_host: String,
+}
+
+impl Reach {
+    /// Loopback for a local engine. For a remote one (`DOCKER_HOST=tcp://HOST:PORT`), where
+    /// a loopback binding is out of reach: the address `publish` names (`ISOENV_DOCKER_PUBLISH_IP`,
+    /// one of the engine host's own), else HOST when it is an address, else every address of
+    /// the engine's host; clients connect to the published address, or HOST when that is
+    /// every address.
+    pub fn of(docker_host: Option<&str>, publish: Option<&str>) -> Reach {
+        let remote = docker_host
+            .and_then(|h| h.split_once("://"))
+            .filter(|(scheme, _)| matches!(*scheme, "tcp" | "http" | "https"))
+            .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or_default())
+            .map(|authority| match authority.rsplit_once(':') {
+                Some((host, _)) => host.trim_matches(['[', ']']).to_owned(),
+                None => authority.to_owned(),
+            })
+            .filter(|h| !h.is_empty() && !is_loopback(h));
+        let Some(host) = remote else {
+            return Reach {
+                publish_ip: "127.0.0.1".into(),
+                client_host: "127.0.0.1".into(),
+            };
+        };
+        let address = |a: &str| a.parse::<std::net::IpAddr>().ok();
+        let publish_ip = match publish {
+            Some(ip) => ip.to_owned(),
+            None if address(&host).is_some() => host.clone(),
+            None => "0.0.0.0".into(),
+        };
+        let client_host = match address(&publish_ip) {
+            Some(ip) if !ip.is_unspecified() => publish_ip.clone(),
+            _ => host,
+        };
+        Reach {
+            publish_ip,
+            client_host,
+        }
+    }
+
+    /// What publishing there exposes, in words for `inspect`.
+    pub fn exposure(&self, port: u16) -> String {
+        if self.publish_ip == "127.0.0.1" {
+            return format!("127.0.0.1:{port} of this machine only");
+        }
+        format!(
+            "{}:{port} of the Docker engine's host: anyone who can reach that address can try to log in (the password is always required; set {PUBLISH_VAR} to narrow it)",
+            self.publish_ip
+        )
     }
 }
 
@@ -130,7 +171,9 @@ pub fn publishes_here(docker_host: Option<&str>) -> bool {
     match docker_host.and_then(|h| h.split_once("://")) {
         None => true,
         Some(("unix", _)) => true,
-        Some(("tcp" | "http" | "https", _)) => addresses(docker_host).1 == "127.0.0.1",
+        Some(("tcp" | "http" | "https", _)) => {
+            Reach::of(docker_host, None).client_host == "127.0.0.1"
+        }
         Some(_) => false,
     }
 }
@@ -353,20 +396,39 @@ mod tests {
     }
 
     #[test]
-    fn addresses_stay_on_loopback_unless_the_engine_is_remote() {
+    fn ports_stay_on_loopback_unless_the_engine_is_remote() {
+        let reach = |h: Option<&str>, p: Option<&str>| {
+            let r = Reach::of(h, p);
+            (r.publish_ip, r.client_host)
+        };
         let local = ("127.0.0.1".to_owned(), "127.0.0.1".to_owned());
-        assert_eq!(addresses(None), local);
-        assert_eq!(addresses(Some("unix:///var/run/docker.sock")), local);
-        assert_eq!(addresses(Some("tcp://127.0.0.1:2375")), local);
-        assert_eq!(addresses(Some("tcp://localhost:2375")), local);
+        assert_eq!(reach(None, None), local);
+        assert_eq!(reach(Some("unix:///var/run/docker.sock"), None), local);
+        assert_eq!(reach(Some("tcp://127.0.0.1:2375"), Some("10.0.0.1")), local);
+        assert_eq!(reach(Some("tcp://localhost:2375"), None), local);
+        let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        // A name: every address of the engine's host, reached by that name.
         assert_eq!(
-            addresses(Some("tcp://build-box:2376")),
-            ("0.0.0.0".to_owned(), "build-box".to_owned())
+            reach(Some("tcp://build-box:2376"), None),
+            pair("0.0.0.0", "build-box")
+        );
+        // An address: that one only.
+        assert_eq!(
+            reach(Some("tcp://10.1.2.3:2376"), None),
+            pair("10.1.2.3", "10.1.2.3")
+        );
+        // The address asked for, reached there.
+        assert_eq!(
+            reach(Some("tcp://build-box:2376"), Some("10.9.9.9")),
+            pair("10.9.9.9", "10.9.9.9")
         );
         assert_eq!(
-            addresses(Some("https://[2001:db8::1]:2376/")).1,
+            reach(Some("https://[2001:db8::1]:2376/"), None).1,
             "2001:db8::1"
         );
+        assert!(Reach::of(Some("tcp://10.1.2.3:2376"), None)
+            .exposure(5432)
+            .contains("password is always required"));
     }
 
     #[test]

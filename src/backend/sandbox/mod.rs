@@ -178,6 +178,7 @@ impl Confinement for Sandbox {
             manifest_file: file,
             manifest: manifest.map_err(|e| e.to_string()),
             running: record.is_some(),
+            exposed: None,
             init_pid: record.and_then(|r| r.init),
             limits,
         })

@@ -16,6 +16,9 @@ pub struct Project {
     pub dir: TempDir,
     /// Commands run as this user (`setpriv`), not as the test's own.
     user: Option<nix::unistd::User>,
+    /// Commands run in this network namespace (`ip netns exec`): another host, as far as the
+    /// network goes.
+    netns: Option<String>,
 }
 
 impl Project {
@@ -26,7 +29,11 @@ impl Project {
             .unwrap();
         // Servers run as an unprivileged user, which must be able to reach the state root.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let p = Project { dir, user: None };
+        let p = Project {
+            dir,
+            user: None,
+            netns: None,
+        };
         p.write_env(env);
         p
     }
@@ -46,6 +53,12 @@ impl Project {
             .unwrap();
         assert!(chown.success());
         p
+    }
+
+    /// The same project, its commands run in the network namespace `name`.
+    pub fn in_netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
     }
 
     pub fn env_file(&self) -> PathBuf {
@@ -71,9 +84,14 @@ impl Project {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = match &self.user {
-            None => Command::new(env!("CARGO_BIN_EXE_xtask")),
-            Some(user) => {
+        let mut cmd = match (&self.user, &self.netns) {
+            (None, None) => Command::new(env!("CARGO_BIN_EXE_xtask")),
+            (None, Some(ns)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_xtask")]);
+                c
+            }
+            (Some(user), _) => {
                 let mut c = Command::new("setpriv");
                 c.arg(format!("--reuid={}", user.uid))
                     .arg(format!("--regid={}", user.gid))
