@@ -135,12 +135,13 @@ impl Workspace {
 }
 
 /// Whether `gc` removes this directory: its owner is dead, or it still carries the marker of a
-/// create that did not finish (only trusted while nobody holds the lock).
+/// create that did not finish, or it is empty (a create killed between making the directory
+/// and its marker); only trusted while nobody holds the lock.
 fn is_garbage(layout: &Layout) -> bool {
     let half_made = layout.creating_marker().exists();
     match EnvState::load(layout) {
         Ok(Some(state)) => half_made || state.orphaned(ProcessId::is_alive),
-        Ok(None) => half_made,
+        Ok(None) => half_made || fs::read_dir(&layout.dir).is_ok_and(|mut d| d.next().is_none()),
         Err(_) => false,
     }
 }

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use crate::backend::docker::client::{Docker, DockerError};
+use crate::backend::docker::ssh::{self, SshLink};
 use crate::backend::{EnvState, Host};
 use crate::config::{DatabaseConfig, EnvironmentConfig, Profile};
 use crate::engine::{Binaries, Credentials, Engine};
@@ -243,7 +244,16 @@ impl Host for Workspace {
 
     fn docker(&self) -> Result<&Docker> {
         self.docker
-            .get_or_init(|| Docker::connect(self.docker_host.as_deref()))
+            .get_or_init(|| {
+                let config = self.vars.get(ssh::CONFIG_VAR);
+                match self.docker_host.as_deref() {
+                    Some(h) => match SshLink::of(h, &self.root, config) {
+                        Some(link) => Docker::through(h, link),
+                        None => Docker::connect(Some(h)),
+                    },
+                    None => Docker::connect(None),
+                }
+            })
             .as_ref()
             .map_err(|e| Error::Docker(e.clone()))
     }
@@ -287,6 +297,16 @@ impl Host for Workspace {
 
     fn credentials(&self, layout: &Layout) -> Result<Credentials> {
         client_files::read_credentials(layout)
+    }
+}
+
+impl Drop for Workspace {
+    /// An SSH connection to a Docker engine that this command opened and left without an
+    /// environment to carry is closed, so that no ssh process outlives a command for nothing.
+    fn drop(&mut self) {
+        if let Some(Ok(docker)) = self.docker.get() {
+            crate::backend::docker::close_link_opened_here(self, docker);
+        }
     }
 }
 

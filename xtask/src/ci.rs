@@ -44,7 +44,7 @@ struct Need {
 }
 
 /// What the suite needs: the three engines, the shells the activate scripts are tested in,
-/// sshd for the tunnel, Python's venv for the pytest example, a C compiler and the PostgreSQL
+/// sshd and ssh for the tunnel and remote engines, `ip` for their network namespaces, Python's venv for the pytest example, a C compiler and the PostgreSQL
 /// server headers for the isolation probes' extension. `major` is the installed PostgreSQL's.
 fn needs(vars: &isoenv::Vars, major: Option<&str>) -> Vec<Need> {
     let mut needs: Vec<Need> = EngineKind::ALL
@@ -72,6 +72,8 @@ fn needs(vars: &isoenv::Vars, major: Option<&str>) -> Vec<Need> {
         program("zsh", "zsh"),
         program("fish", "fish"),
         program("sshd", "openssh-server"),
+        program("ssh", "openssh-client"),
+        program("ip", "iproute2"),
         program("gcc", "gcc"),
         program("docker", "docker.io"),
         Need {

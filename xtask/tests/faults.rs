@@ -49,8 +49,10 @@ fn cmd(project: &Project, args: &[&str]) -> Command {
     c
 }
 
-/// Everything the project's commands made is gone, once `db gc` has run.
-fn assert_nothing_left(project: &Project, what: &str) {
+/// Everything the project's commands made is gone, once `db gc` has run. `names` is how its
+/// environments' names begin (their cgroups are named after them; the tests of this file run
+/// at once, each with names of its own).
+fn assert_nothing_left(project: &Project, names: &str, what: &str) {
     let gc = cmd(project, &["db", "gc"]).output().unwrap();
     assert!(gc.status.success(), "{}", support::text(&gc));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -91,7 +93,7 @@ fn assert_nothing_left(project: &Project, what: &str) {
         temporary.is_empty(),
         "{what}: initializations left: {temporary:?}"
     );
-    let cgroups = cgroups_named("isoenv-fault");
+    let cgroups = cgroups_named(&format!("isoenv-{names}"));
     assert!(cgroups.is_empty(), "{what}: cgroups left: {cgroups:?}");
 }
 
@@ -132,7 +134,11 @@ fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
                 // Whatever the moment, the next command leaves nothing of it behind; a create
                 // that finished before the kill is removed by hand, as a user would.
                 let _ = cmd(&project, &["db", "destroy", &name]).output();
-                assert_nothing_left(&project, &format!("{name} killed after {delay_ms} ms"));
+                assert_nothing_left(
+                    &project,
+                    "fault-",
+                    &format!("{name} killed after {delay_ms} ms"),
+                );
             }
         }
     }
@@ -424,7 +430,7 @@ fn kill_9_at_any_moment_of_start_then_start_works_and_destroy_leaves_nothing() {
     let project = Project::new("");
     for engine in ["postgres", "mysql", "redis"] {
         for backend in ["lightweight", "sandbox"] {
-            let name = format!("fault-start-{engine}-{backend}");
+            let name = format!("kstart-{engine}-{backend}");
             let made = cmd(
                 &project,
                 &[
@@ -493,7 +499,7 @@ fn kill_9_at_any_moment_of_start_then_start_works_and_destroy_leaves_nothing() {
             fs::write(&record, serde_json::to_vec(&state).unwrap()).unwrap();
             let gone = cmd(&project, &["db", "destroy", &name]).output().unwrap();
             assert!(gone.status.success(), "{}", support::text(&gone));
-            assert_nothing_left(&project, &name);
+            assert_nothing_left(&project, "kstart-", &name);
         }
     }
 }
@@ -532,7 +538,7 @@ fn kill_9_at_any_moment_of_a_test_run_leaves_nothing_once_another_command_runs()
                 sleep(Duration::from_millis(delay_ms));
                 let _ = child.kill();
                 let _ = child.wait();
-                assert_nothing_left(&project, &what);
+                assert_nothing_left(&project, "test-", &what);
             }
         }
     }

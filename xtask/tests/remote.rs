@@ -5,102 +5,29 @@
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 mod support;
+use support::sshd::Sshd;
 use support::{text, Project};
 
-/// A real OpenSSH server on a free 127.0.0.1 port that accepts one generated key for the
-/// current user, with key logins only.
-struct Sshd {
-    dir: TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Sshd {
-    fn start() -> Self {
-        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("sshd is missing: install openssh-server (.ci/run does)");
-        let dir = tempfile::Builder::new()
-            .prefix("isoenv-sshd-")
-            .tempdir()
-            .unwrap();
-        for key in ["host_key", "user_key", "other_key"] {
-            let ok = Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(dir.path().join(key))
-                .status()
-                .expect("ssh-keygen is missing: install openssh-client");
-            assert!(ok.success());
-        }
-        fs::copy(
-            dir.path().join("user_key.pub"),
-            dir.path().join("authorized_keys"),
-        )
-        .unwrap();
-        // OpenSSH's privilege separation needs this directory (Debian creates it at boot).
-        fs::create_dir_all("/run/sshd").unwrap();
-        let port = free_port();
-        let d = dir.path().display();
-        let config = format!(
-            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\n\
-             AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\n\
-             StrictModes no\nPidFile none\nAllowTcpForwarding local\n"
-        );
-        fs::write(dir.path().join("sshd_config"), config).unwrap();
-        let child = Command::new(sshd)
-            .args(["-D", "-e", "-f"])
-            .arg(dir.path().join("sshd_config"))
-            .stdin(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("sshd.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let s = Sshd { dir, port, child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not start: {}", s.log());
-            sleep(Duration::from_millis(10));
-        }
-        s
-    }
-
-    fn key(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
-    }
-
-    /// `.env` lines for a development tunnel through this server to the database at
-    /// 127.0.0.1:`db.0` (as the server sees it) with password `db.1`.
-    fn env(&self, db: (u16, &str), key: &str, extra: &str) -> String {
-        format!(
-            "DB_VM_HOST=127.0.0.1\nDB_VM_PORT={}\nDB_VM_NAME=postgres\nDB_VM_USER=postgres\n\
-             DB_VM_PASSWORD={}\nDB_VM_SSH_ENABLED=true\nDB_VM_SSH_HOST=127.0.0.1\n\
-             DB_VM_SSH_PORT={}\nDB_VM_SSH_USER={}\nDB_VM_SSH_KEY={}\n{extra}",
-            db.0,
-            db.1,
-            self.port,
-            whoami(),
-            self.key(key).display()
-        )
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `.env` lines for a development tunnel through `sshd` to the database at
+/// 127.0.0.1:`db.0` (as the server sees it) with password `db.1`.
+fn tunnel_env(sshd: &Sshd, db: (u16, &str), key: &str, extra: &str) -> String {
+    format!(
+        "DB_VM_HOST=127.0.0.1\nDB_VM_PORT={}\nDB_VM_NAME=postgres\nDB_VM_USER=postgres\n\
+         DB_VM_PASSWORD={}\nDB_VM_SSH_ENABLED=true\nDB_VM_SSH_HOST=127.0.0.1\n\
+         DB_VM_SSH_PORT={}\nDB_VM_SSH_USER={}\nDB_VM_SSH_KEY={}\n{extra}",
+        db.0,
+        db.1,
+        sshd.port,
+        whoami(),
+        sshd.key(key).display()
+    )
 }
 
 /// A PostgreSQL made by isoenv in its own project: the "VM" or "production" database.
@@ -207,12 +134,12 @@ fn query_count(url: &str) -> i64 {
 
 #[test]
 fn tunnel_up_query_detect_repair_and_down() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start_on("127.0.0.1");
     let vm = Target::postgres();
     vm.client()
         .batch_execute("CREATE TABLE tunnelled (id int); INSERT INTO tunnelled VALUES (1), (2)")
         .unwrap();
-    let dev = Project::new(&sshd.env(vm.addr(), "user_key", ""));
+    let dev = Project::new(&tunnel_env(&sshd, vm.addr(), "user_key", ""));
     let up = dev.json(&["db", "up", "--json"]);
     assert_eq!(up["outcome"], "created", "{up}");
     assert_eq!(up["backend"], "ssh-tunnel");
@@ -280,32 +207,37 @@ fn tunnel_up_query_detect_repair_and_down() {
 
 #[test]
 fn each_failing_hop_has_its_own_error_and_leaves_nothing() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start_on("127.0.0.1");
     let vm = Target::postgres();
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "a key the server does not accept",
-            sshd.env(vm.addr(), "other_key", ""),
+            tunnel_env(&sshd, vm.addr(), "other_key", ""),
             "failed at the ssh authentication hop",
         ),
         (
             "an unknown host key under strict checking",
-            sshd.env(vm.addr(), "user_key", "DB_VM_SSH_STRICT_HOST_KEYS=true\n"),
+            tunnel_env(
+                &sshd,
+                vm.addr(),
+                "user_key",
+                "DB_VM_SSH_STRICT_HOST_KEYS=true\n",
+            ),
             "failed at the host key verification (unknown host key) hop",
         ),
         (
             "a closed remote port",
-            sshd.env((free_port(), &vm.password), "user_key", ""),
+            tunnel_env(&sshd, (free_port(), &vm.password), "user_key", ""),
             "failed at the remote database port hop",
         ),
         (
             "a wrong database password",
-            sshd.env((vm.port, "not-the-password"), "user_key", ""),
+            tunnel_env(&sshd, (vm.port, "not-the-password"), "user_key", ""),
             "failed at the database hop",
         ),
         (
             "no sshd at that port",
-            sshd.env(vm.addr(), "user_key", "").replace(
+            tunnel_env(&sshd, vm.addr(), "user_key", "").replace(
                 &format!("DB_VM_SSH_PORT={}", sshd.port),
                 &format!("DB_VM_SSH_PORT={}", free_port()),
             ),
@@ -330,7 +262,7 @@ fn each_failing_hop_has_its_own_error_and_leaves_nothing() {
     }
 
     // A host key that changed is refused even without strict checking.
-    let dev = Project::new(&sshd.env(vm.addr(), "user_key", ""));
+    let dev = Project::new(&tunnel_env(&sshd, vm.addr(), "user_key", ""));
     fs::create_dir_all(dev.state()).unwrap();
     let other = fs::read_to_string(sshd.key("other_key.pub")).unwrap();
     let fake: Vec<&str> = other.split_whitespace().take(2).collect();

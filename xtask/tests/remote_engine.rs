@@ -300,3 +300,85 @@ fn test_runs_from_another_host_clean_up_and_clients_keep_apart() {
     other.ok(&["db", "destroy", "mine"]);
     assert_eq!(containers_of(&other), Vec::<String>::new());
 }
+
+/// ssh processes whose command line names this project's SSH links.
+fn ssh_links_of(p: &Project) -> Vec<String> {
+    let needle = p.state().join(".docker-ssh").display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = stat.rsplit(')').next()?.trim_start().starts_with('Z');
+            (cmdline.starts_with("ssh ") && cmdline.contains(&needle) && !zombie)
+                .then(|| format!("{pid}: {cmdline}"))
+        })
+        .collect()
+}
+
+/// `DOCKER_HOST=ssh://root@ADDRESS:PORT` through a real sshd on the engine's side: the API and
+/// every environment's port go through one SSH connection, whose forward is the only way the
+/// client reaches a container published on the engine host's loopback. The connection goes
+/// with the last environment, and a command that only looks leaves none.
+#[test]
+fn a_client_on_another_host_uses_every_engine_over_ssh() {
+    local_images();
+    let net = Net::new();
+    let sshd = support::sshd::Sshd::start_on(&net.host);
+    let p = Project::new(&format!(
+        "DOCKER_HOST=ssh://root@{}:{}\nISOENV_DOCKER_SSH_CONFIG={}\n",
+        net.host,
+        sshd.port,
+        sshd.client_config().display()
+    ))
+    .in_netns(&net.name);
+    p.ok(&["db", "list"]);
+    assert_eq!(
+        ssh_links_of(&p),
+        Vec::<String>::new(),
+        "`db list` left ssh running"
+    );
+    for engine in ["postgres", "mysql", "redis"] {
+        let env = format!("tunnelled-{engine}");
+        let info = p.json(&[
+            "db",
+            "create",
+            &env,
+            "--engine",
+            engine,
+            "--backend",
+            "docker",
+            "--json",
+        ]);
+        assert_eq!(info["host"], "127.0.0.1", "{info}");
+        assert!(
+            answers_42(&net, &p, &env, engine),
+            "{engine}: no answer over SSH\n{}",
+            sshd.log()
+        );
+        assert_eq!(
+            ssh_links_of(&p).len(),
+            1,
+            "one connection carries everything"
+        );
+        let inspect = p.json(&["db", "inspect", &env, "--json"]);
+        let exposed = inspect["isolation"]["exposed"].as_str().unwrap_or_default();
+        assert!(exposed.contains("forwarded over SSH"), "{inspect}");
+        p.ok(&["db", "stop", &env]);
+        p.ok(&["db", "start", &env]);
+        assert!(
+            answers_42(&net, &p, &env, engine),
+            "{engine}: no answer after a restart"
+        );
+        p.ok(&["db", "destroy", &env]);
+        assert_eq!(
+            ssh_links_of(&p),
+            Vec::<String>::new(),
+            "ssh outlived the last environment"
+        );
+    }
+    assert_eq!(containers_of(&p), Vec::<String>::new());
+}

@@ -14,6 +14,8 @@ use bollard::query_parameters::{
 };
 use futures_util::TryStreamExt;
 
+use super::ssh::SshLink;
+
 /// Where Docker listens when `DOCKER_HOST` is not set.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 
@@ -92,12 +94,34 @@ pub struct Docker {
     api: bollard::Docker,
     /// The engine's address, for messages.
     pub host: String,
+    /// The SSH connection the API goes through, for an `ssh://` engine.
+    pub link: Option<SshLink>,
+    /// Whether this process opened that connection (it was not up yet).
+    pub opened_link: bool,
 }
 
 impl Docker {
     /// Connects to `DOCKER_HOST` (or the default socket), agrees on an API version and pings.
     pub fn connect(docker_host: Option<&str>) -> Result<Self> {
-        let host = docker_host.unwrap_or(DEFAULT_HOST).to_owned();
+        Self::connect_at(docker_host.unwrap_or(DEFAULT_HOST), None)
+    }
+
+    /// Connects to the `ssh://` engine `docker_host` through `link`, opened first.
+    pub fn through(docker_host: &str, link: SshLink) -> Result<Self> {
+        let opened = link.open().map_err(|cause| DockerError::Unreachable {
+            host: docker_host.to_owned(),
+            advice: format!("check that `ssh` reaches it with your key and a known host key, without asking (or name an ssh configuration in {})", super::ssh::CONFIG_VAR),
+            cause,
+        })?;
+        let api = format!("unix://{}", link.api_socket().display());
+        let mut docker = Self::connect_at(&api, Some(link))?;
+        docker.host = docker_host.to_owned();
+        docker.opened_link = opened;
+        Ok(docker)
+    }
+
+    fn connect_at(address: &str, link: Option<SshLink>) -> Result<Self> {
+        let host = address.to_owned();
         let unreachable = |cause: String| DockerError::Unreachable {
             advice: advice(&host, &cause),
             host: host.clone(),
@@ -115,7 +139,13 @@ impl Docker {
                 Ok::<_, ApiError>(api)
             })
             .map_err(|e| unreachable(text(&e)))?;
-        Ok(Docker { rt, api, host })
+        Ok(Docker {
+            rt,
+            api,
+            host,
+            link,
+            opened_link: false,
+        })
     }
 
     fn call<T>(

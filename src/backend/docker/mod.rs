@@ -7,6 +7,7 @@
 pub mod client;
 pub mod image;
 pub mod spec;
+pub mod ssh;
 
 use std::collections::HashMap;
 use std::fs;
@@ -48,6 +49,10 @@ pub struct ContainerRecord {
     /// Whether isoenv started it and has not stopped it since: a container that is not running
     /// then has crashed.
     pub started: bool,
+    /// On an `ssh://` engine: the port published on the engine's host that the environment's
+    /// own port here is forwarded to, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded: Option<u16>,
 }
 
 pub struct Docker;
@@ -86,12 +91,15 @@ impl Backend for Docker {
             image,
             docker_host: host.docker_host().map(str::to_owned),
             started: false,
+            forwarded: None,
         };
-        // A port of its own for good, so that an activated shell stays right across starts;
-        // an engine elsewhere picks one at each start (0).
+        // A port of its own for good, so that an activated shell stays right across starts
+        // (through SSH: the local end of the forward); an engine elsewhere picks one at each
+        // start (0).
+        let tunnelled = docker.link.is_some();
         let port = match opts.port {
             Some(port) => port,
-            None if spec::publishes_here(host.docker_host()) => {
+            None if tunnelled || spec::publishes_here(host.docker_host()) => {
                 net::free_port().context(|| "cannot find a free port on 127.0.0.1".into())?
             }
             None => 0,
@@ -102,7 +110,8 @@ impl Backend for Docker {
         layout
             .make()
             .and_then(|()| {
-                let manifest = spec::default_manifest(state.port, host.memory_limit());
+                let published = if tunnelled { 0 } else { state.port };
+                let manifest = spec::default_manifest(published, host.memory_limit());
                 fs::write(layout.dir.join(manifest::FILE), manifest.to_json())
             })
             .context(|| format!("cannot set up {}", layout.dir.display()))?;
@@ -133,7 +142,13 @@ impl Backend for Docker {
         let creds = host.credentials(layout)?;
         let record = record(state).clone();
         match docker.inspect(&record.name)? {
-            Some(o) if o.running => return Ok(Started::Already),
+            Some(o) if o.running => {
+                // A new SSH connection (the old one dropped) carries no forward yet.
+                if let (Some(link), Some(remote)) = (&docker.link, record.forwarded) {
+                    let _ = link.forward(state.port, remote);
+                }
+                return Ok(Started::Already);
+            }
             Some(_) => {}
             None => {
                 if docker.image(&record.image)?.is_none() {
@@ -159,8 +174,11 @@ impl Backend for Docker {
     }
 
     fn stop(&self, host: &dyn Host, state: &mut EnvState, layout: &Layout) -> Result<()> {
-        docker_for(host, state)?.stop(&record(state).name, STOP_GRACE)?;
+        let docker = docker_for(host, state)?;
+        docker.stop(&record(state).name, STOP_GRACE)?;
+        unforward(docker, state);
         record_mut(state).started = false;
+        record_mut(state).forwarded = None;
         state.store(layout)
     }
 
@@ -174,6 +192,7 @@ impl Backend for Docker {
     fn teardown(&self, host: &dyn Host, state: &EnvState, _layout: &Layout) -> Result<()> {
         let docker = docker_for(host, state)?;
         let record = record(state);
+        unforward(docker, state);
         let deadline = Instant::now() + MAKING_TIMEOUT;
         loop {
             docker.remove_container(&record.name)?;
@@ -181,7 +200,11 @@ impl Backend for Docker {
                 Err(e) if e.is_conflict() && Instant::now() < deadline => {
                     sleep(Duration::from_millis(50))
                 }
-                other => return Ok(other?),
+                other => {
+                    other?;
+                    close_link_if_unused(host, docker, &state.name);
+                    return Ok(());
+                }
             }
         }
     }
@@ -242,14 +265,14 @@ impl Backend for Docker {
             manifest: manifest.map_err(|e| e.to_string()),
             running: status == Status::Running,
             init_pid: None,
-            exposed: Some(
-                reach(host).exposure(
-                    observed
-                        .as_ref()
-                        .and_then(|o| o.host_port)
-                        .unwrap_or(state.port),
-                ),
-            ),
+            exposed: Some({
+                let published = observed.as_ref().and_then(|o| o.host_port);
+                let tunnelled = host.docker().is_ok_and(|d| d.link.is_some());
+                match (tunnelled, published) {
+                    (true, Some(p)) => format!("127.0.0.1:{p} of the Docker engine's host, forwarded over SSH to 127.0.0.1:{} here only", state.port),
+                    (_, p) => reach(host).exposure(p.unwrap_or(state.port)),
+                }
+            }),
             limits,
         })
     }
@@ -470,9 +493,25 @@ fn run_container(
     }
     record_mut(state).started = true;
     state.store(layout)?;
-    let port = docker.inspect(&name)?.and_then(|o| o.host_port);
-    let Some(port) = port else {
+    let published = docker.inspect(&name)?.and_then(|o| o.host_port);
+    let Some(published) = published else {
         return failed(state, "Docker published no host port".into());
+    };
+    let port = match &docker.link {
+        // Through SSH: the environment's own port here, forwarded to the one published there.
+        Some(link) => {
+            unforward(docker, state);
+            if let Err(e) = link.forward(state.port, published) {
+                return failed(
+                    state,
+                    format!("cannot forward 127.0.0.1:{} over SSH: {e}", state.port),
+                );
+            }
+            record_mut(state).forwarded = Some(published);
+            state.store(layout)?;
+            state.port
+        }
+        None => published,
     };
     if port != state.port {
         state.port = port;
@@ -501,6 +540,40 @@ fn run_container(
         return Ok(());
     };
     failed(state, failure)
+}
+
+/// Cancels the environment's SSH forward, if it has one.
+fn unforward(docker: &Client, state: &EnvState) {
+    if let (Some(link), Some(remote)) = (&docker.link, record(state).forwarded) {
+        link.cancel(state.port, remote);
+    }
+}
+
+/// Closes the SSH connection this command opened to the engine if no environment of this
+/// state root lives on it (a command that only looked, e.g. `db list`).
+pub fn close_link_opened_here(host: &dyn Host, docker: &Client) {
+    if docker.opened_link {
+        close_link_if_unused(host, docker, "");
+    }
+}
+
+/// Closes the SSH connection to the engine once no environment of this state root but
+/// `except` lives on it.
+fn close_link_if_unused(host: &dyn Host, docker: &Client, except: &str) {
+    let Some(link) = &docker.link else {
+        return;
+    };
+    let entries = fs::read_dir(host.root()).into_iter().flatten().flatten();
+    let in_use = entries
+        .filter(|e| e.file_name().to_str() != Some(except))
+        .filter_map(|e| EnvState::load(&Layout::new(e.path())).ok().flatten())
+        .any(|s| {
+            s.container
+                .is_some_and(|c| c.docker_host.as_deref() == host.docker_host())
+        });
+    if !in_use {
+        link.close();
+    }
 }
 
 fn record(state: &EnvState) -> &ContainerRecord {
