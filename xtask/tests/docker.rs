@@ -134,16 +134,7 @@ fn lifecycle(engine: &str) {
     images();
     let p = Project::new("");
     let env = format!("life-{engine}");
-    let info = p.json(&[
-        "db",
-        "create",
-        &env,
-        "--engine",
-        engine,
-        "--backend",
-        "docker",
-        "--json",
-    ]);
+    let info = p.create(&env, engine, "docker");
     assert_eq!(info["backend"], "docker");
     assert_eq!(info["status"], "running");
     let name = info["container"]["name"].as_str().unwrap().to_owned();
@@ -233,15 +224,7 @@ fn a_container_removed_behind_isoenvs_back_is_reported_and_made_again() {
     images();
     let p = Project::new("");
     let env = "gone-pg";
-    p.ok(&[
-        "db",
-        "create",
-        env,
-        "--engine",
-        "postgres",
-        "--backend",
-        "docker",
-    ]);
+    p.create(env, "postgres", "docker");
     let (write, read) = queries("postgres");
     answer(&p, env, "postgres", write);
     let name = container_of(&p, env);
@@ -577,15 +560,7 @@ fn a_containers_superuser_is_confined() {
     let p = Project::new("");
     for engine in ["postgres", "mysql", "redis"] {
         let env = format!("confined-{engine}");
-        p.ok(&[
-            "db",
-            "create",
-            &env,
-            "--engine",
-            engine,
-            "--backend",
-            "docker",
-        ]);
+        p.create(&env, engine, "docker");
     }
     let marker = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(marker.path(), "host secret").unwrap();

@@ -49,6 +49,22 @@ fn cmd(project: &Project, args: &[&str]) -> Command {
     c
 }
 
+/// `db create NAME` of `engine` in `backend`.
+fn create(project: &Project, name: &str, engine: &str, backend: &str) -> Command {
+    cmd(
+        project,
+        &[
+            "db",
+            "create",
+            name,
+            "--engine",
+            engine,
+            "--backend",
+            backend,
+        ],
+    )
+}
+
 /// Everything the project's commands made is gone, once `db gc` has run. `names` is how its
 /// environments' names begin (their cgroups are named after them; the tests of this file run
 /// at once, each with names of its own).
@@ -111,22 +127,11 @@ fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
             // spread over the whole create, from before anything exists to after the record.
             for (round, delay_ms) in [5u64, 40, 120, 300, 700].into_iter().enumerate() {
                 let name = format!("fault-{engine}-{backend}-{round}");
-                let mut child = cmd(
-                    &project,
-                    &[
-                        "db",
-                        "create",
-                        &name,
-                        "--engine",
-                        engine,
-                        "--backend",
-                        backend,
-                    ],
-                )
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
+                let mut child = create(&project, &name, engine, backend)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
                 sleep(Duration::from_millis(delay_ms));
                 let _ = child.kill();
                 let _ = child.wait();
@@ -214,15 +219,7 @@ fn servers_of_a_deleted_state_root_are_found_and_stopped() {
     let project = Project::new("");
     let mut ports = Vec::new();
     for (name, backend) in [("orphan-a", "lightweight"), ("orphan-b", "sandbox")] {
-        project.ok(&[
-            "db",
-            "create",
-            name,
-            "--engine",
-            "redis",
-            "--backend",
-            backend,
-        ]);
+        project.create(name, "redis", backend);
         let info = project.json(&["db", "inspect", name, "--json"]);
         ports.push(info["port"].as_u64().unwrap() as u16);
     }
@@ -292,15 +289,7 @@ fn ports_that_cannot_work_are_refused_up_front() {
 fn a_development_redis_survives_kill_9_of_its_server() {
     let project = Project::new("");
     for (name, backend) in [("aof-l", "lightweight"), ("aof-s", "sandbox")] {
-        project.ok(&[
-            "db",
-            "create",
-            name,
-            "--engine",
-            "redis",
-            "--backend",
-            backend,
-        ]);
+        project.create(name, "redis", backend);
         let activate = project.state().join(name).join("bin/activate");
         let redis = |script: &str| {
             let out = Command::new("bash")
@@ -431,20 +420,7 @@ fn kill_9_at_any_moment_of_start_then_start_works_and_destroy_leaves_nothing() {
     for engine in ["postgres", "mysql", "redis"] {
         for backend in ["lightweight", "sandbox"] {
             let name = format!("kstart-{engine}-{backend}");
-            let made = cmd(
-                &project,
-                &[
-                    "db",
-                    "create",
-                    &name,
-                    "--engine",
-                    engine,
-                    "--backend",
-                    backend,
-                ],
-            )
-            .output()
-            .unwrap();
+            let made = create(&project, &name, engine, backend).output().unwrap();
             assert!(made.status.success(), "{}", support::text(&made));
             for delay_ms in [5u64, 30, 80, 200] {
                 let what = format!("{name}: start killed after {delay_ms} ms");
@@ -550,15 +526,7 @@ fn kill_9_at_any_moment_of_a_test_run_leaves_nothing_once_another_command_runs()
 #[test]
 fn an_out_of_memory_kill_in_the_sandbox_names_the_limit() {
     let project = Project::new("");
-    project.ok(&[
-        "db",
-        "create",
-        "hungry",
-        "--engine",
-        "redis",
-        "--backend",
-        "sandbox",
-    ]);
+    project.create("hungry", "redis", "sandbox");
     project.ok(&["db", "stop", "hungry"]);
     let manifest = project.state().join("hungry/manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();

@@ -122,15 +122,7 @@ fn create_cmd(project: &Project, name: &str, backend: &str) -> Command {
 fn a_sandboxed_server_cannot_point_a_host_socket_elsewhere_nor_unshare_nor_read_keys() {
     let (_dir, library) = probe_library();
     for project in [Project::new(""), Project::unprivileged("")] {
-        project.ok(&[
-            "db",
-            "create",
-            "escape",
-            "--engine",
-            "postgres",
-            "--backend",
-            "sandbox",
-        ]);
+        project.create("escape", "postgres", "sandbox");
         let t = Target::create(&project, "escape", "sandbox", &library);
         // Something on the host's loopback that the server must never reach.
         let bait = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -246,15 +238,7 @@ fn no_unix_socket_lets_anyone_in_without_the_password() {
         ("keys", "redis", "lightweight"),
     ];
     for (name, engine, backend) in tries {
-        project.ok(&[
-            "db",
-            "create",
-            name,
-            "--engine",
-            engine,
-            "--backend",
-            backend,
-        ]);
+        project.create(name, engine, backend);
         let run = project.state().join(name).join("run");
         let url = project.ok(&["db", "url", name]).trim().to_owned();
         let password = url
@@ -503,15 +487,7 @@ fn redis_cannot_be_told_to_write_elsewhere_or_load_modules() {
 fn a_sandboxed_superuser_sees_no_other_environment_rootful_or_rootless() {
     for project in [Project::new(""), Project::unprivileged("")] {
         project.ok(&["db", "create", "other", "--engine", "redis"]);
-        project.ok(&[
-            "db",
-            "create",
-            "boxed",
-            "--engine",
-            "postgres",
-            "--backend",
-            "sandbox",
-        ]);
+        project.create("boxed", "postgres", "sandbox");
         let url = project.ok(&["db", "url", "boxed"]);
         let mut c = postgres::Client::connect(url.trim(), postgres::NoTls).unwrap();
         let other = project.state().join("other");

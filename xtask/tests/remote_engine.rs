@@ -73,12 +73,11 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.link])
-            .status();
+        // Deleting the namespace deletes the pair with it; the link goes by name too, in case
+        // the namespace was never made.
+        for args in [["netns", "del", &self.name], ["link", "del", &self.link]] {
+            let _ = Command::new("ip").args(args).output();
+        }
     }
 }
 
@@ -140,6 +139,29 @@ fn containers_of(p: &Project) -> Vec<String> {
         .collect()
 }
 
+/// One environment of `engine` from the client: created (its record naming `host`), a real
+/// client's answer, `inspect`'s exposure as `exposed` expects, stop and start keeping it
+/// reachable, and destroyed.
+fn round_trip(net: &Net, p: &Project, engine: &str, host: &str, exposed: &dyn Fn(&str) -> bool) {
+    let env = format!("far-{engine}");
+    let info = p.create(&env, engine, "docker");
+    assert_eq!(info["host"], host, "{info}");
+    assert!(
+        answers_42(net, p, &env, engine),
+        "{engine}: no answer from afar"
+    );
+    let inspect = p.json(&["db", "inspect", &env, "--json"]);
+    let said = inspect["isolation"]["exposed"].as_str().unwrap_or_default();
+    assert!(exposed(said), "{inspect}");
+    p.ok(&["db", "stop", &env]);
+    p.ok(&["db", "start", &env]);
+    assert!(
+        answers_42(net, p, &env, engine),
+        "{engine}: no answer after a restart"
+    );
+    p.ok(&["db", "destroy", &env]);
+}
+
 fn local_images() {
     let p = Project::new("");
     p.ok(&["image", "build", "postgres", "mysql", "redis"]);
@@ -154,15 +176,7 @@ fn a_client_on_another_host_uses_every_engine_over_tcp() {
     let net = Net::new();
     let api = engine_api_on(&net.host);
     let p = client(&net, api);
-    p.ok(&[
-        "db",
-        "create",
-        "probe",
-        "--engine",
-        "redis",
-        "--backend",
-        "docker",
-    ]);
+    p.create("probe", "redis", "docker");
     assert_eq!(containers_of(&p).len(), 1, "the containers' listing works");
     p.ok(&["db", "destroy", "probe"]);
     // The client really is elsewhere: it reaches the engine's API, not the engine host's
@@ -175,36 +189,10 @@ fn a_client_on_another_host_uses_every_engine_over_tcp() {
     assert!(reach(&net.host, api));
     assert!(!reach("127.0.0.1", loopback.local_addr().unwrap().port()));
     for engine in ["postgres", "mysql", "redis"] {
-        let env = format!("far-{engine}");
-        let info = p.json(&[
-            "db",
-            "create",
-            &env,
-            "--engine",
-            engine,
-            "--backend",
-            "docker",
-            "--json",
-        ]);
-        assert_eq!(info["host"], net.host.as_str(), "{info}");
-        assert!(
-            answers_42(&net, &p, &env, engine),
-            "{engine}: no answer from afar"
-        );
-        let inspect = p.json(&["db", "inspect", &env, "--json"]);
-        let exposed = inspect["isolation"]["exposed"].as_str().unwrap_or_default();
-        assert!(
+        round_trip(&net, &p, engine, &net.host, &|exposed| {
             exposed.starts_with(&format!("{}:", net.host))
-                && exposed.contains("password is always required"),
-            "{inspect}"
-        );
-        p.ok(&["db", "stop", &env]);
-        p.ok(&["db", "start", &env]);
-        assert!(
-            answers_42(&net, &p, &env, engine),
-            "{engine}: no answer after a restart"
-        );
-        p.ok(&["db", "destroy", &env]);
+                && exposed.contains("password is always required")
+        });
     }
     assert_eq!(containers_of(&p), Vec::<String>::new());
 }
@@ -219,15 +207,7 @@ fn test_runs_from_another_host_clean_up_and_clients_keep_apart() {
     let api = engine_api_on(&net.host);
     let p = client(&net, api);
     let other = client(&net, api);
-    other.ok(&[
-        "db",
-        "create",
-        "mine",
-        "--engine",
-        "redis",
-        "--backend",
-        "docker",
-    ]);
+    other.create("mine", "redis", "docker");
 
     let migrations = p.dir.path().join("migrations/postgres");
     std::fs::create_dir_all(&migrations).unwrap();
@@ -342,38 +322,9 @@ fn a_client_on_another_host_uses_every_engine_over_ssh() {
         "`db list` left ssh running"
     );
     for engine in ["postgres", "mysql", "redis"] {
-        let env = format!("tunnelled-{engine}");
-        let info = p.json(&[
-            "db",
-            "create",
-            &env,
-            "--engine",
-            engine,
-            "--backend",
-            "docker",
-            "--json",
-        ]);
-        assert_eq!(info["host"], "127.0.0.1", "{info}");
-        assert!(
-            answers_42(&net, &p, &env, engine),
-            "{engine}: no answer over SSH\n{}",
-            sshd.log()
-        );
-        assert_eq!(
-            ssh_links_of(&p).len(),
-            1,
-            "one connection carries everything"
-        );
-        let inspect = p.json(&["db", "inspect", &env, "--json"]);
-        let exposed = inspect["isolation"]["exposed"].as_str().unwrap_or_default();
-        assert!(exposed.contains("forwarded over SSH"), "{inspect}");
-        p.ok(&["db", "stop", &env]);
-        p.ok(&["db", "start", &env]);
-        assert!(
-            answers_42(&net, &p, &env, engine),
-            "{engine}: no answer after a restart"
-        );
-        p.ok(&["db", "destroy", &env]);
+        round_trip(&net, &p, engine, "127.0.0.1", &|exposed| {
+            exposed.contains("forwarded over SSH") && ssh_links_of(&p).len() == 1
+        });
         assert_eq!(
             ssh_links_of(&p),
             Vec::<String>::new(),

@@ -26,15 +26,7 @@ impl<'a> Sandbox<'a> {
             nix::unistd::geteuid().is_root(),
             "the sandbox tests need root (as CI runs them)"
         );
-        project.ok(&[
-            "db",
-            "create",
-            name,
-            "--engine",
-            engine,
-            "--backend",
-            "sandbox",
-        ]);
+        project.create(name, engine, "sandbox");
         Sandbox {
             project,
             name: name.into(),

@@ -123,6 +123,20 @@ impl Project {
         cmd
     }
 
+    /// Creates environment `name` of `engine` in `backend` (and asserts it worked); its JSON.
+    pub fn create(&self, name: &str, engine: &str, backend: &str) -> Value {
+        self.json(&[
+            "db",
+            "create",
+            name,
+            "--engine",
+            engine,
+            "--backend",
+            backend,
+            "--json",
+        ])
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
     }
