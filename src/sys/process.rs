@@ -262,6 +262,12 @@ impl ProcessId {
     /// still hold its sockets.
     pub fn is_alive(&self) -> bool {
         reap(self.pid);
+        self.is_running()
+    }
+
+    /// [`Self::is_alive`] without collecting the exit status of a child of ours: for a process
+    /// another thread waits for (it would find nothing to wait for).
+    pub fn is_running(&self) -> bool {
         match read_stat(self.pid) {
             Ok(Some(s)) if s.start_time == self.start_time => {
                 s.state != 'Z' || threads_left(self.pid)

@@ -240,7 +240,7 @@ impl PoolKeeper {
                 Kept::Mysql(p) => (EngineKind::Mysql, mysql::serve(p, runner)),
             };
             // After the runner, the server goes too: an error then is the teardown's.
-            if let (Err(e), true) = (outcome, runner.is_alive()) {
+            if let (Err(e), true) = (outcome, runner.is_running()) {
                 eprintln!("isoenv: the {engine} pool's keeper stopped: {e}");
             }
         });

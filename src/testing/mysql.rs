@@ -339,7 +339,7 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
     }
     let hash = pool.template.hash.clone();
     let mut checked = std::time::Instant::now();
-    while runner.is_alive() {
+    while runner.is_running() {
         // Released databases are looked for often, with a cheap query; dead holders (the
         // process list) once a second.
         let released: Option<i64> = admin
@@ -593,9 +593,11 @@ fn plan(admin: &mut mysql::Conn, db: &str, hash: &str) -> Result<Template, mysql
         let hash_query = format!(
             "SELECT IFNULL(MD5(GROUP_CONCAT(r ORDER BY r SEPARATOR '\\n')), '') FROM (SELECT CONCAT_WS(',', {quoted_row}) r FROM `{quoted}`) s"
         );
-        let values: Option<String> = admin.query_first(format!(
+        // One row always; NULL when the table is empty.
+        let values: Option<Option<String>> = admin.query_first(format!(
             "SELECT GROUP_CONCAT(CONCAT('(', CONCAT_WS(',', {quoted_row}), ')') SEPARATOR ',') FROM `{quoted}`"
         ))?;
+        let values = values.flatten();
         let seed = match values {
             Some(values) => {
                 let hash: Option<String> = admin.query_first(&hash_query)?;

@@ -514,7 +514,7 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
             )
             .map_err(err)?;
     }
-    while runner.is_alive() {
+    while runner.is_running() {
         pool.reset_pending(&mut admin)?;
         if pool.top_up(&mut admin)? {
             continue;

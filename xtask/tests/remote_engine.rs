@@ -333,3 +333,45 @@ fn a_client_on_another_host_uses_every_engine_over_ssh() {
     }
     assert_eq!(containers_of(&p), Vec::<String>::new());
 }
+
+/// A test run over SSH with every engine at once: three containers, three forwards over one
+/// connection, the pools set up through them (`ISOENV_<ENGINE>_POOL` exported only once a
+/// pool's template and first databases exist), and nothing left after it, ssh included.
+#[test]
+fn a_test_run_over_ssh_gets_every_engine_and_leaves_nothing() {
+    local_images();
+    let net = Net::new();
+    let sshd = support::sshd::Sshd::start_on(&net.host);
+    let p = Project::new(&format!(
+        "DOCKER_HOST=ssh://root@{}:{}\nISOENV_DOCKER_SSH_CONFIG={}\n",
+        net.host,
+        sshd.port,
+        sshd.client_config().display()
+    ))
+    .in_netns(&net.name);
+    for engine in ["postgres", "mysql"] {
+        let dir = p.dir.path().join("migrations").join(engine);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("001.sql"), "CREATE TABLE t (x int);").unwrap();
+    }
+    let script = "test -n \"$ISOENV_MYSQL_POOL\" && test -n \"$ISOENV_REDIS_URL\" && \
+                  psql -w -tAc \"select count(*) > 0 from isoenv_clone where template = '$ISOENV_POSTGRES_POOL'\"";
+    let mut run = p.cmd(&["run", "--isolated", "--pool", "--backend", "docker"]);
+    for engine in ["postgres", "mysql", "redis"] {
+        run.args(["--engine", engine]);
+    }
+    let out = run
+        .args(["--", "sh", "-c", script])
+        .env("ISOENV_MIGRATIONS_DIR", p.dir.path().join("migrations"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), sshd.log());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "t",
+        "{}",
+        text(&out)
+    );
+    assert_eq!(containers_of(&p), Vec::<String>::new());
+    assert_eq!(ssh_links_of(&p), Vec::<String>::new());
+}
