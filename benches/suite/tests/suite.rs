@@ -8,11 +8,15 @@
 //!   dropped after.
 //! `SUITE_SERVER_URL` names the server (its `postgres` database); the floor's database is
 //! `isoenv_suite_floor`, migrated by the bench. `SUITE_HANDOUTS`, if set, is a file each isoenv
-//! test appends its handout time (ms) to.
+//! test appends its handout time (ms) to. The same for MariaDB (`SUITE_MYSQL_URL`, the same
+//! schema in its dialect, a database per test) and Redis (`SUITE_REDIS_URL`: a customer hash,
+//! an order list, a product set and a counter; the floor prefixes its keys and deletes them, and
+//! isoenv's logical database per test must hold exactly the test's own keys).
 
 use std::io::Write;
 use std::time::Instant;
 
+use mysql::prelude::Queryable;
 use postgres::{Client, GenericClient, NoTls};
 
 fn server(db: &str) -> String {
@@ -21,8 +25,8 @@ fn server(db: &str) -> String {
     format!("{}/{db}{}", &url[..path], &url[path + "/postgres".len()..])
 }
 
-fn migrations() -> String {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
+fn migrations(engine: &str) -> String {
+    let dir = format!("{}/migrations/{engine}", env!("CARGO_MANIFEST_DIR"));
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
@@ -104,9 +108,10 @@ pub fn floor(case: &str) {
     tx.rollback().unwrap();
 }
 
-pub fn isoenv(case: &str) {
+/// A database from isoenv, its handout time recorded.
+fn handout(get: fn() -> ::isoenv::testing::Result<::isoenv::testing::TestDb>) -> ::isoenv::testing::TestDb {
     let t = Instant::now();
-    let db = ::isoenv::testing::blocking::postgres().unwrap();
+    let db = get().unwrap();
     let handout = t.elapsed().as_secs_f64() * 1e3;
     if let Some(path) = std::env::var_os("SUITE_HANDOUTS") {
         let mut f = std::fs::OpenOptions::new()
@@ -116,8 +121,139 @@ pub fn isoenv(case: &str) {
             .unwrap();
         f.write_all(format!("{handout}\n").as_bytes()).unwrap();
     }
+    db
+}
+
+pub fn isoenv(case: &str) {
+    let db = handout(::isoenv::testing::blocking::postgres);
     let mut c = Client::connect(db.url(), NoTls).unwrap();
     body(&mut c, case);
+}
+
+fn mysql_server(db: &str) -> String {
+    let url = std::env::var("SUITE_MYSQL_URL").expect("SUITE_MYSQL_URL");
+    let path = url.rfind('/').expect("a URL with a database");
+    format!("{}/{db}", &url[..path])
+}
+
+/// Inserts and returns the new row's id.
+fn insert(c: &mut impl Queryable, sql: &str, params: impl Into<mysql::Params>) -> u64 {
+    c.exec_drop(sql, params).unwrap();
+    c.query_first("SELECT LAST_INSERT_ID()").unwrap().unwrap()
+}
+
+fn mysql_body(c: &mut impl Queryable, case: &str) {
+    let customer = insert(
+        c,
+        "INSERT INTO customers (name, email) VALUES (?, ?)",
+        (case, format!("{case}@example.com")),
+    );
+    let address = insert(
+        c,
+        "INSERT INTO addresses (customer_id, line, city, country) VALUES (?, '1 rue', 'Lyon', 'FR')",
+        (customer,),
+    );
+    let mut products = Vec::new();
+    for (i, price) in ["12.50", "7.25"].iter().enumerate() {
+        products.push(insert(
+            c,
+            "INSERT INTO products (sku, name, price, category_id) VALUES (?, ?, ?, 1)",
+            (format!("{case}-{i}"), format!("product {i}"), price),
+        ));
+    }
+    let order = insert(
+        c,
+        "INSERT INTO orders (customer_id, address_id) VALUES (?, ?)",
+        (customer, address),
+    );
+    for (line, product) in products.iter().enumerate() {
+        c.exec_drop(
+            "INSERT INTO order_lines (order_id, line, product_id, quantity, price)
+             SELECT ?, ?, id, 2, price FROM products WHERE id = ?",
+            (order, line as u32, product),
+        )
+        .unwrap();
+    }
+    let row: (String, i64, String, i64, i64) = c
+        .exec_first(
+            "SELECT c.name, count(*), CAST(sum(l.quantity * l.price) AS char),
+                    (SELECT count(*) FROM customers), (SELECT count(*) FROM categories)
+             FROM customers c JOIN orders o ON o.customer_id = c.id
+             JOIN order_lines l ON l.order_id = o.id JOIN products p ON p.id = l.product_id
+             WHERE c.id = ? GROUP BY c.name",
+            (customer,),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!((row.0.as_str(), row.1, row.2.as_str()), (case, 2, "39.50"));
+    assert_eq!(row.3, 1, "{case} sees another test's customers");
+    assert_eq!(row.4, 2, "{case} lost the seed rows");
+}
+
+pub fn mysql_floor(case: &str) {
+    let mut c = mysql::Conn::new(mysql_server("isoenv_suite_floor").as_str()).unwrap();
+    let mut tx = c.start_transaction(mysql::TxOpts::default()).unwrap();
+    mysql_body(&mut tx, case);
+    tx.rollback().unwrap();
+}
+
+pub fn mysql_isoenv(case: &str) {
+    let db = handout(::isoenv::testing::blocking::mysql);
+    let mut c = mysql::Conn::new(db.url()).unwrap();
+    mysql_body(&mut c, case);
+}
+
+pub fn mysql_percreate(case: &str) {
+    let mut admin = mysql::Conn::new(mysql_server("isoenv").as_str()).unwrap();
+    let name = format!("suite_{}_{}", std::process::id(), case);
+    admin.query_drop(format!("CREATE DATABASE {name}")).unwrap();
+    let mut c = mysql::Conn::new(mysql_server(&name).as_str()).unwrap();
+    for statement in migrations("mysql").split(';').filter(|s| !s.trim().is_empty()) {
+        c.query_drop(statement).unwrap();
+    }
+    mysql_body(&mut c, case);
+    drop(c);
+    admin.query_drop(format!("DROP DATABASE {name}")).unwrap();
+}
+
+/// Writes a customer, its orders, products and revenue under `prefix`, reads them back; the
+/// keys it wrote.
+fn redis_body(c: &mut redis::Connection, case: &str, prefix: &str) -> Vec<String> {
+    let keys: Vec<String> = ["customer", "orders", "products", "revenue"]
+        .iter()
+        .map(|k| format!("{prefix}{k}"))
+        .collect();
+    redis::pipe()
+        .cmd("HSET").arg(&keys[0]).arg("name").arg(case).arg("email").arg(format!("{case}@example.com"))
+        .cmd("RPUSH").arg(&keys[1]).arg("line-0").arg("line-1")
+        .cmd("SADD").arg(&keys[2]).arg(format!("{case}-0")).arg(format!("{case}-1"))
+        .cmd("INCRBY").arg(&keys[3]).arg(3950)
+        .exec(c)
+        .unwrap();
+    let (name, lines, products, revenue): (String, i64, i64, i64) = redis::pipe()
+        .cmd("HGET").arg(&keys[0]).arg("name")
+        .cmd("LLEN").arg(&keys[1])
+        .cmd("SCARD").arg(&keys[2])
+        .cmd("GET").arg(&keys[3])
+        .query(c)
+        .unwrap();
+    assert_eq!((name.as_str(), lines, products, revenue), (case, 2, 2, 3950));
+    keys
+}
+
+pub fn redis_floor(case: &str) {
+    let url = std::env::var("SUITE_REDIS_URL").expect("SUITE_REDIS_URL");
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let keys = redis_body(&mut c, case, &format!("{case}:"));
+    redis::cmd("DEL").arg(&keys).exec(&mut c).unwrap();
+}
+
+pub fn redis_isoenv(case: &str) {
+    let db = handout(::isoenv::testing::blocking::redis);
+    let mut c = redis::Client::open(db.url()).unwrap().get_connection().unwrap();
+    redis_body(&mut c, case, "");
+    let size: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(size, 4, "{case} sees another test's keys");
 }
 
 pub fn percreate(case: &str) {
@@ -127,7 +263,7 @@ pub fn percreate(case: &str) {
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .unwrap();
     let mut c = Client::connect(&server(&name), NoTls).unwrap();
-    c.batch_execute(&migrations()).unwrap();
+    c.batch_execute(&migrations("postgres")).unwrap();
     body(&mut c, case);
     drop(c);
     admin
@@ -135,11 +271,17 @@ pub fn percreate(case: &str) {
         .unwrap();
 }
 
+// Module names never contain one another, so a filter `MODULE::` selects one variant.
 macro_rules! suite {
     ($($case:ident)*) => {
-        mod floor { $(#[test] fn $case() { super::floor(stringify!($case)) })* }
-        mod isoenv { $(#[test] fn $case() { super::isoenv(stringify!($case)) })* }
-        mod percreate { $(#[test] fn $case() { super::percreate(stringify!($case)) })* }
+        mod postgres_floor { $(#[test] fn $case() { super::floor(stringify!($case)) })* }
+        mod postgres_isoenv { $(#[test] fn $case() { super::isoenv(stringify!($case)) })* }
+        mod postgres_percreate { $(#[test] fn $case() { super::percreate(stringify!($case)) })* }
+        mod mysql_floor { $(#[test] fn $case() { super::mysql_floor(stringify!($case)) })* }
+        mod mysql_isoenv { $(#[test] fn $case() { super::mysql_isoenv(stringify!($case)) })* }
+        mod mysql_percreate { $(#[test] fn $case() { super::mysql_percreate(stringify!($case)) })* }
+        mod redis_floor { $(#[test] fn $case() { super::redis_floor(stringify!($case)) })* }
+        mod redis_isoenv { $(#[test] fn $case() { super::redis_isoenv(stringify!($case)) })* }
     };
 }
 

@@ -1,9 +1,10 @@
 //! `bench --only suite`: a whole test suite (`benches/suite`, a 15-table schema) timed under
-//! `cargo test` and nextest, N = 50 and 200, against one server: the floor (a shared database,
-//! each test rolls back), isoenv's per-test databases (the run's server exported, as `test
-//! --isolated` does, and under nextest also plain, the run's processes sharing a server they
-//! provision), and what `#[sqlx::test]` does (CREATE DATABASE and the migrations per test).
-//! Rounds interleave the variants; compile time is excluded (built first).
+//! `cargo test` and nextest, N = 50 and 200, per engine against one server: the floor (a shared
+//! database, each test rolls back; Redis: shared keys, prefixed and deleted), isoenv's per-test
+//! databases (the run's server exported, as `test --isolated` does, and under nextest also
+//! plain, the run's processes sharing a server they provision), and what `#[sqlx::test]` does
+//! (CREATE DATABASE and the migrations per test; not for Redis). Rounds interleave the
+//! variants; compile time is excluded (built first).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,6 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use isoenv::backend::BackendKind;
 use isoenv::bench::{Measurement, Report};
 use isoenv::engine::EngineKind;
+use isoenv::workspace::test_run::url_var;
 use isoenv::workspace::{CreateOptions, Workspace};
 
 use super::progress;
@@ -35,12 +37,14 @@ enum Variant {
 }
 
 impl Variant {
-    fn module(self) -> &'static str {
-        match self {
+    /// The suite's module holding this variant for `engine` (a filter `MODULE::`).
+    fn module(self, engine: EngineKind) -> String {
+        let v = match self {
             Variant::Floor => "floor",
             Variant::Isoenv | Variant::IsoenvPlain => "isoenv",
             Variant::PerCreate => "percreate",
-        }
+        };
+        format!("{engine}_{v}")
     }
 
     fn label(self) -> &'static str {
@@ -53,33 +57,38 @@ impl Variant {
     }
 }
 
-/// What one configuration is: runner, N, variant.
-fn configurations(sizes: &[usize]) -> Vec<(Runner, usize, Variant)> {
+/// One configuration: engine, runner, N, variant.
+type Config = (EngineKind, Runner, usize, Variant);
+
+fn configurations(sizes: &[usize]) -> Vec<Config> {
     let mut all = Vec::new();
-    for runner in [Runner::Cargo, Runner::Nextest] {
-        for &n in sizes {
-            for v in [
-                Variant::Floor,
-                Variant::Isoenv,
-                Variant::IsoenvPlain,
-                Variant::PerCreate,
-            ] {
-                if v == Variant::IsoenvPlain && runner == Runner::Cargo {
-                    continue;
+    for engine in EngineKind::ALL {
+        for runner in [Runner::Cargo, Runner::Nextest] {
+            for &n in sizes {
+                for v in [
+                    Variant::Floor,
+                    Variant::Isoenv,
+                    Variant::IsoenvPlain,
+                    Variant::PerCreate,
+                ] {
+                    let skipped = (v == Variant::IsoenvPlain && runner == Runner::Cargo)
+                        || (v == Variant::PerCreate && engine == EngineKind::Redis);
+                    if !skipped {
+                        all.push((engine, runner, n, v));
+                    }
                 }
-                all.push((runner, n, v));
             }
         }
     }
     all
 }
 
-fn name(runner: Runner, n: usize, v: Variant) -> String {
+fn name((engine, runner, n, v): Config) -> String {
     let runner = match runner {
         Runner::Cargo => "cargo test",
         Runner::Nextest => "nextest",
     };
-    format!("suite, {runner}, N={n}, {}", v.label())
+    format!("suite, {engine}, {runner}, N={n}, {}", v.label())
 }
 
 pub(super) fn run(
@@ -104,59 +113,23 @@ pub(super) fn run(
             bail!("building the suite failed (cargo {})", args.join(" "));
         }
     }
-    // Owned by this process, as `test --isolated` makes it: disposable (no fsync).
-    let me = isoenv::sys::process::ProcessId::of(std::process::id() as i32)?;
-    ws.create(
-        &CreateOptions {
-            owner: Some(me),
-            ..CreateOptions::server("suite", EngineKind::Postgres, BackendKind::Lightweight)
-        },
-        &|_| {},
-    )?;
-    let url = ws.url("suite")?;
-    let psql = |sql: &str| -> Result<()> {
-        let status = Command::new("psql")
-            .args([&url, "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("psql failed: {sql}");
-        }
-        Ok(())
-    };
-    psql("CREATE DATABASE isoenv_suite_floor")?;
-    let path = url
-        .rfind("/postgres")
-        .context("a URL of the postgres database")?;
-    let floor_url = format!(
-        "{}/isoenv_suite_floor{}",
-        &url[..path],
-        &url[path + "/postgres".len()..]
-    );
-    let migration = crate_dir.join("migrations/postgres/001_shop.sql");
-    let status = Command::new("psql")
-        .args([&floor_url, "-qAt", "-v", "ON_ERROR_STOP=1", "-f"])
-        .arg(&migration)
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("cannot migrate the floor's database");
-    }
+    let servers = Servers::make(ws, &crate_dir)?;
 
     let configs = configurations(sizes);
     let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let handouts = scratch.join("handouts");
     let mut handout_ms = Vec::new();
     for round in 0..rounds {
-        for (i, &(runner, n, v)) in configs.iter().enumerate() {
+        for (i, &config) in configs.iter().enumerate() {
+            let (engine, runner, n, v) = config;
             progress(&format!(
                 "suite round {}/{rounds}: {}",
                 round + 1,
-                name(runner, n, v)
+                name(config)
             ));
             let _ = std::fs::remove_file(&handouts);
             let mut cmd = cargo(&crate_dir, &target);
-            let filter = format!("{}::{}", v.module(), if n == 50 { "a" } else { "" });
+            let filter = format!("{}::{}", v.module(engine), if n == 50 { "a" } else { "" });
             match runner {
                 Runner::Cargo => cmd.args(["test", "-q", "--test", "suite", "--", &filter]),
                 Runner::Nextest => cmd.args([
@@ -168,10 +141,10 @@ pub(super) fn run(
                     &filter,
                 ]),
             };
-            cmd.env("SUITE_SERVER_URL", &url)
+            cmd.envs(servers.suite_env())
                 .env("SUITE_HANDOUTS", &handouts);
             if v == Variant::Isoenv {
-                cmd.env("ISOENV_POSTGRES_URL", &url);
+                cmd.env(url_var(engine), servers.url(engine));
             }
             let t = Instant::now();
             // Output goes to a file (a pipe nobody reads could fill and stall the run).
@@ -183,66 +156,156 @@ pub(super) fn run(
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 bail!(
                     "the suite failed: {}\n{}",
-                    name(runner, n, v),
+                    name(config),
                     isoenv::sys::process::tail(&text, 40)
                 );
             }
             seconds[i].push(elapsed);
             if v == Variant::Isoenv && n == 50 {
-                handout_ms.extend(read_samples(&handouts).into_iter().map(|s| (runner, s)));
+                let samples = read_samples(&handouts).into_iter();
+                handout_ms.extend(samples.map(|s| (engine, runner, s)));
             }
         }
     }
-    for (i, &(runner, n, v)) in configs.iter().enumerate() {
+    let find = |c: Config| configs.iter().position(|&x| x == c);
+    for (i, &config) in configs.iter().enumerate() {
+        let (engine, runner, n, v) = config;
         report
             .measurements
-            .extend(Measurement::of(name(runner, n, v), "s", &seconds[i]));
+            .extend(Measurement::of(name(config), "s", &seconds[i]));
         if v == Variant::Floor {
             continue;
         }
-        let floor = configs
-            .iter()
-            .position(|&c| c == (runner, n, Variant::Floor))
-            .context("no floor")?;
+        let floor = find((engine, runner, n, Variant::Floor)).context("no floor")?;
         report.measurements.extend(Measurement::ratio_of(
-            format!("{} / floor", name(runner, n, v)),
+            format!("{} / floor", name(config)),
             &seconds[i],
             &seconds[floor],
         ));
-        if v == Variant::Isoenv {
-            let per = configs
-                .iter()
-                .position(|&c| c == (runner, n, Variant::PerCreate))
-                .context("no per-create")?;
+        let per_create = (engine, runner, n, Variant::PerCreate);
+        if let (Variant::Isoenv, Some(per)) = (v, find(per_create)) {
             report.measurements.extend(Measurement::ratio_of(
-                format!(
-                    "{} / isoenv (speed-up)",
-                    name(runner, n, Variant::PerCreate)
-                ),
+                format!("{} / isoenv (speed-up)", name(per_create)),
                 &seconds[per],
                 &seconds[i],
             ));
         }
     }
-    for (runner, label) in [
-        (
-            Runner::Cargo,
-            "cargo test (threads share the process's pool)",
-        ),
-        (Runner::Nextest, "nextest (each process connects first)"),
-    ] {
-        let samples: Vec<f64> = handout_ms
-            .iter()
-            .filter(|(r, _)| *r == runner)
-            .map(|(_, s)| *s)
-            .collect();
-        report.measurements.extend(Measurement::of(
-            format!("suite handout, N=50, {label}"),
-            "ms",
-            &samples,
-        ));
+    for engine in EngineKind::ALL {
+        for (runner, label) in [
+            (
+                Runner::Cargo,
+                "cargo test (threads share the process's pool)",
+            ),
+            (Runner::Nextest, "nextest (each process connects first)"),
+        ] {
+            let samples: Vec<f64> = handout_ms
+                .iter()
+                .filter(|(e, r, _)| (*e, *r) == (engine, runner))
+                .map(|(_, _, s)| *s)
+                .collect();
+            report.measurements.extend(Measurement::of(
+                format!("suite handout, {engine}, N=50, {label}"),
+                "ms",
+                &samples,
+            ));
+        }
     }
-    ws.destroy("suite")?;
+    servers.destroy(ws)
+}
+
+/// One server per engine for the whole comparison, owned by this process as `test --isolated`
+/// makes them (disposable: no fsync), with the floors' databases migrated.
+struct Servers {
+    urls: Vec<(EngineKind, String)>,
+}
+
+impl Servers {
+    fn make(ws: &Workspace, crate_dir: &Path) -> Result<Servers> {
+        let me = isoenv::sys::process::ProcessId::of(std::process::id() as i32)?;
+        let mut urls = Vec::new();
+        for engine in EngineKind::ALL {
+            let name = format!("suite-{engine}");
+            ws.create(
+                &CreateOptions {
+                    owner: Some(me),
+                    ..CreateOptions::server(&name, engine, BackendKind::Lightweight)
+                },
+                &|_| {},
+            )?;
+            urls.push((engine, ws.url(&name)?));
+        }
+        let servers = Servers { urls };
+        let migration = |engine: &str| crate_dir.join(format!("migrations/{engine}/001_shop.sql"));
+        let url = servers.url(EngineKind::Postgres);
+        run_quietly(
+            Command::new("psql")
+                .args([url, "-qAt", "-v", "ON_ERROR_STOP=1", "-c"])
+                .arg("CREATE DATABASE isoenv_suite_floor"),
+        )?;
+        let path = url
+            .rfind("/postgres")
+            .context("a URL of the postgres database")?;
+        let floor = format!(
+            "{}/isoenv_suite_floor{}",
+            &url[..path],
+            &url[path + "/postgres".len()..]
+        );
+        run_quietly(
+            Command::new("psql")
+                .args([&floor, "-qAt", "-v", "ON_ERROR_STOP=1", "-f"])
+                .arg(migration("postgres")),
+        )?;
+        // The client reads its login from the environment's option file (MYSQL_HOME).
+        let exports = ws.exports("suite-mysql")?;
+        let mariadb = || {
+            let mut c = Command::new("mariadb");
+            c.envs(exports.iter().map(|(k, v)| (k, v)));
+            c
+        };
+        run_quietly(mariadb().args(["-e", "CREATE DATABASE isoenv_suite_floor"]))?;
+        run_quietly(
+            mariadb()
+                .arg("isoenv_suite_floor")
+                .stdin(std::fs::File::open(migration("mysql"))?),
+        )?;
+        Ok(servers)
+    }
+
+    fn url(&self, engine: EngineKind) -> &str {
+        self.urls
+            .iter()
+            .find(|(e, _)| *e == engine)
+            .map(|(_, u)| u.as_str())
+            .unwrap_or_default()
+    }
+
+    /// Where the suite's floor and per-create variants find each server.
+    fn suite_env(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("SUITE_SERVER_URL", self.url(EngineKind::Postgres)),
+            ("SUITE_MYSQL_URL", self.url(EngineKind::Mysql)),
+            ("SUITE_REDIS_URL", self.url(EngineKind::Redis)),
+        ]
+    }
+
+    fn destroy(self, ws: &Workspace) -> Result<()> {
+        for (engine, _) in self.urls {
+            ws.destroy(&format!("suite-{engine}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn run_quietly(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,19 @@
+-- The same 15-table schema as migrations/postgres/001_shop.sql, in MariaDB's dialect.
+CREATE TABLE customers (id bigint AUTO_INCREMENT PRIMARY KEY, name varchar(200) NOT NULL, email varchar(200) NOT NULL UNIQUE, created_at timestamp NOT NULL DEFAULT current_timestamp) ENGINE=InnoDB;
+CREATE TABLE addresses (id bigint AUTO_INCREMENT PRIMARY KEY, customer_id bigint NOT NULL, line varchar(200) NOT NULL, city varchar(100) NOT NULL, country char(2) NOT NULL, INDEX (customer_id), FOREIGN KEY (customer_id) REFERENCES customers (id)) ENGINE=InnoDB;
+CREATE TABLE categories (id int AUTO_INCREMENT PRIMARY KEY, name varchar(100) NOT NULL UNIQUE, parent_id int, FOREIGN KEY (parent_id) REFERENCES categories (id)) ENGINE=InnoDB;
+CREATE TABLE suppliers (id int AUTO_INCREMENT PRIMARY KEY, name varchar(200) NOT NULL, country char(2) NOT NULL) ENGINE=InnoDB;
+CREATE TABLE products (id bigint AUTO_INCREMENT PRIMARY KEY, sku varchar(100) NOT NULL UNIQUE, name varchar(200) NOT NULL, price decimal(10,2) NOT NULL CHECK (price >= 0), category_id int, INDEX (category_id), FOREIGN KEY (category_id) REFERENCES categories (id)) ENGINE=InnoDB;
+CREATE TABLE supplier_products (supplier_id int NOT NULL, product_id bigint NOT NULL, cost decimal(10,2) NOT NULL, PRIMARY KEY (supplier_id, product_id), FOREIGN KEY (supplier_id) REFERENCES suppliers (id), FOREIGN KEY (product_id) REFERENCES products (id)) ENGINE=InnoDB;
+CREATE TABLE warehouses (id int AUTO_INCREMENT PRIMARY KEY, name varchar(100) NOT NULL, city varchar(100) NOT NULL) ENGINE=InnoDB;
+CREATE TABLE stock (warehouse_id int NOT NULL, product_id bigint NOT NULL, quantity int NOT NULL DEFAULT 0, PRIMARY KEY (warehouse_id, product_id), FOREIGN KEY (warehouse_id) REFERENCES warehouses (id), FOREIGN KEY (product_id) REFERENCES products (id)) ENGINE=InnoDB;
+CREATE TABLE orders (id bigint AUTO_INCREMENT PRIMARY KEY, customer_id bigint NOT NULL, address_id bigint, status varchar(20) NOT NULL DEFAULT 'new', placed_at timestamp NOT NULL DEFAULT current_timestamp, INDEX (customer_id, placed_at), FOREIGN KEY (customer_id) REFERENCES customers (id), FOREIGN KEY (address_id) REFERENCES addresses (id)) ENGINE=InnoDB;
+CREATE TABLE order_lines (order_id bigint NOT NULL, line int NOT NULL, product_id bigint NOT NULL, quantity int NOT NULL CHECK (quantity > 0), price decimal(10,2) NOT NULL, PRIMARY KEY (order_id, line), INDEX (product_id), FOREIGN KEY (order_id) REFERENCES orders (id) ON DELETE CASCADE, FOREIGN KEY (product_id) REFERENCES products (id)) ENGINE=InnoDB;
+CREATE TABLE payments (id bigint AUTO_INCREMENT PRIMARY KEY, order_id bigint NOT NULL, amount decimal(10,2) NOT NULL, paid_at timestamp NOT NULL DEFAULT current_timestamp, INDEX (order_id), FOREIGN KEY (order_id) REFERENCES orders (id)) ENGINE=InnoDB;
+CREATE TABLE shipments (id bigint AUTO_INCREMENT PRIMARY KEY, order_id bigint NOT NULL, warehouse_id int NOT NULL, shipped_at timestamp NULL, INDEX (order_id), FOREIGN KEY (order_id) REFERENCES orders (id), FOREIGN KEY (warehouse_id) REFERENCES warehouses (id)) ENGINE=InnoDB;
+CREATE TABLE reviews (id bigint AUTO_INCREMENT PRIMARY KEY, product_id bigint NOT NULL, customer_id bigint NOT NULL, stars int NOT NULL CHECK (stars BETWEEN 1 AND 5), body text, INDEX (product_id), FOREIGN KEY (product_id) REFERENCES products (id), FOREIGN KEY (customer_id) REFERENCES customers (id)) ENGINE=InnoDB;
+CREATE TABLE coupons (code varchar(50) PRIMARY KEY, percent int NOT NULL CHECK (percent BETWEEN 1 AND 100), valid_until date) ENGINE=InnoDB;
+CREATE TABLE audit_log (id bigint AUTO_INCREMENT PRIMARY KEY, actor varchar(100) NOT NULL, action varchar(200) NOT NULL, at timestamp NOT NULL DEFAULT current_timestamp, INDEX (at)) ENGINE=InnoDB;
+-- Seed rows, as real schemas have them.
+INSERT INTO categories (name) VALUES ('books'), ('games');
+INSERT INTO warehouses (name, city) VALUES ('main', 'Lyon');
