@@ -130,11 +130,12 @@ impl Workspace {
     }
 
     /// The name's lock. Another command's collection takes free locks for an instant (to remove
-    /// a killed command's files), so a lock found busy is asked again for a moment before the
-    /// name counts as busy.
+    /// a killed command's files), and a command killed just after it started a process leaves
+    /// the lock with that process until it execs (a moment, longer on a loaded machine), so a
+    /// lock found busy is asked again for up to a second before the name counts as busy.
     fn lock(&self, name: &str) -> Result<Lock> {
         let path = self.root.join(".locks").join(format!("{name}.lock"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         let mut taken = Lock::try_acquire(path.clone());
         while matches!(taken, Err(LockError::Busy)) && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
