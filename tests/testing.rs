@@ -333,6 +333,42 @@ fn released_mysql_databases_are_recycled_clean_or_remade() {
     let (again, _held) = reclaim(EngineKind::Mysql, &name);
     assert_eq!(my_tables(again.url()), before, "the schema change survived");
     assert_eq!(owners(again.url()), ["seed"]);
+    drop(again);
+
+    // Changes only a table's own definition shows (no table added, no row changed): each must
+    // make the database again.
+    let indexes = |url: &str| -> Vec<String> {
+        conn(url)
+            .query("SELECT CONCAT(INDEX_NAME, ':', COLUMN_NAME) FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() ORDER BY 1")
+            .unwrap()
+    };
+    let fresh = {
+        let db = claim(EngineKind::Mysql, "indexes");
+        let fresh = indexes(db.url());
+        give_back(db);
+        fresh
+    };
+    for change in [
+        "ALTER TABLE accounts ADD INDEX probe_idx (owner)",
+        "ALTER TABLE accounts MODIFY owner varchar(65) NOT NULL",
+        "ALTER TABLE accounts COMMENT 'probe'",
+    ] {
+        let db = claim(EngineKind::Mysql, "definition");
+        let name = db.name().to_owned();
+        conn(db.url()).query_drop(change).unwrap();
+        give_back(db);
+        let (again, _held) = reclaim(EngineKind::Mysql, &name);
+        let definition: (String, String) = conn(again.url())
+            .query_first("SHOW CREATE TABLE accounts")
+            .unwrap()
+            .unwrap();
+        assert!(
+            !definition.1.contains("probe") && definition.1.contains("varchar(64)"),
+            "`{change}` survived: {}",
+            definition.1
+        );
+        assert_eq!(indexes(again.url()), fresh, "`{change}` survived");
+    }
 }
 
 /// The async API, driven by a minimal executor (no runtime needed).

@@ -44,24 +44,14 @@ const STALE: &str = "holder NOT IN (SELECT ID FROM information_schema.PROCESSLIS
 /// The lock a keeper holds while it serves (see [`super::keeper`]).
 const KEEPER_LOCK: &str = "isoenv_keeper";
 
-/// The schema as the information schema describes it, without the database's own name, so
-/// every database made from the same migrations has the same one. `AUTO_INCREMENT` is part of
-/// it: a reset must set it back.
-const FINGERPRINT: &str = "SELECT MD5(GROUP_CONCAT(x ORDER BY x SEPARATOR '\\n')) FROM (
-    SELECT CONCAT_WS(':', 't', TABLE_NAME, TABLE_TYPE, IFNULL(ENGINE, '-'), IFNULL(AUTO_INCREMENT, '-'),
-        IFNULL(TABLE_COLLATION, '-'), CREATE_OPTIONS, TABLE_COMMENT) x
+/// What the information schema says cheaply of a database, without its own name, so every
+/// database made from the same migrations has the same: its relations by name and kind, and its
+/// routines, triggers, views and events. Columns, indexes, keys, checks, options and
+/// `AUTO_INCREMENT` come from each table's `SHOW CREATE TABLE` instead, eight times cheaper
+/// than the information schema's own tables for them.
+const OBJECTS: &str = "SELECT MD5(GROUP_CONCAT(x ORDER BY x SEPARATOR '\\n')) FROM (
+    SELECT CONCAT_WS(':', 't', TABLE_NAME, TABLE_TYPE) x
         FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()
-    UNION ALL SELECT CONCAT_WS(':', 'c', TABLE_NAME, COLUMN_NAME, ORDINAL_POSITION, IFNULL(COLUMN_DEFAULT, '-'),
-        IS_NULLABLE, COLUMN_TYPE, IFNULL(COLLATION_NAME, '-'), EXTRA, COLUMN_COMMENT,
-        IFNULL(GENERATION_EXPRESSION, '-'))
-        FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()
-    UNION ALL SELECT CONCAT_WS(':', 'i', TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX, COLUMN_NAME, NON_UNIQUE, INDEX_TYPE)
-        FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()
-    UNION ALL SELECT CONCAT_WS(':', 'k', CONSTRAINT_NAME, TABLE_NAME, COLUMN_NAME, IFNULL(REFERENCED_TABLE_NAME, '-'),
-        IFNULL(REFERENCED_COLUMN_NAME, '-'))
-        FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = DATABASE()
-    UNION ALL SELECT CONCAT_WS(':', 'h', CONSTRAINT_NAME, TABLE_NAME, MD5(CHECK_CLAUSE))
-        FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = DATABASE()
     UNION ALL SELECT CONCAT_WS(':', 'r', ROUTINE_NAME, ROUTINE_TYPE, MD5(ROUTINE_DEFINITION))
         FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = DATABASE()
     UNION ALL SELECT CONCAT_WS(':', 'g', TRIGGER_NAME, EVENT_OBJECT_TABLE, ACTION_TIMING, EVENT_MANIPULATION,
@@ -72,6 +62,10 @@ const FINGERPRINT: &str = "SELECT MD5(GROUP_CONCAT(x ORDER BY x SEPARATOR '\\n')
     UNION ALL SELECT CONCAT_WS(':', 'e', EVENT_NAME, MD5(EVENT_DEFINITION))
         FROM information_schema.EVENTS WHERE EVENT_SCHEMA = DATABASE()
     ) f";
+
+/// Part of every pool's key, so that records a differently-checking isoenv made are not read
+/// as this one's.
+const CHECK_VERSION: char = '2';
 
 /// How a database of one schema is made clean again and proven clean.
 struct Template {
@@ -137,6 +131,7 @@ impl Pool {
     /// `runner`, a keeper is started unless one serves already.
     pub(super) fn open(source: Source, runner: Option<ProcessId>) -> Result<Pool> {
         let Source { url, files, hash } = source;
+        let hash = format!("{}{CHECK_VERSION}", &hash[..hash.len() - 1]);
         let mut admin = connect(&url)?;
         let err = |e: mysql::Error| server_error(&url, e);
         let template = match load(&mut admin, &hash) {
@@ -422,12 +417,12 @@ fn reset(conn: &mut mysql::Conn, template: &Template) -> Result<bool, mysql::Err
     if !statements.is_empty() {
         conn.query_drop(statements)?;
     }
-    let state: Option<String> = conn.query_first(&template.check)?;
-    Ok(state.as_deref() == Some(template.expected.as_str()))
+    Ok(fingerprint(conn, &template.check)? == template.expected)
 }
 
 /// One query naming (comma-separated) the tables a test wrote: rows where there were none,
-/// seeded rows changed, or an `AUTO_INCREMENT` moved.
+/// seeded rows changed, or an `AUTO_INCREMENT` moved (read from one pass over the information
+/// schema's tables, not one lookup per table).
 fn written_query(tables: &[Table]) -> String {
     if tables.is_empty() {
         return "SELECT ''".into();
@@ -443,13 +438,16 @@ fn written_query(tables: &[Table]) -> String {
             };
             if let Some(n) = t.auto_increment {
                 changed.push_str(&format!(
-                    " OR (SELECT AUTO_INCREMENT FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = '{literal}') <> {n}"
+                    " OR MAX(IF(TABLE_NAME = '{literal}', AUTO_INCREMENT, NULL)) <> {n}"
                 ));
             }
             format!("IF({changed}, '{}', NULL)", literal.replace(',', ""))
         })
         .collect();
-    format!("SELECT CONCAT_WS(',', {})", parts.join(", "))
+    format!(
+        "SELECT CONCAT_WS(',', {}) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()",
+        parts.join(", ")
+    )
 }
 
 /// The statements that give the `written` tables their fresh rows (foreign key checks off, so
@@ -569,12 +567,13 @@ fn plan(admin: &mut mysql::Conn, db: &str, hash: &str) -> Result<Template, mysql
     let recyclable = found.iter().all(|(_, kind, _)| kind != "SEQUENCE");
     admin.query_drop("SET SESSION group_concat_max_len = 1073741824")?;
     let mut tables = Vec::new();
-    let mut check = vec![format!("({FINGERPRINT})")];
+    let mut check = vec![OBJECTS.to_owned()];
     for (name, kind, auto_increment) in found {
         if kind != "BASE TABLE" {
             continue;
         }
         let quoted = name.replace('`', "``");
+        check.push(format!("SHOW CREATE TABLE `{quoted}`"));
         let columns: Vec<String> = admin.exec(
             "SELECT COLUMN_NAME FROM information_schema.COLUMNS
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND EXTRA NOT LIKE '%GENERATED%'
@@ -601,7 +600,7 @@ fn plan(admin: &mut mysql::Conn, db: &str, hash: &str) -> Result<Template, mysql
         let seed = match values {
             Some(values) => {
                 let hash: Option<String> = admin.query_first(&hash_query)?;
-                check.push(format!("({hash_query})"));
+                check.push(hash_query.clone());
                 Some(Seed {
                     insert: format!(
                         "INSERT INTO `{quoted}` ({}) VALUES {values}",
@@ -619,16 +618,32 @@ fn plan(admin: &mut mysql::Conn, db: &str, hash: &str) -> Result<Template, mysql
             seed,
         });
     }
-    let check = format!("SELECT CONCAT_WS(' ', {})", check.join(", "));
-    let expected: Option<String> = admin.query_first(&check)?;
+    let check = check.join(";\n");
+    let expected = fingerprint(admin, &check)?;
     admin.select_db("isoenv")?;
     Ok(Template {
         hash: hash.to_owned(),
         recyclable,
         tables,
         check,
-        expected: expected.unwrap_or_default(),
+        expected,
     })
+}
+
+/// Runs the check's statements and hashes every value of every row they return.
+fn fingerprint(conn: &mut mysql::Conn, check: &str) -> Result<String, mysql::Error> {
+    let mut text = String::new();
+    let mut results = conn.query_iter(check)?;
+    while let Some(set) = results.iter() {
+        for row in set {
+            for value in row?.unwrap() {
+                text.push_str(&value.as_sql(true));
+                text.push('\u{1f}');
+            }
+            text.push('\n');
+        }
+    }
+    Ok(format!("{:016x}", crate::sys::hash::fnv1a(&text)))
 }
 
 enum CreateError {
@@ -724,7 +739,10 @@ mod tests {
     #[test]
     fn written_tables_are_found_by_rows_seed_hash_and_auto_increment() {
         let q = written_query(&[table("a", Some(3), false), table("c", None, true)]);
-        assert!(q.contains("IF(EXISTS(SELECT 1 FROM `a`) OR (SELECT AUTO_INCREMENT"));
+        assert!(q.contains(
+            "IF(EXISTS(SELECT 1 FROM `a`) OR MAX(IF(TABLE_NAME = 'a', AUTO_INCREMENT, NULL))"
+        ));
+        assert!(q.ends_with("FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"));
         assert!(q.contains("<> 3, 'a', NULL)"));
         assert!(q.contains("IF((SELECT 'h') <> 'h', 'c', NULL)"));
     }
