@@ -49,20 +49,21 @@ fn cmd(project: &Project, args: &[&str]) -> Command {
     c
 }
 
+/// Runs `cmd` (its output discarded) and kills it with SIGKILL after `delay_ms`.
+fn kill_9_after(cmd: &mut Command, delay_ms: u64) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(delay_ms));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// `db create NAME` of `engine` in `backend`.
 fn create(project: &Project, name: &str, engine: &str, backend: &str) -> Command {
-    cmd(
-        project,
-        &[
-            "db",
-            "create",
-            name,
-            "--engine",
-            engine,
-            "--backend",
-            backend,
-        ],
-    )
+    cmd(project, &support::create_args(name, engine, backend))
 }
 
 /// Everything the project's commands made is gone, once `db gc` has run. `names` is how its
@@ -127,14 +128,7 @@ fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
             // spread over the whole create, from before anything exists to after the record.
             for (round, delay_ms) in [5u64, 40, 120, 300, 700].into_iter().enumerate() {
                 let name = format!("fault-{engine}-{backend}-{round}");
-                let mut child = create(&project, &name, engine, backend)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap();
-                sleep(Duration::from_millis(delay_ms));
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_9_after(&mut create(&project, &name, engine, backend), delay_ms);
                 kills += 1;
                 // Whatever the moment, the next command leaves nothing of it behind; a create
                 // that finished before the kill is removed by hand, as a user would.
@@ -426,14 +420,7 @@ fn kill_9_at_any_moment_of_start_then_start_works_and_destroy_leaves_nothing() {
                 let what = format!("{name}: start killed after {delay_ms} ms");
                 let stop = cmd(&project, &["db", "stop", &name]).output().unwrap();
                 assert!(stop.status.success(), "{what}: {}", support::text(&stop));
-                let mut child = cmd(&project, &["db", "start", &name])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap();
-                sleep(Duration::from_millis(delay_ms));
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_9_after(&mut cmd(&project, &["db", "start", &name]), delay_ms);
                 let start = cmd(&project, &["db", "start", &name]).output().unwrap();
                 assert!(start.status.success(), "{what}: {}", support::text(&start));
                 let url = cmd(&project, &["db", "url", &name]).output().unwrap();
@@ -491,29 +478,25 @@ fn kill_9_at_any_moment_of_a_test_run_leaves_nothing_once_another_command_runs()
             for delay_ms in [20u64, 150, 400, 1200] {
                 let what =
                     format!("run --isolated ({engine}, {backend}) killed after {delay_ms} ms");
-                let mut child = cmd(
-                    &project,
-                    &[
-                        "run",
-                        "--isolated",
-                        "--engine",
-                        engine,
-                        "--backend",
-                        backend,
-                        "--",
-                        "sh",
-                        "-c",
-                        "sleep 0.3",
-                    ],
-                )
-                .current_dir(project.dir.path())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-                sleep(Duration::from_millis(delay_ms));
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_9_after(
+                    cmd(
+                        &project,
+                        &[
+                            "run",
+                            "--isolated",
+                            "--engine",
+                            engine,
+                            "--backend",
+                            backend,
+                            "--",
+                            "sh",
+                            "-c",
+                            "sleep 0.3",
+                        ],
+                    )
+                    .current_dir(project.dir.path()),
+                    delay_ms,
+                );
                 assert_nothing_left(&project, "test-", &what);
             }
         }

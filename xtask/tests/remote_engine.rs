@@ -281,6 +281,17 @@ fn test_runs_from_another_host_clean_up_and_clients_keep_apart() {
     assert_eq!(containers_of(&other), Vec::<String>::new());
 }
 
+/// A client project in the namespace, talking to the engine through `sshd`.
+fn ssh_client(net: &Net, sshd: &support::sshd::Sshd) -> Project {
+    Project::new(&format!(
+        "DOCKER_HOST=ssh://root@{}:{}\nISOENV_DOCKER_SSH_CONFIG={}\n",
+        net.host,
+        sshd.port,
+        sshd.client_config().display()
+    ))
+    .in_netns(&net.name)
+}
+
 /// ssh processes whose command line names this project's SSH links.
 fn ssh_links_of(p: &Project) -> Vec<String> {
     let needle = p.state().join(".docker-ssh").display().to_string();
@@ -308,13 +319,7 @@ fn a_client_on_another_host_uses_every_engine_over_ssh() {
     local_images();
     let net = Net::new();
     let sshd = support::sshd::Sshd::start_on(&net.host);
-    let p = Project::new(&format!(
-        "DOCKER_HOST=ssh://root@{}:{}\nISOENV_DOCKER_SSH_CONFIG={}\n",
-        net.host,
-        sshd.port,
-        sshd.client_config().display()
-    ))
-    .in_netns(&net.name);
+    let p = ssh_client(&net, &sshd);
     p.ok(&["db", "list"]);
     assert_eq!(
         ssh_links_of(&p),
@@ -342,13 +347,7 @@ fn a_test_run_over_ssh_gets_every_engine_and_leaves_nothing() {
     local_images();
     let net = Net::new();
     let sshd = support::sshd::Sshd::start_on(&net.host);
-    let p = Project::new(&format!(
-        "DOCKER_HOST=ssh://root@{}:{}\nISOENV_DOCKER_SSH_CONFIG={}\n",
-        net.host,
-        sshd.port,
-        sshd.client_config().display()
-    ))
-    .in_netns(&net.name);
+    let p = ssh_client(&net, &sshd);
     for engine in ["postgres", "mysql"] {
         let dir = p.dir.path().join("migrations").join(engine);
         std::fs::create_dir_all(&dir).unwrap();

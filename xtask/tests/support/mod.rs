@@ -125,16 +125,9 @@ impl Project {
 
     /// Creates environment `name` of `engine` in `backend` (and asserts it worked); its JSON.
     pub fn create(&self, name: &str, engine: &str, backend: &str) -> Value {
-        self.json(&[
-            "db",
-            "create",
-            name,
-            "--engine",
-            engine,
-            "--backend",
-            backend,
-            "--json",
-        ])
+        let mut args = create_args(name, engine, backend).to_vec();
+        args.push("--json");
+        self.json(&args)
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -157,6 +150,19 @@ impl Project {
         assert!(!out.status.success(), "{args:?} succeeded:\n{}", text(&out));
         text(&out)
     }
+}
+
+/// `db create NAME --engine ENGINE --backend BACKEND`.
+pub fn create_args<'a>(name: &'a str, engine: &'a str, backend: &'a str) -> [&'a str; 7] {
+    [
+        "db",
+        "create",
+        name,
+        "--engine",
+        engine,
+        "--backend",
+        backend,
+    ]
 }
 
 impl Drop for Project {
