@@ -352,27 +352,66 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Runs `binary --version` and extracts the version with `pick`, once per process for a binary
-/// that has not changed since (a command may locate the engine twice; each run costs 10-20 ms).
+/// Runs `binary --version` and extracts the version with `pick`, once for a binary that has
+/// not changed since (a start or create locates the engine, and each run costs 10-20 ms, as much
+/// as Redis takes to start): remembered for this process, and across processes in the user's
+/// cache directory (`$XDG_CACHE_HOME/isoenv/versions`, else `~/.cache/...`) under the binary's
+/// path, inode, change time and size.
 pub(crate) fn version_of(
     binary: &Path,
     pick: fn(&str) -> Option<String>,
 ) -> Result<String, EngineError> {
     use std::os::unix::fs::MetadataExt;
-    type Seen = Vec<((PathBuf, u64, i64, i64), String)>;
-    static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(Vec::new());
-    let key = std::fs::metadata(binary)
-        .ok()
-        .map(|m| (binary.to_owned(), m.ino(), m.ctime(), m.ctime_nsec()));
+    static SEEN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let Ok(meta) = std::fs::metadata(binary) else {
+        return run_version(binary, pick);
+    };
+    let key = format!(
+        "{}\0{}\0{}.{}\0{}",
+        binary.display(),
+        meta.ino(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+        meta.size()
+    );
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, version)) = seen.iter().find(|(k, _)| Some(k) == key.as_ref()) {
+    if let Some((_, version)) = seen.iter().find(|(k, _)| *k == key) {
         return Ok(version.clone());
     }
-    let version = run_version(binary, pick)?;
-    if let Some(key) = key {
-        seen.push((key, version.clone()));
-    }
+    let memo =
+        version_memo_dir().map(|d| d.join(format!("{:016x}", crate::sys::hash::fnv1a(&key))));
+    let remembered = memo
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|text| Some(text.strip_prefix(&key)?.strip_prefix('\n')?.to_owned()))
+        .filter(|v| !v.is_empty());
+    let version = match remembered {
+        Some(v) => v,
+        None => {
+            let v = run_version(binary, pick)?;
+            // Only a speed-up: a cache that cannot be written is skipped.
+            if let Some(file) = &memo {
+                let _ = file
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| {
+                        crate::sys::files::write_atomic(file, format!("{key}\n{v}").as_bytes())
+                    });
+            }
+            v
+        }
+    };
+    seen.push((key, version.clone()));
     Ok(version)
+}
+
+/// Where versions are remembered across processes, if the user has a cache directory.
+fn version_memo_dir() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
+    };
+    Some(base.join("isoenv").join("versions"))
 }
 
 fn run_version(binary: &Path, pick: fn(&str) -> Option<String>) -> Result<String, EngineError> {
