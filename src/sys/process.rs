@@ -385,6 +385,13 @@ pub fn running_in(dir: &Path, programs: &[PathBuf]) -> Vec<ProcessId> {
         .collect()
 }
 
+/// Argument `n` of process `pid`'s command line (0: the program).
+pub fn argument(pid: i32, n: usize) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let arg = cmdline.split(|b| *b == 0).nth(n)?;
+    Some(String::from_utf8_lossy(arg).into_owned())
+}
+
 /// The processes working in a directory under `root` that was deleted while they ran (an
 /// environment removed by hand), with that directory.
 pub fn orphans_under(root: &Path) -> Vec<(ProcessId, PathBuf)> {

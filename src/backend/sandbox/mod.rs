@@ -113,14 +113,19 @@ impl Confinement for Sandbox {
         Record::release(dir)
     }
 
-    /// The supervisor its record names (it records itself before it starts anything);
-    /// stopping it stops the server inside.
+    /// The supervisors working in the environment's directory (found by their command, since
+    /// one binds the port a moment before it writes its record), and the one its record names;
+    /// stopping a supervisor stops the server inside.
     fn servers_in(&self, dir: &Path, _server: &Path) -> Vec<ProcessId> {
-        Record::load(dir)
-            .map(|r| r.supervisor)
-            .filter(ProcessId::is_alive)
+        let mut found: Vec<ProcessId> = crate::sys::process::working_in(dir)
             .into_iter()
-            .collect()
+            .filter(|p| {
+                crate::sys::process::argument(p.pid, 1).as_deref() == Some(SUPERVISOR_COMMAND)
+            })
+            .collect();
+        let recorded = Record::load(dir).map(|r| r.supervisor);
+        found.extend(recorded.filter(|r| r.is_alive() && !found.contains(r)));
+        found
     }
 
     /// Cgroups of supervisors that died with nobody left to remove them (their environment
