@@ -348,17 +348,21 @@ pub fn working_in(dir: &Path) -> Vec<ProcessId> {
     let Ok(dir) = std::fs::canonicalize(dir) else {
         return Vec::new();
     };
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
+    working_dirs()
+        .filter(|(_, cwd)| cwd.starts_with(&dir))
+        .filter_map(|(pid, _)| ProcessId::of(pid).ok())
+        .collect()
+}
+
+/// Every process with its working directory, as `/proc` shows them (a deleted one ends in
+/// ` (deleted)`).
+fn working_dirs() -> impl Iterator<Item = (i32, PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
-        })
-        .filter_map(|pid| ProcessId::of(pid).ok())
-        .collect()
+        .filter_map(|pid| Some((pid, std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?)))
 }
 
 /// The processes working in `dir` or below it that run one of `programs`, without those whose
@@ -398,14 +402,8 @@ pub fn orphans_under(root: &Path) -> Vec<(ProcessId, PathBuf)> {
     let roots: Vec<PathBuf> = std::iter::once(root.to_owned())
         .chain(std::fs::canonicalize(root))
         .collect();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    working_dirs()
+        .filter_map(|(pid, cwd)| {
             let dir = PathBuf::from(cwd.to_str()?.strip_suffix(" (deleted)")?);
             // The directory right under the root: the environment, wherever inside it it ran.
             let (root, inside) = roots

@@ -49,6 +49,31 @@ fn cmd(project: &Project, args: &[&str]) -> Command {
     c
 }
 
+/// Nothing answers on 127.0.0.1:`port` any more, within 10 s (`what` says whose it was).
+fn assert_port_closes(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "a server still answers on {port}: {what}"
+        );
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills environment `name`'s recorded server with SIGKILL, as a crash would; its pid.
+fn kill_9_server(project: &Project, name: &str) -> i32 {
+    let pid = project.json(&["db", "inspect", name, "--json"])["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    pid
+}
+
 /// Runs `cmd` (its output discarded) and kills it with SIGKILL after `delay_ms`.
 fn kill_9_after(cmd: &mut Command, delay_ms: u64) {
     let mut child = cmd
@@ -194,14 +219,7 @@ fn a_corrupted_record_is_shown_broken_and_destroy_still_cleans_up() {
 
         project.ok(&["db", "destroy", name]);
         assert!(!project.state().join(name).exists(), "{name}: still there");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "{name}: its server still answers"
-            );
-            sleep(Duration::from_millis(20));
-        }
+        assert_port_closes(port, name);
     }
 }
 
@@ -222,14 +240,7 @@ fn servers_of_a_deleted_state_root_are_found_and_stopped() {
     assert!(said.contains("orphan-a was deleted"), "{said}");
     assert!(said.contains("orphan-b was deleted"), "{said}");
     for port in ports {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "a server still answers on {port}: {said}"
-            );
-            sleep(Duration::from_millis(20));
-        }
+        assert_port_closes(port, &said);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cgroups_named("isoenv-orphan").is_empty() {
@@ -300,14 +311,7 @@ fn a_development_redis_survives_kill_9_of_its_server() {
         redis("for i in $(seq 1 1000); do echo \"SET k$i v$i\"; done | redis-cli > /dev/null");
         assert_eq!(redis("redis-cli dbsize"), "1000");
         // The server itself killed, as a crash would: the sandbox's whole pid namespace.
-        let pid = project.json(&["db", "inspect", name, "--json"])["pid"]
-            .as_i64()
-            .unwrap() as i32;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        kill_9_server(&project, name);
         let deadline = Instant::now() + Duration::from_secs(10);
         while project.json(&["db", "inspect", name, "--json"])["status"] == "running" {
             assert!(
@@ -330,14 +334,7 @@ fn start_right_after_a_crash_starts_a_server() {
     project.ok(&["db", "create", "crash", "--engine", "mysql"]);
     let activate = project.state().join("crash/bin/activate");
     for round in 0..5 {
-        let pid = project.json(&["db", "inspect", "crash", "--json"])["pid"]
-            .as_i64()
-            .unwrap() as i32;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        let pid = kill_9_server(&project, "crash");
         let said = project.ok(&["db", "start", "crash"]);
         assert!(said.starts_with("started"), "round {round}: {said}");
         let info = project.json(&["db", "inspect", "crash", "--json"]);
