@@ -18,7 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::files::{reachable, set_mode};
 use crate::sys::net;
-use crate::sys::process::{self, tail, Launch, ProcessId, ServiceUser};
+use crate::sys::process::{self, tail, Launch, ProcessId, ServiceUser, Switch};
 use crate::sys::secret::Secret;
 
 /// What a new environment's backend may prepare (once, at create).
@@ -61,6 +61,11 @@ pub trait Confinement: Sync {
     /// processes working there that run the engine's `server` program.
     fn servers_in(&self, dir: &Path, server: &Path) -> Vec<ProcessId> {
         process::running_in(dir, &[server.to_owned()])
+    }
+
+    /// Whether, without root, servers may run as the invoker's subordinate ids.
+    fn subordinate_ids(&self) -> bool {
+        true
     }
 
     /// Removes what a dead server left outside the environment directory.
@@ -123,9 +128,9 @@ impl<C: Confinement> Backend for Local<C> {
         layout
             .make()
             .context(|| format!("cannot create {}", layout.dir.display()))?;
-        let (identity, user) = host.claim_user(layout)?;
+        let (identity, user) = host.claim_user(layout, self.0.subordinate_ids())?;
         state.identity = identity;
-        if user.switch {
+        if user.switch != Switch::No {
             reachable(host.root(), &user).map_err(Error::Unsupported)?;
         }
         let user = &user;
@@ -139,8 +144,7 @@ impl<C: Confinement> Backend for Local<C> {
                 }
             }
             fs::create_dir(&layout.run)?;
-            set_mode(&layout.run, 0o700)?;
-            user.chown(&layout.run)?;
+            user.share_dir(&layout.run)?;
             host.write_client_files(&state, layout, &creds, user)
         };
         made().context(|| {

@@ -202,9 +202,10 @@ pub trait Host {
     /// The state root: one directory per environment.
     fn root(&self) -> &Path;
     /// The user a new environment's servers run as, with the identity to record: one of its
-    /// own when isoenv runs as root and no service user is configured, claimed for the
-    /// environment in `layout` (already made), else the configured user.
-    fn claim_user(&self, layout: &Layout) -> Result<(Option<u32>, ServiceUser)>;
+    /// own when isoenv runs as root and no service user is configured, or (when the backend
+    /// takes them, `subordinate`) without root from the invoker's subordinate ids, claimed for
+    /// the environment in `layout` (already made); else the configured user.
+    fn claim_user(&self, layout: &Layout, subordinate: bool) -> Result<(Option<u32>, ServiceUser)>;
     /// The user an environment's servers run as.
     fn user_of(&self, state: &EnvState) -> Result<ServiceUser>;
     /// Gives an environment's own identity back, once nothing of it runs.

@@ -207,10 +207,13 @@ pub fn doctor(ctx: &Context, json: bool) -> Result<ExitCode> {
     let vars = ctx.vars()?;
     let mut checks = doctor::run(&vars);
     checks.push(doctor::env_file(ctx.env_file.path()));
+    let config = ctx.config(&vars);
+    if let Ok(config) = &config {
+        checks.push(crate::workspace::Workspace::new(config, vars.clone()).identities());
+    }
     // What this profile's `db up` needs decides the exit code; an unreadable configuration
     // needs nothing here (`env check` reports it).
-    let needed = ctx
-        .config(&vars)
+    let needed = config
         .map(|config| doctor::needed(&config))
         .unwrap_or_default();
     let missing: Vec<&str> = checks
@@ -225,7 +228,11 @@ pub fn doctor(ctx: &Context, json: bool) -> Result<ExitCode> {
             let mark = match (c.ok, needed.contains(&c.name.as_str())) {
                 (true, _) => "ok     ",
                 (false, true) => "MISSING",
-                (false, false) if c.name == doctor::ENV_FILE => "WARNING",
+                (false, false)
+                    if [doctor::ENV_FILE, doctor::IDENTITIES].contains(&c.name.as_str()) =>
+                {
+                    "WARNING"
+                }
                 (false, false) => "absent ",
             };
             println!("{mark} {:<11} {}", c.name, c.detail);

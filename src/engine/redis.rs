@@ -74,13 +74,14 @@ impl Engine for Redis {
     ) -> io::Result<()> {
         // `appendfsync no`: every acknowledged write is in the append-only file (the kernel's)
         // before the reply. `everysec` postpones that write while a slow background fsync
-        // runs, for up to two seconds, and a kill -9 then lost acknowledged writes.
+        // runs, for up to two seconds, and a kill -9 then lost acknowledged writes. The socket
+        // is open to all: the run directory decides who reaches it (the invoker, the server).
         let conf = format!(
             "bind 127.0.0.1\nport {}\nprotected-mode yes\nrequirepass {}\n\
              dir {}\ndbfilename dump.rdb\nsave 3600 1 300 100 60 10000\n\
              appendonly yes\nappendfsync no\n\
              databases 256\n\
-             unixsocket {}\nunixsocketperm 700\ndaemonize no\nlogfile \"\"\n",
+             unixsocket {}\nunixsocketperm 777\ndaemonize no\nlogfile \"\"\n",
             endpoint.port,
             creds.password.expose(),
             layout.data.display(),

@@ -6,10 +6,21 @@ use std::io;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use crate::sys::process::ServiceUser;
+use crate::sys::process::{ServiceUser, Switch};
 
 /// Copies `src` to `dst` (which must not exist) keeping modes and symlinks, owned by `owner`.
 pub fn copy_tree(src: &Path, dst: &Path, owner: &ServiceUser) -> io::Result<()> {
+    match owner.switch {
+        // One `chown -R` in a user namespace, not one per file.
+        Switch::Subordinate(_) => {
+            copy_tree(src, dst, &ServiceUser::invoker())?;
+            chown_tree(dst, owner)
+        }
+        _ => copy_entry(src, dst, owner),
+    }
+}
+
+fn copy_entry(src: &Path, dst: &Path, owner: &ServiceUser) -> io::Result<()> {
     let meta = fs::symlink_metadata(src)?;
     if meta.file_type().is_symlink() {
         symlink(fs::read_link(src)?, dst)?;
@@ -17,7 +28,7 @@ pub fn copy_tree(src: &Path, dst: &Path, owner: &ServiceUser) -> io::Result<()> 
         fs::create_dir(dst)?;
         for entry in fs::read_dir(src)? {
             let entry = entry?;
-            copy_tree(&entry.path(), &dst.join(entry.file_name()), owner)?;
+            copy_entry(&entry.path(), &dst.join(entry.file_name()), owner)?;
         }
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.permissions().mode()))?;
     } else {
@@ -28,8 +39,10 @@ pub fn copy_tree(src: &Path, dst: &Path, owner: &ServiceUser) -> io::Result<()> 
 
 /// Changes the owner of every entry under `path` (symlinks themselves, not their targets).
 pub fn chown_tree(path: &Path, owner: &ServiceUser) -> io::Result<()> {
-    if !owner.switch {
-        return Ok(());
+    match &owner.switch {
+        Switch::No => return Ok(()),
+        Switch::Subordinate(ids) => return ids.chown(path, owner.uid, owner.gid, true),
+        Switch::Setuid => {}
     }
     owner.chown(path)?;
     if fs::symlink_metadata(path)?.is_dir() {
@@ -44,9 +57,16 @@ pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
-/// Removes a tree if present.
+/// Removes a tree if present. Without root, a tree holding files of servers that ran as the
+/// invoker's subordinate ids is removed from a user namespace that maps them.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            match crate::sys::userns::SubIds::of_invoker() {
+                Ok(ids) if !nix::unistd::geteuid().is_root() => ids.remove_tree(path),
+                _ => Err(e),
+            }
+        }
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
@@ -105,7 +125,7 @@ mod tests {
             name: "me".into(),
             uid: 0,
             gid: 0,
-            switch: false,
+            switch: Switch::No,
         };
         copy_tree(&src, &tmp.path().join("dst"), &me).unwrap();
         let dst = tmp.path().join("dst");

@@ -1,7 +1,8 @@
 //! A user id of its own for each environment's servers, so that no environment can read, write
-//! or signal another's files, sockets or processes. The ids come from a range no account uses
-//! (uid = gid, no passwd entry: the engines need none) and are claimed in a machine-wide
-//! registry, one file per id naming the environment directory that holds it. A claim whose
+//! or signal another's files, sockets or processes. As root the ids come from a range no account
+//! uses (uid = gid, no passwd entry: the engines need none); without root, from the invoker's
+//! subordinate ids ([`super::userns`]). They are claimed in a registry, machine-wide (or the
+//! invoker's), one file per id naming the environment directory that holds it. A claim whose
 //! environment no longer records it (destroyed, deleted by hand, a create killed half-way) is
 //! taken over, so nothing needs collecting.
 
@@ -11,20 +12,31 @@ use std::path::{Path, PathBuf};
 
 use super::hash::fnv1a;
 use super::lock::Lock;
+use super::userns::Range;
 
-/// The first id of the range.
+/// The first id of root's range.
 pub const FIRST: u32 = 1_800_000_000;
-/// How many ids the range holds.
+/// How many ids root's range holds.
 pub const COUNT: u32 = 1 << 24;
+/// Root's range.
+pub const ROOTS: Range = Range {
+    first: FIRST,
+    count: COUNT,
+};
 
-/// The machine's registry of claimed ids.
+/// A registry of claimed ids of one range.
 pub struct Registry {
     dir: PathBuf,
+    range: Range,
 }
 
 impl Registry {
-    pub fn new(dir: PathBuf) -> Self {
-        Registry { dir }
+    pub fn new(dir: PathBuf, range: Range) -> Self {
+        Registry { dir, range }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Claims an id for the environment in `owner`. `in_use(id, holder)` says whether the
@@ -35,7 +47,7 @@ impl Registry {
             super::lock::LockError::Io(e) => e,
             super::lock::LockError::Busy => io::Error::other("the identity registry is busy"),
         })?;
-        for id in candidates(owner) {
+        for id in candidates(owner, self.range) {
             let file = self.dir.join(id.to_string());
             let free = match fs::read_to_string(&file) {
                 Ok(holder) if holder == owner.to_string_lossy() => return Ok(id),
@@ -49,7 +61,8 @@ impl Registry {
             }
         }
         Err(io::Error::other(format!(
-            "all {COUNT} environment identities in {} are claimed",
+            "all {} environment identities in {} are claimed",
+            self.range.count,
             self.dir.display()
         )))
     }
@@ -68,9 +81,9 @@ impl Registry {
 
 /// The ids to try for `owner`, in order: from a place its path decides (so that concurrent
 /// claims rarely meet), around the range once.
-fn candidates(owner: &Path) -> impl Iterator<Item = u32> {
-    let start = (fnv1a(&owner.to_string_lossy()) % u64::from(COUNT)) as u32;
-    (0..COUNT).map(move |i| FIRST + (start + i) % COUNT)
+fn candidates(owner: &Path, range: Range) -> impl Iterator<Item = u32> {
+    let start = (fnv1a(&owner.to_string_lossy()) % u64::from(range.count)) as u32;
+    (0..range.count).map(move |i| range.first + (start + i) % range.count)
 }
 
 #[cfg(test)]
@@ -79,8 +92,12 @@ mod tests {
 
     #[test]
     fn ids_stay_in_their_range_and_start_apart() {
-        let a: Vec<u32> = candidates(Path::new("/r/.isoenv/a")).take(3).collect();
-        let b: Vec<u32> = candidates(Path::new("/r/.isoenv/b")).take(3).collect();
+        let a: Vec<u32> = candidates(Path::new("/r/.isoenv/a"), ROOTS)
+            .take(3)
+            .collect();
+        let b: Vec<u32> = candidates(Path::new("/r/.isoenv/b"), ROOTS)
+            .take(3)
+            .collect();
         assert_ne!(a[0], b[0]);
         for id in a.iter().chain(&b) {
             assert!((FIRST..FIRST + COUNT).contains(id));
@@ -98,7 +115,7 @@ mod tests {
     #[test]
     fn a_claim_is_exclusive_until_its_environment_lets_it_go() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::new(dir.path().join("ids"));
+        let registry = Registry::new(dir.path().join("ids"), ROOTS);
         let (a, b) = (Path::new("/r/a"), Path::new("/r/b"));
         let still = |_: u32, _: &Path| true;
         let first = registry.claim(a, still).unwrap();
@@ -106,7 +123,7 @@ mod tests {
         assert_eq!(registry.claim(a, still).unwrap(), first);
         // Another environment starting at the same place moves on.
         let file = dir.path().join("ids").join(first.to_string());
-        let other = candidates(b).next().unwrap();
+        let other = candidates(b, ROOTS).next().unwrap();
         fs::rename(&file, dir.path().join("ids").join(other.to_string())).unwrap();
         let second = registry.claim(b, still).unwrap();
         assert_ne!(second, other, "a held id was handed out twice");

@@ -10,3 +10,4 @@ pub mod net;
 pub mod process;
 pub mod secret;
 pub mod shell;
+pub mod userns;

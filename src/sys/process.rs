@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::{Pid, User};
 use serde::{Deserialize, Serialize};
 
+use super::userns::{Entry, SubIds};
+
 /// The user a server runs as. As root it is never root (PostgreSQL refuses it, and a database
 /// needs no privileges): `ISOENV_SERVICE_USER`, else the invoking `SUDO_USER`, else `nobody`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,8 +25,20 @@ pub struct ServiceUser {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
-    /// Whether processes must switch to this user (we are root).
-    pub switch: bool,
+    /// How processes become this user.
+    pub switch: Switch,
+}
+
+/// How a process becomes the user it must run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Switch {
+    /// It is the invoker already.
+    No,
+    /// As root: `setgid`/`setuid` before exec.
+    Setuid,
+    /// Without root: a user namespace of its own that maps only this user's ids, taken from
+    /// the invoker's subordinate ones.
+    Subordinate(SubIds),
 }
 
 impl ServiceUser {
@@ -41,7 +55,7 @@ impl ServiceUser {
                 name,
                 uid: u.uid.as_raw(),
                 gid: u.gid.as_raw(),
-                switch: true,
+                switch: Switch::Setuid,
             }),
             Ok(Some(_)) => Err(format!(
                 "service user `{name}` is root; servers must run unprivileged (set ISOENV_SERVICE_USER to another user)"
@@ -64,7 +78,18 @@ impl ServiceUser {
             name: format!("isoenv-{id}"),
             uid: id,
             gid: id,
-            switch: true,
+            switch: Switch::Setuid,
+        }
+    }
+
+    /// Without root, an environment's own identity: host uid `uid` of the invoker's
+    /// subordinate ids, and the gid paired with it.
+    pub fn subordinate(uid: u32, ids: SubIds) -> Self {
+        ServiceUser {
+            name: format!("isoenv-{uid}"),
+            uid,
+            gid: ids.gid_of(uid),
+            switch: Switch::Subordinate(ids),
         }
     }
 
@@ -76,22 +101,65 @@ impl ServiceUser {
             name: user.map_or_else(|| euid.to_string(), |u| u.name),
             uid: euid.as_raw(),
             gid: nix::unistd::getegid().as_raw(),
-            switch: false,
+            switch: Switch::No,
         }
     }
 
-    /// Makes `cmd` run as this user (with no supplementary groups, as std does when root).
-    pub fn apply(&self, cmd: &mut Command) {
-        if self.switch {
-            cmd.uid(self.uid).gid(self.gid);
+    /// Makes `cmd` run as this user, with no supplementary groups. Call before any other
+    /// `pre_exec`, and hand `spawn`'s result to [`Applied::spawned`].
+    pub fn apply(&self, cmd: &mut Command) -> io::Result<Applied> {
+        match &self.switch {
+            Switch::No => Ok(Applied(None)),
+            Switch::Setuid => {
+                cmd.uid(self.uid).gid(self.gid);
+                Ok(Applied(None))
+            }
+            Switch::Subordinate(ids) => Entry::prepare(
+                cmd,
+                ids.server(self.uid, self.gid),
+                Some((self.uid, self.gid)),
+            )
+            .map(|e| Applied(Some(e))),
         }
     }
 
+    /// Gives `path` (not a symlink's target) to this user.
     pub fn chown(&self, path: &Path) -> io::Result<()> {
-        if self.switch {
-            std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))?;
+        match &self.switch {
+            Switch::No => Ok(()),
+            Switch::Setuid => std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid)),
+            Switch::Subordinate(ids) => ids.chown(path, self.uid, self.gid, false),
         }
-        Ok(())
+    }
+
+    /// Makes `dir` the place both the server and the invoker write (`run/`: sockets, lock and
+    /// pid files): the server's own as root (root reaches it anyway); without root, the
+    /// invoker's with the server's group, so the invoker can still reach the sockets and clear
+    /// what a dead server left.
+    pub fn share_dir(&self, dir: &Path) -> io::Result<()> {
+        let mode = match &self.switch {
+            Switch::Subordinate(ids) => {
+                ids.chown(dir, ids.uid, self.gid, false)?;
+                0o770
+            }
+            _ => {
+                self.chown(dir)?;
+                0o700
+            }
+        };
+        crate::sys::files::set_mode(dir, mode)
+    }
+}
+
+/// What [`ServiceUser::apply`] set going, finished once the command is spawned.
+pub struct Applied(Option<Entry>);
+
+impl Applied {
+    pub fn spawned(self, child: io::Result<Child>) -> io::Result<Child> {
+        match self.0 {
+            Some(entry) => entry.finish(child),
+            None => child,
+        }
     }
 }
 
@@ -134,7 +202,8 @@ impl Launch {
     /// Runs to completion as `user`; on failure the error carries the output's tail.
     pub fn run(&self, user: &ServiceUser, cwd: &Path) -> Result<(), String> {
         let mut cmd = self.command();
-        user.apply(&mut cmd);
+        let cannot = |e: io::Error| format!("cannot run {}: {e}", self.program.display());
+        let applied = user.apply(&mut cmd).map_err(cannot)?;
         // SAFETY: prctl and fresh_start are async-signal-safe and touch no state of the parent.
         // An initializer dies with the command that runs it: a killed `create` leaves none.
         unsafe {
@@ -143,12 +212,15 @@ impl Launch {
                 fresh_start()
             });
         }
-        let out = cmd
-            .current_dir(cwd)
+        cmd.current_dir(cwd)
             .stdin(Stdio::null())
-            .env_remove("PGPASSWORD")
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.program.display()))?;
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("PGPASSWORD");
+        let out = applied
+            .spawned(cmd.spawn())
+            .and_then(Child::wait_with_output)
+            .map_err(cannot)?;
         if out.status.success() {
             return Ok(());
         }
@@ -176,7 +248,7 @@ impl Launch {
             .mode(0o600)
             .open(log)?;
         let mut cmd = self.command();
-        user.apply(&mut cmd);
+        let applied = user.apply(&mut cmd)?;
         cmd.current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -194,7 +266,7 @@ impl Launch {
                 fresh_start()
             });
         }
-        let child = cmd.spawn()?;
+        let child = applied.spawned(cmd.spawn())?;
         ProcessId::of(child.id() as i32)
     }
 }
@@ -207,8 +279,8 @@ fn sudo_user() -> Option<String> {
 /// In a child between fork and exec: nothing of the invoker's state goes on to the program.
 /// Every inherited descriptor beyond stdin, stdout and stderr closes at exec (a directory the
 /// invoker held open would otherwise reach the whole filesystem through `/proc/self/fd`), and
-/// the process gets a session keyring of its own (the invoker's keys stay the invoker's).
-/// Two system calls, async-signal-safe.
+/// the process gets a session keyring of its own (the invoker's keys stay the invoker's), and
+/// `no_new_privs`. Three system calls, async-signal-safe.
 fn fresh_start() -> io::Result<()> {
     // SAFETY: raw system calls with integer arguments; no memory is touched.
     let closed = unsafe {
@@ -230,7 +302,8 @@ fn fresh_start() -> io::Result<()> {
             0usize,
         );
     }
-    Ok(())
+    // No setuid program it runs can give it more than it has.
+    nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)
 }
 
 /// The last `n` lines of `text`.

@@ -26,6 +26,9 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
+/// The name of the check of whether environments' servers run as users of their own.
+pub const IDENTITIES: &str = "identities";
+
 /// The name of [`env_file`]'s check.
 pub const ENV_FILE: &str = "env file";
 

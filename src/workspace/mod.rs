@@ -16,6 +16,7 @@ mod cleanup;
 mod client_files;
 pub mod doctor;
 mod gc;
+mod identities;
 mod image;
 mod lifecycle;
 pub mod policy;
@@ -38,9 +39,10 @@ use crate::engine::{Binaries, Credentials, Engine};
 use crate::envfile::Vars;
 use crate::error::{Error, IoContext, Result};
 use crate::layout::{validate_name, Layout};
-use crate::sys::identity::Registry;
+use crate::sys::identity::{self, Registry};
 use crate::sys::lock::{Lock, LockError};
-use crate::sys::process::ServiceUser;
+use crate::sys::process::{ServiceUser, Switch};
+use identities::Identities;
 
 pub use crate::backend::CreateOptions;
 
@@ -70,8 +72,8 @@ pub struct Workspace {
     docker: OnceLock<std::result::Result<Docker, DockerError>>,
     /// The project's `.isoenv`, linked to `root` when servers could not reach it.
     root_link: Option<PathBuf>,
-    /// Whether each environment's servers get an identity of their own.
-    own_identities: bool,
+    /// Where each environment's servers get their identity.
+    identities: Identities,
     /// The template a `create` copied, for the spare copy made once it is complete.
     spare_due: Mutex<Option<PathBuf>>,
 }
@@ -84,11 +86,15 @@ impl Workspace {
         // group of anything, so any of them stands for all.
         let servers = match (&user, own_identities) {
             (_, true) => Some(ServiceUser::own(crate::sys::identity::FIRST)),
-            (Ok(u), false) if u.switch => Some(u.clone()),
+            (Ok(u), false) if u.switch == Switch::Setuid => Some(u.clone()),
             _ => None,
         };
         let state_root = root::locate(config.sandbox(), servers.as_ref());
         let root = state_root.path.clone();
+        let identities = match own_identities {
+            true => Identities::Own,
+            false => Identities::without_root(&root, &vars),
+        };
         let cache = vars
             .get("ISOENV_CACHE_DIR")
             .map_or_else(|| root.join(".cache"), PathBuf::from);
@@ -102,9 +108,19 @@ impl Workspace {
             memory_limit: config.sandbox().memory_limit_bytes,
             docker_host: vars.get("DOCKER_HOST").map(str::to_owned),
             docker: OnceLock::new(),
-            own_identities,
+            identities,
             spare_due: Mutex::new(None),
             vars,
+        }
+    }
+
+    /// `doctor`'s word on whether environments' servers run as users of their own.
+    pub fn identities(&self) -> doctor::Check {
+        doctor::Check {
+            name: doctor::IDENTITIES.into(),
+            ok: self.identities.apart(),
+            detail: self.identities.describe(),
+            fix: None,
         }
     }
 
@@ -193,11 +209,18 @@ impl Host for Workspace {
         &self.root
     }
 
-    fn claim_user(&self, layout: &Layout) -> Result<(Option<u32>, ServiceUser)> {
-        if !self.own_identities {
-            return Ok((None, self.service_user()?.clone()));
-        }
-        let registry = Registry::new(PathBuf::from(IDENTITIES));
+    fn claim_user(&self, layout: &Layout, subordinate: bool) -> Result<(Option<u32>, ServiceUser)> {
+        let (registry, user): (_, &dyn Fn(u32) -> ServiceUser) = match &self.identities {
+            Identities::Own => (
+                Registry::new(PathBuf::from(IDENTITIES), identity::ROOTS),
+                &ServiceUser::own,
+            ),
+            Identities::Subordinate { ids, registry } if subordinate => (
+                Registry::new(registry.clone(), ids.uids_for_environments()),
+                &|id| ServiceUser::subordinate(id, *ids),
+            ),
+            _ => return Ok((None, self.service_user()?.clone())),
+        };
         let id = registry
             .claim(&layout.dir, |id, holder| {
                 let holder = Layout::new(holder.to_owned());
@@ -207,24 +230,36 @@ impl Host for Workspace {
                     _ => holder.creating_marker().exists(),
                 }
             })
-            .context(|| format!("cannot claim an identity in {IDENTITIES}"))?;
-        Ok((Some(id), ServiceUser::own(id)))
+            .context(|| format!("cannot claim an identity in {}", registry.dir().display()))?;
+        Ok((Some(id), user(id)))
     }
 
     fn user_of(&self, state: &EnvState) -> Result<ServiceUser> {
-        match state.identity {
-            Some(id) => Ok(ServiceUser::own(id)),
-            None => self.service_user().cloned(),
+        match (state.identity, &self.identities) {
+            (Some(id), Identities::Subordinate { ids, .. }) if ids.uids.contains(id) => {
+                Ok(ServiceUser::subordinate(id, *ids))
+            }
+            (Some(id), _) => Ok(ServiceUser::own(id)),
+            (None, _) => self.service_user().cloned(),
         }
     }
 
     fn release_user(&self, state: &EnvState, layout: &Layout) -> Result<()> {
-        match state.identity {
-            Some(id) => Registry::new(PathBuf::from(IDENTITIES))
-                .release(id, &layout.dir)
-                .context(|| format!("cannot release identity {id} in {IDENTITIES}")),
-            None => Ok(()),
-        }
+        let Some(id) = state.identity else {
+            return Ok(());
+        };
+        let registry = match &self.identities {
+            Identities::Subordinate { ids, registry } if ids.uids.contains(id) => {
+                Registry::new(registry.clone(), ids.uids_for_environments())
+            }
+            _ => Registry::new(PathBuf::from(IDENTITIES), identity::ROOTS),
+        };
+        registry.release(id, &layout.dir).context(|| {
+            format!(
+                "cannot release identity {id} in {}",
+                registry.dir().display()
+            )
+        })
     }
 
     fn vars(&self) -> &Vars {

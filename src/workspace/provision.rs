@@ -181,7 +181,7 @@ fn read_only_to_servers(dir: &Path) -> std::io::Result<()> {
         name: "root".into(),
         uid: 0,
         gid: 0,
-        switch: true,
+        switch: crate::sys::process::Switch::Setuid,
     };
     chown_tree(dir, &root)
 }

@@ -496,8 +496,11 @@ impl Bench {
             isoenv::sys::files::chown_tree(&dir, &user)?;
             let data = dir.join("data");
             let run = |cmd: &mut Command| -> Result<()> {
-                user.apply(cmd);
-                let out = cmd.stdin(Stdio::null()).output()?;
+                let applied = user.apply(cmd)?;
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let out = applied.spawned(cmd.spawn())?.wait_with_output()?;
                 if !out.status.success() {
                     bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
                 }

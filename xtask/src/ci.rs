@@ -44,8 +44,9 @@ struct Need {
 }
 
 /// What the suite needs: the three engines, the shells the activate scripts are tested in,
-/// sshd and ssh for the tunnel and remote engines, `ip` for their network namespaces, Python's venv for the pytest example, a C compiler and the PostgreSQL
-/// server headers for the isolation probes' extension. `major` is the installed PostgreSQL's.
+/// sshd and ssh for the tunnel and remote engines, `ip` for their network namespaces, Python's
+/// venv for the pytest example, a C compiler and the PostgreSQL server headers for the isolation
+/// probes' extension, and newuidmap for rootless environments' identities. `major` is the installed PostgreSQL's.
 fn needs(vars: &isoenv::Vars, major: Option<&str>) -> Vec<Need> {
     let mut needs: Vec<Need> = EngineKind::ALL
         .iter()
@@ -75,6 +76,7 @@ fn needs(vars: &isoenv::Vars, major: Option<&str>) -> Vec<Need> {
         program("ssh", "openssh-client"),
         program("ip", "iproute2"),
         program("gcc", "gcc"),
+        program("newuidmap", "uidmap"),
         program("docker", "docker.io"),
         Need {
             what: "python3 -m venv".into(),
@@ -112,7 +114,32 @@ fn prepare(vars: &isoenv::Vars, unasked: bool) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the suite runs as root: the sandbox and isolation tests need it");
     }
+    rootless_ids(unasked)?;
     docker_daemon()
+}
+
+/// The rootless tests run as `nobody`, whose environments take their identities from its
+/// subordinate ids: it gets a range no account uses, below root's own range of identities.
+fn rootless_ids(unasked: bool) -> Result<()> {
+    let has = |file: &str| {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("nobody:"))
+    };
+    if has("/etc/subuid") && has("/etc/subgid") {
+        return Ok(());
+    }
+    let range = "1700000000-1700065535";
+    let command = format!("usermod --add-subuids {range} --add-subgids {range} nobody");
+    if !unasked && !isoenv::cli::confirm(&format!("the rootless tests need `{command}`. Run it?")) {
+        bail!("the rootless tests run as nobody with subordinate ids: run `{command}`");
+    }
+    eprintln!("ci: {command}");
+    if !succeeds(Command::new("sh").args(["-c", &command])) {
+        bail!("`{command}` failed");
+    }
+    Ok(())
 }
 
 fn install(needs: &[Need], unasked: bool) -> Result<()> {

@@ -7,7 +7,7 @@ mod support;
 use std::ffi::CString;
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -357,9 +357,26 @@ fn a_readable_env_file_with_a_password_is_flagged() {
 /// The findings: every server ran as one user, so one environment's superuser could read
 /// another's passwords and data, signal its server, log in through its trusted Unix socket,
 /// and change the shared cache of initialized data directories for every later environment.
+/// Tried as root (ids of isoenv's own range) and as nobody (ids of its subordinate range).
 #[test]
 fn one_environments_superuser_cannot_reach_another_environment() {
-    let project = Project::new("");
+    superuser_cannot_reach_another_environment(Project::new(""));
+    let rootless = Project::unprivileged("");
+    let identities = rootless.json(&["doctor", "--json"]);
+    let identities = identities
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "identities")
+        .unwrap();
+    assert_eq!(
+        identities["ok"], true,
+        "nobody needs subordinate ids for this test (cargo xtask ci gives it some): {identities}"
+    );
+    superuser_cannot_reach_another_environment(rootless);
+}
+
+fn superuser_cannot_reach_another_environment(project: Project) {
     for (name, engine) in [
         ("attacker", "postgres"),
         ("victim", "postgres"),
@@ -376,7 +393,11 @@ fn one_environments_superuser_cannot_reach_another_environment() {
         .as_str()
         .unwrap()
         .to_owned();
-    let hba = fs::read_dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache"))
+    let cache = match project.is_unprivileged() {
+        true => project.dir.path().join("cache"),
+        false => Path::new(env!("CARGO_TARGET_TMPDIR")).join("isoenv-cache"),
+    };
+    let hba = fs::read_dir(cache)
         .unwrap()
         .flatten()
         .filter(|e| {
@@ -426,6 +447,38 @@ fn one_environments_superuser_cannot_reach_another_environment() {
         !read.contains(&password),
         "another environment's password was read"
     );
+    // Its servers run as a user of their own: not the invoker, not another environment's.
+    let uid = |name: &str| {
+        let pid = project.json(&["db", "inspect", name, "--json"])["pid"]
+            .as_i64()
+            .unwrap();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(field("CapEff:"), ["0000000000000000"], "{name}");
+        assert_eq!(field("NoNewPrivs:"), ["1"], "{name}");
+        assert!(field("Groups:").is_empty(), "{name}: {status}");
+        field("Uid:")[0].parse::<u32>().unwrap()
+    };
+    let invoker = fs::metadata(project.env_file()).unwrap().uid();
+    let uids = [uid("attacker"), uid("victim"), uid("keys")];
+    assert!(
+        !uids.contains(&invoker) && uids[0] != uids[1] && uids[1] != uids[2] && uids[0] != uids[2],
+        "{uids:?}, invoker {invoker}"
+    );
+    // Nor the invoker's files: its own copy of the attacker's password.
+    let own = shell(&format!(
+        "cat {}",
+        state.join("attacker/credentials").display()
+    ));
+    assert!(own.contains("Permission denied"), "{own}");
     let listed = shell(&format!("ls {}", state.join("victim/data").display()));
     assert!(listed.contains("Permission denied"), "{listed}");
     let signalled = shell(&format!("kill -0 {victim_pid}"));
@@ -480,8 +533,8 @@ fn redis_cannot_be_told_to_write_elsewhere_or_load_modules() {
     project.ok(&["db", "destroy", "cache"]);
 }
 
-/// Without root every server runs as the invoker, so what keeps one environment's superuser
-/// from another's files is the sandbox's mount namespace: tried rootful and rootless, with the
+/// Without root the sandbox's servers run as the invoker, so what keeps one environment's
+/// superuser from another's files is the sandbox's mount namespace: tried rootful and rootless, with the
 /// superuser's own file functions, against another environment's password file and data.
 #[test]
 fn a_sandboxed_superuser_sees_no_other_environment_rootful_or_rootless() {

@@ -104,6 +104,12 @@ impl Confinement for Sandbox {
         Ok(pid)
     }
 
+    /// Its init maps the service user to itself, which without root only the invoker's own ids
+    /// can be; rootless environments are kept apart by the mount namespace instead.
+    fn subordinate_ids(&self) -> bool {
+        false
+    }
+
     /// The supervisor turns SIGTERM into the engine's own stop signal.
     fn stop_signal(&self, _engine: &dyn crate::engine::Engine) -> Signal {
         Signal::SIGTERM

@@ -51,6 +51,7 @@ impl Project {
             .arg("-R")
             .arg(format!("{}:{}", nobody.uid, nobody.gid))
             .arg(p.dir.path())
+            .arg(nobody_state())
             .status()
             .unwrap();
         assert!(chown.success());
@@ -61,6 +62,11 @@ impl Project {
     pub fn in_netns(mut self, name: &str) -> Self {
         self.netns = Some(name.to_owned());
         self
+    }
+
+    /// Whether commands run as another user than the test's.
+    pub fn is_unprivileged(&self) -> bool {
+        self.user.is_some()
     }
 
     pub fn env_file(&self) -> PathBuf {
@@ -98,7 +104,8 @@ impl Project {
                 c.arg(format!("--reuid={}", user.uid))
                     .arg(format!("--regid={}", user.gid))
                     .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_xtask")])
-                    .env("HOME", "/nonexistent");
+                    .env("HOME", "/nonexistent")
+                    .env("XDG_STATE_HOME", nobody_state());
                 c
             }
         };
@@ -185,4 +192,12 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// `nobody`'s state directory, shared by every test that runs as it (so that its environments'
+/// identities are claimed in one registry, as a user's are).
+pub fn nobody_state() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nobody-state");
+    fs::create_dir_all(&dir).unwrap();
+    dir
 }
