@@ -147,7 +147,7 @@ impl ServiceUser {
                 0o700
             }
         };
-        crate::sys::files::set_mode(dir, mode)
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
     }
 }
 
