@@ -102,7 +102,7 @@ impl<'a> Target<'a> {
 }
 
 fn create_cmd(project: &Project, name: &str, backend: &str) -> Command {
-    let mut cmd = project.cmd(&[
+    let mut cmd = project.bare_cmd(&[
         "db",
         "create",
         name,
@@ -160,7 +160,13 @@ fn a_sandboxed_server_cannot_point_a_host_socket_elsewhere_nor_unshare_nor_read_
 #[test]
 fn servers_start_with_nothing_of_the_invoker() {
     let (_dir, library) = probe_library();
-    let project = Project::new("");
+    servers_start_with_nothing_of(&Project::new(""), &library);
+    servers_start_with_nothing_of(&Project::unprivileged(""), &library);
+}
+
+/// Rootful, then as nobody (which its command becomes before it opens the directory and adds
+/// the key, so that they are nobody's own).
+fn servers_start_with_nothing_of(project: &Project, library: &Path) {
     let marker = tempfile::Builder::new()
         .prefix("isoenv-inherited-")
         .tempdir()
@@ -168,12 +174,24 @@ fn servers_start_with_nothing_of_the_invoker() {
     let key = format!("isoenv-probe-{}", std::process::id());
     for backend in ["lightweight", "sandbox"] {
         let name = format!("clean-{backend}");
-        let mut cmd = create_cmd(&project, &name, backend);
+        let mut cmd = create_cmd(project, &name, backend);
+        let user = project.user().map(|u| (u.uid.as_raw(), u.gid.as_raw()));
+        if let Some((uid, gid)) = user {
+            nix::unistd::chown(marker.path(), Some(uid.into()), Some(gid.into())).unwrap();
+        }
         let dir = CString::new(marker.path().as_os_str().as_encoded_bytes()).unwrap();
         let (ty, desc, payload) = (c"user", CString::new(key.clone()).unwrap(), b"secret");
         // SAFETY: open, keyctl and add_key are async-signal-safe; the strings were made before.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some((uid, gid)) = user {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setresgid(gid, gid, gid) != 0
+                        || libc::setresuid(uid, uid, uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 // A descriptor without close-on-exec, as a shell's `exec 7</dir` leaves one.
                 if libc::open(dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -196,7 +214,7 @@ fn servers_start_with_nothing_of_the_invoker() {
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
-        let t = Target::create(&project, &name, backend, &library);
+        let t = Target::create(project, &name, backend, library);
 
         let fds = t.ask("SELECT isoenv_probe_fds()");
         assert!(
@@ -215,13 +233,20 @@ fn servers_start_with_nothing_of_the_invoker() {
 /// Logs hold statements as written, passwords included: the invoker's alone.
 #[test]
 fn server_logs_are_private() {
-    let project = Project::new("");
-    project.ok(&["db", "create", "logs", "--engine", "postgres"]);
-    let log_dir = project.state().join("logs/log");
-    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&log_dir), 0o700);
-    assert_eq!(mode(&log_dir.join("server.log")), 0o600);
-    project.ok(&["db", "destroy", "logs"]);
+    for project in [Project::new(""), Project::unprivileged("")] {
+        project.ok(&["db", "create", "logs", "--engine", "postgres"]);
+        let log_dir = project.state().join("logs/log");
+        let meta = |p: &Path| fs::metadata(p).unwrap();
+        let invoker = meta(&project.env_file()).uid();
+        for (path, mode) in [
+            (log_dir.clone(), 0o700),
+            (log_dir.join("server.log"), 0o600),
+        ] {
+            assert_eq!(meta(&path).permissions().mode() & 0o777, mode, "{path:?}");
+            assert_eq!(meta(&path).uid(), invoker, "{path:?}");
+        }
+        project.ok(&["db", "destroy", "logs"]);
+    }
 }
 
 /// No Unix socket lets a client in without the password, not even the invoker's own root:
@@ -230,7 +255,11 @@ fn server_logs_are_private() {
 /// it, so a socket that works at all is known to refuse only for want of the password.
 #[test]
 fn no_unix_socket_lets_anyone_in_without_the_password() {
-    let project = Project::new("");
+    no_unix_socket_lets_anyone_in(&Project::new(""));
+    no_unix_socket_lets_anyone_in(&Project::unprivileged(""));
+}
+
+fn no_unix_socket_lets_anyone_in(project: &Project) {
     let tries: [(&str, &str, &str); 4] = [
         ("pg", "postgres", "lightweight"),
         ("pgbox", "postgres", "sandbox"),
@@ -306,7 +335,12 @@ fn no_unix_socket_lets_anyone_in_without_the_password() {
 /// The finding: MariaDB wrote files wherever its service user could (`INTO OUTFILE`).
 #[test]
 fn mariadb_writes_files_only_inside_its_environment() {
-    let project = Project::new("");
+    for project in [Project::new(""), Project::unprivileged("")] {
+        mariadb_writes_files_only_inside(&project);
+    }
+}
+
+fn mariadb_writes_files_only_inside(project: &Project) {
     project.ok(&["db", "create", "files", "--engine", "mysql"]);
     let outside = std::env::temp_dir().join(format!("isoenv-outfile-{}", std::process::id()));
     let inside = project.state().join("files/run/allowed.txt");

@@ -92,23 +92,39 @@ impl Project {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
+        self.command(args, true)
+    }
+
+    /// [`Self::cmd`] for a caller that switches to [`Self::user`] itself, in a `pre_exec` of
+    /// its own (to hand the command something as that user).
+    pub fn bare_cmd(&self, args: &[&str]) -> Command {
+        self.command(args, false)
+    }
+
+    pub fn user(&self) -> Option<&nix::unistd::User> {
+        self.user.as_ref()
+    }
+
+    fn command(&self, args: &[&str], switch: bool) -> Command {
         let mut cmd = match (&self.user, &self.netns) {
-            (None, None) => Command::new(env!("CARGO_BIN_EXE_xtask")),
+            (Some(user), _) if switch => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={}", user.uid))
+                    .arg(format!("--regid={}", user.gid))
+                    .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_xtask")]);
+                c
+            }
             (None, Some(ns)) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_xtask")]);
                 c
             }
-            (Some(user), _) => {
-                let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={}", user.uid))
-                    .arg(format!("--regid={}", user.gid))
-                    .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_xtask")])
-                    .env("HOME", "/nonexistent")
-                    .env("XDG_STATE_HOME", nobody_state());
-                c
-            }
+            _ => Command::new(env!("CARGO_BIN_EXE_xtask")),
         };
+        if self.user.is_some() {
+            cmd.env("HOME", "/nonexistent")
+                .env("XDG_STATE_HOME", nobody_state());
+        }
         cmd.arg("--env-file").arg(self.env_file()).args(args);
         for var in [
             "ENVIRONMENT",
