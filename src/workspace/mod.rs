@@ -239,7 +239,19 @@ impl Host for Workspace {
             (Some(id), Identities::Subordinate { ids, .. }) if ids.uids.contains(id) => {
                 Ok(ServiceUser::subordinate(id, *ids))
             }
-            (Some(id), _) => Ok(ServiceUser::own(id)),
+            // Root can become any id, whatever identities new environments get now.
+            (Some(id), _) if nix::unistd::geteuid().is_root() => Ok(ServiceUser::own(id)),
+            (Some(id), other) => Err(Error::Unsupported(format!(
+                "this environment's servers run as uid {id}, which this user cannot become now: {}; run as the user that created it, or destroy and create it again",
+                match other {
+                    Identities::Subordinate { ids, .. } => format!(
+                        "its subordinate ids are {}-{} now",
+                        ids.uids.first,
+                        ids.uids.first + ids.uids.count - 1
+                    ),
+                    _ => other.describe(),
+                }
+            ))),
             (None, _) => self.service_user().cloned(),
         }
     }
