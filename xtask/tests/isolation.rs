@@ -545,7 +545,12 @@ fn superuser_cannot_reach_another_environment(project: Project) {
 /// load native code: Redis 7 refuses both unless configured otherwise, and isoenv does not.
 #[test]
 fn redis_cannot_be_told_to_write_elsewhere_or_load_modules() {
-    let project = Project::new("");
+    for project in [Project::new(""), Project::unprivileged("")] {
+        redis_stays_in_place(&project);
+    }
+}
+
+fn redis_stays_in_place(project: &Project) {
     project.ok(&["db", "create", "cache", "--engine", "redis"]);
     let redis = |args: &str| {
         let activate = project.state().join("cache/bin/activate");
@@ -568,8 +573,9 @@ fn redis_cannot_be_told_to_write_elsewhere_or_load_modules() {
 }
 
 /// Without root the sandbox's servers run as the invoker, so what keeps one environment's
-/// superuser from another's files is the sandbox's mount namespace: tried rootful and rootless, with the
-/// superuser's own file functions, against another environment's password file and data.
+/// superuser from another's files is the sandbox's mount namespace: tried rootful and rootless,
+/// with the superuser's own file functions, against another environment's password file and
+/// data.
 #[test]
 fn a_sandboxed_superuser_sees_no_other_environment_rootful_or_rootless() {
     for project in [Project::new(""), Project::unprivileged("")] {
