@@ -376,7 +376,13 @@ fn mariadb_writes_files_only_inside(project: &Project) {
 /// password to other users.
 #[test]
 fn a_readable_env_file_with_a_password_is_flagged() {
-    let project = Project::new("DB_VM_PASSWORD=hunter2\n");
+    let env = "DB_VM_PASSWORD=hunter2\n";
+    for project in [Project::new(env), Project::unprivileged(env)] {
+        readable_env_file_is_flagged(&project);
+    }
+}
+
+fn readable_env_file_is_flagged(project: &Project) {
     let env = project.env_file();
     fs::set_permissions(&env, fs::Permissions::from_mode(0o644)).unwrap();
     let check = project.ok(&["env", "check"]);
