@@ -67,6 +67,36 @@ impl Registry {
         )))
     }
 
+    /// Gives back every claim whose environment no longer records it (`in_use(id, holder)`
+    /// false): what destroyed-by-hand environments and killed creates left. The ids given back.
+    pub fn sweep(&self, in_use: impl Fn(u32, &Path) -> bool) -> io::Result<Vec<u32>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let _lock = Lock::wait(self.dir.join(".lock")).map_err(|e| match e {
+            super::lock::LockError::Io(e) => e,
+            super::lock::LockError::Busy => io::Error::other("the identity registry is busy"),
+        })?;
+        let mut freed = Vec::new();
+        for entry in entries.flatten() {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let holder = fs::read_to_string(entry.path())?;
+            if !in_use(id, Path::new(&holder)) {
+                fs::remove_file(entry.path())?;
+                freed.push(id);
+            }
+        }
+        Ok(freed)
+    }
+
     /// Gives `id` back, if `owner` still holds it.
     pub fn release(&self, id: u32, owner: &Path) -> io::Result<()> {
         let file = self.dir.join(id.to_string());
@@ -130,10 +160,14 @@ mod tests {
         // A holder that no longer records its id gives it up.
         let gone = |_: u32, _: &Path| false;
         assert_eq!(registry.claim(b, gone).unwrap(), other);
+        // A sweep frees only what no environment records.
+        assert_eq!(registry.sweep(still).unwrap(), Vec::<u32>::new());
         // Releasing only removes one's own claim.
         registry.release(other, a).unwrap();
         assert!(dir.path().join("ids").join(other.to_string()).exists());
         registry.release(other, b).unwrap();
         assert!(!dir.path().join("ids").join(other.to_string()).exists());
+        assert_eq!(registry.sweep(gone).unwrap(), vec![second]);
+        assert_eq!(fs::read_dir(dir.path().join("ids")).unwrap().count(), 0);
     }
 }

@@ -58,6 +58,7 @@ impl Workspace {
                 .context(|| format!("cannot remove {}", layout.dir.display()))?;
             removed.push(name);
         }
+        self.collect_identities();
         Ok(removed)
     }
 
@@ -90,6 +91,15 @@ impl Workspace {
             };
             stop_working_in(&entry.path());
             let _ = remove_tree(&entry.path());
+        }
+    }
+
+    /// Gives back the identities of environments that no longer record them (destroyed by
+    /// hand, or a create killed before it recorded); best effort, as a claim takes them over
+    /// anyway.
+    fn collect_identities(&self) {
+        if let Some(registry) = self.registry() {
+            let _ = registry.sweep(super::holds);
         }
     }
 

@@ -204,32 +204,47 @@ impl Workspace {
     }
 }
 
+/// Whether the environment directory `holder` still records `id` as its identity.
+fn holds(id: u32, holder: &Path) -> bool {
+    let holder = Layout::new(holder.to_owned());
+    match EnvState::load(&holder) {
+        Ok(Some(state)) => state.identity == Some(id),
+        // A create in progress has claimed before it recorded.
+        _ => holder.creating_marker().exists(),
+    }
+}
+
+impl Workspace {
+    /// The registry new environments claim their identities in, if they get their own.
+    fn registry(&self) -> Option<Registry> {
+        match &self.identities {
+            Identities::Own => Some(Registry::new(PathBuf::from(IDENTITIES), identity::ROOTS)),
+            Identities::Subordinate { ids, registry } => {
+                Some(Registry::new(registry.clone(), ids.uids_for_environments()))
+            }
+            Identities::Shared(_) => None,
+        }
+    }
+}
+
 impl Host for Workspace {
     fn root(&self) -> &Path {
         &self.root
     }
 
     fn claim_user(&self, layout: &Layout, subordinate: bool) -> Result<(Option<u32>, ServiceUser)> {
-        let (registry, user): (_, &dyn Fn(u32) -> ServiceUser) = match &self.identities {
-            Identities::Own => (
-                Registry::new(PathBuf::from(IDENTITIES), identity::ROOTS),
-                &ServiceUser::own,
-            ),
-            Identities::Subordinate { ids, registry } if subordinate => (
-                Registry::new(registry.clone(), ids.uids_for_environments()),
-                &|id| ServiceUser::subordinate(id, *ids),
-            ),
+        let user: &dyn Fn(u32) -> ServiceUser = match &self.identities {
+            Identities::Own => &ServiceUser::own,
+            Identities::Subordinate { ids, .. } if subordinate => {
+                &|id| ServiceUser::subordinate(id, *ids)
+            }
             _ => return Ok((None, self.service_user()?.clone())),
         };
+        let registry = self
+            .registry()
+            .expect("identities of their own have a registry");
         let id = registry
-            .claim(&layout.dir, |id, holder| {
-                let holder = Layout::new(holder.to_owned());
-                match EnvState::load(&holder) {
-                    Ok(Some(state)) => state.identity == Some(id),
-                    // A create in progress has claimed before it recorded.
-                    _ => holder.creating_marker().exists(),
-                }
-            })
+            .claim(&layout.dir, holds)
             .context(|| format!("cannot claim an identity in {}", registry.dir().display()))?;
         Ok((Some(id), user(id)))
     }
