@@ -137,6 +137,16 @@ fn assert_nothing_left(project: &Project, names: &str, what: &str) {
     );
     let cgroups = cgroups_named(&format!("isoenv-{names}"));
     assert!(cgroups.is_empty(), "{what}: cgroups left: {cgroups:?}");
+    // The machine's registry of identities (as root) holds no claim of this project's.
+    let claims: Vec<String> = fs::read_dir("/var/lib/isoenv/identities")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_to_string(e.path()).ok())
+                .filter(|holder| Path::new(holder).starts_with(&state))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(claims.is_empty(), "{what}: identities left: {claims:?}");
 }
 
 #[test]
