@@ -4,7 +4,7 @@
 //! subordinate ids ([`super::userns`]). They are claimed in a registry, machine-wide (or the
 //! invoker's), one file per id naming the environment directory that holds it. A claim whose
 //! environment no longer records it (destroyed, deleted by hand, a create killed half-way) is
-//! taken over, so nothing needs collecting.
+//! taken over by the next claim, and given back by `db gc`.
 
 use std::fs;
 use std::io;
@@ -43,10 +43,7 @@ impl Registry {
     /// environment directory `holder` still records `id` as its own.
     pub fn claim(&self, owner: &Path, in_use: impl Fn(u32, &Path) -> bool) -> io::Result<u32> {
         fs::create_dir_all(&self.dir)?;
-        let _lock = Lock::wait(self.dir.join(".lock")).map_err(|e| match e {
-            super::lock::LockError::Io(e) => e,
-            super::lock::LockError::Busy => io::Error::other("the identity registry is busy"),
-        })?;
+        let _lock = self.lock()?;
         for id in candidates(owner, self.range) {
             let file = self.dir.join(id.to_string());
             let free = match fs::read_to_string(&file) {
@@ -75,10 +72,7 @@ impl Registry {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let _lock = Lock::wait(self.dir.join(".lock")).map_err(|e| match e {
-            super::lock::LockError::Io(e) => e,
-            super::lock::LockError::Busy => io::Error::other("the identity registry is busy"),
-        })?;
+        let _lock = self.lock()?;
         let mut freed = Vec::new();
         for entry in entries.flatten() {
             let Some(id) = entry
@@ -95,6 +89,14 @@ impl Registry {
             }
         }
         Ok(freed)
+    }
+
+    /// The registry's own lock: one claim or sweep at a time, machine-wide.
+    fn lock(&self) -> io::Result<Lock> {
+        Lock::wait(self.dir.join(".lock")).map_err(|e| match e {
+            super::lock::LockError::Io(e) => e,
+            super::lock::LockError::Busy => io::Error::other("the identity registry is busy"),
+        })
     }
 
     /// Gives `id` back, if `owner` still holds it.

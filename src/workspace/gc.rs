@@ -98,7 +98,7 @@ impl Workspace {
     /// hand, or a create killed before it recorded); best effort, as a claim takes them over
     /// anyway.
     fn collect_identities(&self) {
-        if let Some(registry) = self.registry() {
+        if let Some(registry) = self.identities.registry() {
             let _ = registry.sweep(super::holds);
         }
     }

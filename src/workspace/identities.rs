@@ -1,11 +1,15 @@
-//! Where each environment's servers get the identity they run as.
+//! Where each environment's servers get the identity they run as, and the registry each
+//! identity is claimed in.
 
 use std::path::{Path, PathBuf};
 
-use crate::envfile::Vars;
 use crate::sys::files::reachable;
+use crate::sys::identity::{self, Registry};
 use crate::sys::process::ServiceUser;
 use crate::sys::userns::SubIds;
+
+/// The machine-wide registry of identities of root's range (see [`crate::sys::identity`]).
+pub(super) const MACHINE_REGISTRY: &str = "/var/lib/isoenv/identities";
 
 pub(super) enum Identities {
     /// As root: ids of isoenv's own range, claimed in the machine's registry.
@@ -18,23 +22,68 @@ pub(super) enum Identities {
 }
 
 impl Identities {
+    /// `own` as root with no service user chosen; with another one chosen, that `user`.
     /// Without root: subordinate ids when the invoker has them, the helpers that map them are
     /// installed, there is a place for the registry, and servers running as them can reach the
     /// state root `root`.
-    pub(super) fn without_root(root: &Path, vars: &Vars) -> Self {
+    pub(super) fn decide(own: bool, user: &Result<ServiceUser, String>, root: &Path) -> Self {
+        if own {
+            return Identities::Own;
+        }
         if nix::unistd::geteuid().is_root() {
-            return Identities::Shared(format!(
-                "servers run as the configured service user `{}`",
-                vars.get("ISOENV_SERVICE_USER")
-                    .map(str::to_owned)
-                    .or_else(|| std::env::var("SUDO_USER").ok())
-                    .unwrap_or_default()
-            ));
+            return Identities::Shared(match user {
+                Ok(u) => format!("servers run as the configured service user `{}`", u.name),
+                Err(e) => e.clone(),
+            });
         }
         match subordinate(root) {
             Ok((ids, registry)) => Identities::Subordinate { ids, registry },
             Err(why) => Identities::Shared(format!(
                 "without root, servers run as the invoker and are not kept apart from each other: {why}"
+            )),
+        }
+    }
+
+    /// Where new environments claim their identities, if they get their own.
+    pub(super) fn registry(&self) -> Option<Registry> {
+        match self {
+            Identities::Own => Some(machine_registry()),
+            Identities::Subordinate { ids, registry } => {
+                Some(Registry::new(registry.clone(), ids.uids_for_environments()))
+            }
+            Identities::Shared(_) => None,
+        }
+    }
+
+    /// Where the recorded identity `id` is claimed: the invoker's registry for one of its
+    /// subordinate ids, else the machine's.
+    pub(super) fn registry_of(&self, id: u32) -> Registry {
+        match self {
+            Identities::Subordinate { ids, .. } if ids.uids.contains(id) => self
+                .registry()
+                .expect("subordinate identities have a registry"),
+            _ => machine_registry(),
+        }
+    }
+
+    /// The user that runs as the recorded identity `id`; else why this user cannot become it.
+    pub(super) fn user(&self, id: u32) -> Result<ServiceUser, String> {
+        match self {
+            Identities::Subordinate { ids, .. } if ids.uids.contains(id) => {
+                Ok(ServiceUser::subordinate(id, *ids))
+            }
+            // Root can become any id, whatever identities new environments get now.
+            _ if nix::unistd::geteuid().is_root() => Ok(ServiceUser::own(id)),
+            other => Err(format!(
+                "this environment's servers run as uid {id}, which this user cannot become now: {}; run as the user that created it, or destroy and create it again",
+                match other {
+                    Identities::Subordinate { ids, .. } => format!(
+                        "its subordinate ids are {}-{} now",
+                        ids.uids.first,
+                        ids.uids.first + ids.uids.count - 1
+                    ),
+                    _ => other.describe(),
+                }
             )),
         }
     }
@@ -59,6 +108,10 @@ impl Identities {
     pub(super) fn apart(&self) -> bool {
         !matches!(self, Identities::Shared(_))
     }
+}
+
+fn machine_registry() -> Registry {
+    Registry::new(PathBuf::from(MACHINE_REGISTRY), identity::ROOTS)
 }
 
 fn subordinate(root: &Path) -> Result<(SubIds, PathBuf), String> {

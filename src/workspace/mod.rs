@@ -39,15 +39,12 @@ use crate::engine::{Binaries, Credentials, Engine};
 use crate::envfile::Vars;
 use crate::error::{Error, IoContext, Result};
 use crate::layout::{validate_name, Layout};
-use crate::sys::identity::{self, Registry};
 use crate::sys::lock::{Lock, LockError};
 use crate::sys::process::{ServiceUser, Switch};
 use identities::Identities;
 
 pub use crate::backend::CreateOptions;
 
-/// The machine-wide registry of environment identities (as root; see [`crate::sys::identity`]).
-const IDENTITIES: &str = "/var/lib/isoenv/identities";
 pub use image::BuiltImage;
 pub use policy::{
     allowed, local_backend, plan_up, Action, UpPlan, DEFAULT_ENV, STAGING_ENV, TUNNEL_ENV,
@@ -91,10 +88,7 @@ impl Workspace {
         };
         let state_root = root::locate(config.sandbox(), servers.as_ref());
         let root = state_root.path.clone();
-        let identities = match own_identities {
-            true => Identities::Own,
-            false => Identities::without_root(&root, &vars),
-        };
+        let identities = Identities::decide(own_identities, &user, &root);
         let cache = vars
             .get("ISOENV_CACHE_DIR")
             .map_or_else(|| root.join(".cache"), PathBuf::from);
@@ -214,60 +208,30 @@ fn holds(id: u32, holder: &Path) -> bool {
     }
 }
 
-impl Workspace {
-    /// The registry new environments claim their identities in, if they get their own.
-    fn registry(&self) -> Option<Registry> {
-        match &self.identities {
-            Identities::Own => Some(Registry::new(PathBuf::from(IDENTITIES), identity::ROOTS)),
-            Identities::Subordinate { ids, registry } => {
-                Some(Registry::new(registry.clone(), ids.uids_for_environments()))
-            }
-            Identities::Shared(_) => None,
-        }
-    }
-}
-
 impl Host for Workspace {
     fn root(&self) -> &Path {
         &self.root
     }
 
     fn claim_user(&self, layout: &Layout, subordinate: bool) -> Result<(Option<u32>, ServiceUser)> {
-        let user: &dyn Fn(u32) -> ServiceUser = match &self.identities {
-            Identities::Own => &ServiceUser::own,
-            Identities::Subordinate { ids, .. } if subordinate => {
-                &|id| ServiceUser::subordinate(id, *ids)
-            }
-            _ => return Ok((None, self.service_user()?.clone())),
+        let registry = match &self.identities {
+            Identities::Subordinate { .. } if !subordinate => None,
+            identities => identities.registry(),
         };
-        let registry = self
-            .registry()
-            .expect("identities of their own have a registry");
+        let Some(registry) = registry else {
+            return Ok((None, self.service_user()?.clone()));
+        };
         let id = registry
             .claim(&layout.dir, holds)
             .context(|| format!("cannot claim an identity in {}", registry.dir().display()))?;
-        Ok((Some(id), user(id)))
+        let user = self.identities.user(id).map_err(Error::Unsupported)?;
+        Ok((Some(id), user))
     }
 
     fn user_of(&self, state: &EnvState) -> Result<ServiceUser> {
-        match (state.identity, &self.identities) {
-            (Some(id), Identities::Subordinate { ids, .. }) if ids.uids.contains(id) => {
-                Ok(ServiceUser::subordinate(id, *ids))
-            }
-            // Root can become any id, whatever identities new environments get now.
-            (Some(id), _) if nix::unistd::geteuid().is_root() => Ok(ServiceUser::own(id)),
-            (Some(id), other) => Err(Error::Unsupported(format!(
-                "this environment's servers run as uid {id}, which this user cannot become now: {}; run as the user that created it, or destroy and create it again",
-                match other {
-                    Identities::Subordinate { ids, .. } => format!(
-                        "its subordinate ids are {}-{} now",
-                        ids.uids.first,
-                        ids.uids.first + ids.uids.count - 1
-                    ),
-                    _ => other.describe(),
-                }
-            ))),
-            (None, _) => self.service_user().cloned(),
+        match state.identity {
+            Some(id) => self.identities.user(id).map_err(Error::Unsupported),
+            None => self.service_user().cloned(),
         }
     }
 
@@ -275,12 +239,7 @@ impl Host for Workspace {
         let Some(id) = state.identity else {
             return Ok(());
         };
-        let registry = match &self.identities {
-            Identities::Subordinate { ids, registry } if ids.uids.contains(id) => {
-                Registry::new(registry.clone(), ids.uids_for_environments())
-            }
-            _ => Registry::new(PathBuf::from(IDENTITIES), identity::ROOTS),
-        };
+        let registry = self.identities.registry_of(id);
         registry.release(id, &layout.dir).context(|| {
             format!(
                 "cannot release identity {id} in {}",
