@@ -132,9 +132,9 @@ pub struct Container {
     pub data: &'static str,
     pub env: Vec<(&'static str, String)>,
     pub cmd: Vec<String>,
-    /// Files written into the container before it first starts, owned by [`CONTAINER_UID`]
-    /// and mode 0400: the secrets, which would show in `docker inspect` as variables or
-    /// arguments.
+    /// Files the container reads at these paths: the secrets, which would show in `docker
+    /// inspect` as variables or arguments (bound from the host, or copied in, see
+    /// `backend::docker::spec::Handover`).
     pub files: Vec<(&'static str, String)>,
 }
 
@@ -354,64 +354,12 @@ fn is_executable(path: &Path) -> bool {
 
 /// Runs `binary --version` and extracts the version with `pick`, once for a binary that has
 /// not changed since (a start or create locates the engine, and each run costs 10-20 ms, as much
-/// as Redis takes to start): remembered for this process, and across processes in the user's
-/// cache directory (`$XDG_CACHE_HOME/isoenv/versions`, else `~/.cache/...`) under the binary's
-/// path, inode, change time and size.
+/// as Redis takes to start; see [`crate::sys::memo`]).
 pub(crate) fn version_of(
     binary: &Path,
     pick: fn(&str) -> Option<String>,
 ) -> Result<String, EngineError> {
-    use std::os::unix::fs::MetadataExt;
-    static SEEN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
-    let Ok(meta) = std::fs::metadata(binary) else {
-        return run_version(binary, pick);
-    };
-    let key = format!(
-        "{}\0{}\0{}.{}\0{}",
-        binary.display(),
-        meta.ino(),
-        meta.ctime(),
-        meta.ctime_nsec(),
-        meta.size()
-    );
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, version)) = seen.iter().find(|(k, _)| *k == key) {
-        return Ok(version.clone());
-    }
-    let memo =
-        version_memo_dir().map(|d| d.join(format!("{:016x}", crate::sys::hash::fnv1a(&key))));
-    let remembered = memo
-        .as_ref()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .and_then(|text| Some(text.strip_prefix(&key)?.strip_prefix('\n')?.to_owned()))
-        .filter(|v| !v.is_empty());
-    let version = match remembered {
-        Some(v) => v,
-        None => {
-            let v = run_version(binary, pick)?;
-            // Only a speed-up: a cache that cannot be written is skipped.
-            if let Some(file) = &memo {
-                let _ = file
-                    .parent()
-                    .map_or(Ok(()), std::fs::create_dir_all)
-                    .and_then(|()| {
-                        crate::sys::files::write_atomic(file, format!("{key}\n{v}").as_bytes())
-                    });
-            }
-            v
-        }
-    };
-    seen.push((key, version.clone()));
-    Ok(version)
-}
-
-/// Where versions are remembered across processes, if the user has a cache directory.
-fn version_memo_dir() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
-    };
-    Some(base.join("isoenv").join("versions"))
+    crate::sys::memo::remembered(binary, "version", || run_version(binary, pick))
 }
 
 fn run_version(binary: &Path, pick: fn(&str) -> Option<String>) -> Result<String, EngineError> {

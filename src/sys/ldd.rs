@@ -4,18 +4,29 @@
 use std::path::{Path, PathBuf};
 
 /// The files of `binary`'s shared libraries and of its ELF interpreter, as the loader finds them.
+/// `ldd` takes 40 ms, as much as a sandbox's whole start, so what it says is remembered (see
+/// [`super::memo`]) until the binary or the loader's cache (`ldconfig` after any library is
+/// installed) changes.
 pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, String> {
-    let out = std::process::Command::new("ldd")
-        .arg(binary)
-        .output()
-        .map_err(|e| {
-            format!(
-                "cannot run ldd to find {}'s libraries: {e}",
-                binary.display()
-            )
-        })?;
-    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
+    let loader_cache = std::fs::metadata(LOADER_CACHE)
+        .map(|m| super::memo::stamp(&m))
+        .unwrap_or_default();
+    let listed = super::memo::remembered(binary, &format!("libraries {loader_cache}"), || {
+        let out = std::process::Command::new("ldd")
+            .arg(binary)
+            .output()
+            .map_err(|e| {
+                format!(
+                    "cannot run ldd to find {}'s libraries: {e}",
+                    binary.display()
+                )
+            })?;
+        Ok::<_, String>(String::from_utf8_lossy(&out.stdout).into_owned())
+    })?;
+    Ok(parse_ldd(&listed))
 }
+
+const LOADER_CACHE: &str = "/etc/ld.so.cache";
 
 fn parse_ldd(text: &str) -> Vec<PathBuf> {
     text.lines()

@@ -6,6 +6,7 @@ pub mod hash;
 pub mod identity;
 pub mod ldd;
 pub mod lock;
+pub mod memo;
 pub mod net;
 pub mod process;
 pub mod secret;

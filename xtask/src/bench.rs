@@ -213,11 +213,13 @@ impl Bench {
             progress(&format!("create → ready, {engine}"));
             let ws = self.workspace(None)?;
             let (mut warm, mut cold) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
-            let mut spare = vec![Vec::new(); 2];
+            let (mut spare, mut launch) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
             // Backends alternate run by run, so that both see the same disk state (deleting a
             // data directory slows file creation on ext4 for a while). The first round fills
             // the cache and is not counted. Each round creates once with the spare data
-            // directory ready (waited for, untimed) and once without any (the copy).
+            // directory ready (waited for, untimed) and once without any (the copy). The
+            // environment made with the spare is then stopped and started again: the engine's
+            // own launch → ready, the floor of a create.
             for i in 0..=self.plan.warm {
                 for (b, &backend) in backends.iter().enumerate() {
                     for (with_spare, samples) in [(true, &mut spare[b]), (false, &mut warm[b])] {
@@ -229,6 +231,12 @@ impl Bench {
                         }
                         let name = format!("w{i}-{backend}-{with_spare}");
                         let t = Self::create(&ws, &name, engine, backend)?;
+                        if with_spare && i > 0 {
+                            ws.stop(&name)?;
+                            let started = Instant::now();
+                            ws.start(&name, &|_| {})?;
+                            launch[b].push(ms(started));
+                        }
                         ws.destroy(&name)?;
                         if i > 0 {
                             samples.push(t);
@@ -258,6 +266,16 @@ impl Bench {
                         samples,
                     ));
                 }
+                report.measurements.extend(Measurement::of(
+                    format!("launch → ready (start), {engine}, {backend}"),
+                    "ms",
+                    &launch[b],
+                ));
+                report.measurements.extend(Measurement::ratio_of(
+                    format!("create → ready, {engine}, {backend}, spare ready / launch → ready"),
+                    &spare[b],
+                    &launch[b],
+                ));
             }
             if backends.len() == 2 {
                 report.measurements.extend(Measurement::ratio_of(

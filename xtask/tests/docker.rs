@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -166,6 +167,28 @@ fn lifecycle(engine: &str) {
         String::from_utf8_lossy(&wrong.stdout).trim(),
         "42",
         "{reply}"
+    );
+
+    // The secrets reach the container as files bound from the environment's private
+    // directory: Docker's record of the container holds none.
+    let stored = std::fs::read_to_string(p.state().join(&env).join("credentials")).unwrap();
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    let password = stored["password"].as_str().unwrap();
+    assert_eq!(password.len(), 32);
+    let record = docker(&["inspect", &name]);
+    assert!(
+        !record.contains(password),
+        "docker inspect shows the password"
+    );
+    let files = p.state().join(&env).join("container");
+    assert!(
+        record.contains(&files.display().to_string()),
+        "no file bound from {}: {record}",
+        files.display()
+    );
+    assert_eq!(
+        std::fs::metadata(&files).unwrap().permissions().mode() & 0o777,
+        0o700
     );
 
     // The limits of the manifest, as Docker applied them.

@@ -418,6 +418,20 @@ fn postgres_sandbox_is_confined_and_leaves_nothing() {
     assert_eq!(read(&cpu.join("cpu.cfs_period_us")), "100000");
     let pids_cg = sb.cgroup("pids");
     assert_eq!(read(&pids_cg.join("pids.max")), "64");
+    // init and the server it started are in every group (init moves itself in before it
+    // starts anything).
+    let server = children(init);
+    assert_eq!(server.len(), 1, "init's children: {server:?}");
+    for cg in sb.cgroups() {
+        let procs = read(&cg.join("cgroup.procs"));
+        for pid in [init, server[0]] {
+            assert!(
+                procs.lines().any(|l| l.trim() == pid.to_string()),
+                "process {pid} is not in {}: {procs}",
+                cg.display()
+            );
+        }
+    }
     let inspect = project.ok(&["db", "inspect", "pg"]);
     assert!(
         inspect.contains("limit memory 192M (cgroup v1 memory.limit_in_bytes, enforced)")

@@ -11,6 +11,7 @@ pub mod ssh;
 
 use std::collections::HashMap;
 use std::fs;
+use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -24,12 +25,12 @@ use super::{
 use crate::engine::{wait_ready, Credentials, Endpoint, Engine};
 use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
-use crate::sys::net;
 use crate::sys::process::{ProcessId, ServiceUser};
 use crate::sys::secret::Secret;
+use crate::sys::{files, net};
 use client::{Docker as Client, Observed};
 use image::SOURCE_LABEL;
-use spec::{Plan, Project};
+use spec::{Handover, Plan, Project};
 
 /// How long Docker may still be making a container whose creator was killed.
 const MAKING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -428,6 +429,11 @@ fn make_container(
         docker.create_volume(&record.volume, labels.clone())?;
     }
     let publish_ip = reach(host).publish_ip;
+    let handover = Handover::for_engine(record.docker_host.as_deref(), &layout.dir.join(FILES_DIR));
+    if let Handover::Bind(dir) = &handover {
+        write_bound_files(dir, &container.files)
+            .context(|| format!("cannot write the container's files in {}", dir.display()))?;
+    }
     let body = spec::create_body(&Plan {
         image: &record.image,
         container: &container,
@@ -437,6 +443,7 @@ fn make_container(
         hostname: format!("isoenv-{}", state.name),
         publish_ip: &publish_ip,
         stop_signal: engine.stop_signal(),
+        handover: &handover,
     });
     docker.create_container(&record.name, body).map_err(|e| {
         if e.is_conflict() {
@@ -448,9 +455,28 @@ fn make_container(
             e.into()
         }
     })?;
-    let files = spec::files_archive(&container.files)
-        .context(|| "cannot pack the container's files".into())?;
-    docker.upload(&record.name, files)?;
+    if handover == Handover::Upload {
+        let files = spec::files_archive(&container.files)
+            .context(|| "cannot pack the container's files".into())?;
+        docker.upload(&record.name, files)?;
+    }
+    Ok(())
+}
+
+/// Where in the environment's directory the files bound into its container are.
+const FILES_DIR: &str = "container";
+
+/// Writes the files a container binds. They are readable by all (the container's service uid
+/// is no user of this machine, and under rootless Docker not even 999), so the directory,
+/// private to the invoker, is what keeps them: the container sees only the files.
+fn write_bound_files(dir: &Path, files: &[(&str, String)]) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    files::set_mode(dir, 0o700)?;
+    for (path, contents) in files {
+        let file = spec::bound_file(dir, path);
+        crate::sys::secret::write_private(&file, contents.as_bytes())?;
+        files::set_mode(&file, 0o444)?;
+    }
     Ok(())
 }
 

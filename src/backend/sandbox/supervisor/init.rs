@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -19,6 +19,7 @@ use nix::unistd::{Gid, Pid, Uid};
 
 use super::{handled_signals, Account, Request};
 use crate::backend::manifest::{Bind, Mode};
+use crate::backend::sandbox::cgroup;
 
 /// Device nodes a server may open; everything else in `/dev` does not exist.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -29,19 +30,29 @@ const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 const SYS_PARTS: [&str; 2] = ["class/net", "devices/virtual/net"];
 
 /// Runs in the cloned child. Reports "ok" or the error on `ready`, then supervises.
-pub(super) fn main(req: &Request, channel: RawFd, go: RawFd, ready: RawFd) -> isize {
+pub(super) fn main(
+    req: &Request,
+    cgroups: &[PathBuf],
+    channel: RawFd,
+    go: RawFd,
+    ready: RawFd,
+) -> isize {
     // SAFETY: the fds were made for this child by the supervisor and are owned here alone.
     let (mut go, mut ready) = unsafe { (File::from_raw_fd(go), File::from_raw_fd(ready)) };
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         return 1;
     }
-    // The supervisor writes "go" once we are in its cgroups; EOF means it died.
+    // The supervisor writes "go" once it has written our id maps (rootless); EOF means it died.
     let mut buf = [0u8; 2];
     if io::Read::read_exact(&mut go, &mut buf).is_err() {
         return 1;
     }
     drop(go);
-    let started = setup(req).and_then(|()| start(req, channel));
+    // Into the cgroups first, by ourselves while single-threaded (see `cgroup::attach_self`).
+    let started = cgroup::attach_self(cgroups)
+        .map_err(|e| e.to_string())
+        .and_then(|()| setup(req))
+        .and_then(|()| start(req, channel));
     // Only the server needed it, before its exec.
     let _ = nix::unistd::close(channel);
     match started {

@@ -316,8 +316,8 @@ fn wait_signal(set: &SigSet, timeout: Duration) -> Option<Signal> {
     Signal::try_from(sig).ok()
 }
 
-/// Clones init into new namespaces, moves it into the cgroups, lets it set up and waits for its
-/// verdict. Returns init's pid once the server has been started inside.
+/// Clones init into new namespaces, lets it move itself into the cgroups and set up, and waits
+/// for its verdict. Returns init's pid once the server has been started inside.
 fn spawn_init(
     req: &Request,
     listener: &TcpListener,
@@ -349,7 +349,7 @@ fn spawn_init(
                     for fd in [go_w, ready_r, ours, host] {
                         let _ = nix::unistd::close(fd);
                     }
-                    init::main(req, theirs, go, ready)
+                    init::main(req, cgroups, theirs, go, ready)
                 }),
                 &mut stack,
                 flags,
@@ -367,7 +367,6 @@ fn spawn_init(
     if req.user_namespace {
         id_maps(child, &req.user).map_err(abort)?;
     }
-    cgroup::attach(cgroups, child.as_raw()).map_err(|e| abort(e.to_string()))?;
     fs::File::from(go_write)
         .write_all(b"go")
         .map_err(|e| abort(format!("cannot start the sandbox: {e}")))?;
