@@ -143,6 +143,11 @@ impl Workspace {
         } else {
             copy_tree(template, data, user)?;
         }
+        // A thousand files just changed owner (or were made): left alone, the filesystem's
+        // journal would commit them at the server's first durable commit, the password's, which
+        // then takes 30 ms instead of 3. Committed now, while the server starts.
+        let dir = data.to_owned();
+        std::thread::spawn(move || fs::File::open(dir).and_then(|d| d.sync_all()));
         *self.spare_due.lock().unwrap_or_else(|e| e.into_inner()) = Some(template.to_owned());
         Ok(())
     }
