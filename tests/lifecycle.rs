@@ -381,7 +381,7 @@ fn the_next_create_takes_the_spare_data_directory() {
         assert!(std::time::Instant::now() < deadline, "no spare was made");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let inode = fs::metadata(&made).unwrap().ino();
+    let (inode, owner) = fs::metadata(&made).map(|m| (m.ino(), m.uid())).unwrap();
     sb.ws
         .create(&opts("second", EngineKind::Postgres), &no_progress)
         .unwrap();
@@ -391,6 +391,22 @@ fn the_next_create_takes_the_spare_data_directory() {
         inode,
         "the spare was not taken"
     );
+    // With identities of their own (root), the spare was made for one, which the environment
+    // that took it took over: the registry names the environment now.
+    let state: serde_json::Value =
+        serde_json::from_slice(&fs::read(sb.root().join("second/state.json")).unwrap()).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let id = state["identity"]
+            .as_u64()
+            .expect("as root, an identity of its own");
+        assert_eq!(
+            id,
+            u64::from(owner),
+            "the spare was made for another identity"
+        );
+        let holder = fs::read_to_string(format!("/var/lib/isoenv/identities/{id}")).unwrap();
+        assert_eq!(holder, sb.root().join("second").display().to_string());
+    }
     let url = sb.ws.url("second").unwrap();
     write(EngineKind::Postgres, &url, "from-a-spare");
     assert_eq!(read(EngineKind::Postgres, &url), ["from-a-spare"]);

@@ -128,7 +128,10 @@ impl<C: Confinement> Backend for Local<C> {
         layout
             .make()
             .context(|| format!("cannot create {}", layout.dir.display()))?;
-        let (identity, user) = host.claim_user(layout, self.0.subordinate_ids())?;
+        let spare = template
+            .as_deref()
+            .and_then(|t| host.take_spare(t, &layout.data));
+        let (identity, user) = host.claim_user(layout, self.0.subordinate_ids(), spare.as_ref())?;
         state.identity = identity;
         if user.switch != Switch::No {
             reachable(host.root(), &user).map_err(Error::Unsupported)?;
@@ -136,7 +139,7 @@ impl<C: Confinement> Backend for Local<C> {
         let user = &user;
         let made = || -> io::Result<()> {
             match &template {
-                Some(t) => host.copy_template(t, &layout.data, user)?,
+                Some(t) => host.copy_template(t, &layout.data, user, spare.as_ref())?,
                 None => {
                     fs::create_dir(&layout.data)?;
                     set_mode(&layout.data, 0o700)?;

@@ -196,6 +196,14 @@ impl CreateOptions {
     }
 }
 
+/// A spare copy of a cached data directory, taken into an environment: where it was, and the
+/// owner its files were given ahead of time (see [`Host::take_spare`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spare {
+    pub holder: PathBuf,
+    pub owner: u32,
+}
+
 /// What a backend may use of the workspace that drives it. The workspace implements it, so that
 /// backends never import the workspace.
 pub trait Host {
@@ -204,8 +212,14 @@ pub trait Host {
     /// The user a new environment's servers run as, with the identity to record: one of its
     /// own when isoenv runs as root and no service user is configured, or (when the backend
     /// takes them, `subordinate`) without root from the invoker's subordinate ids, claimed for
-    /// the environment in `layout` (already made); else the configured user.
-    fn claim_user(&self, layout: &Layout, subordinate: bool) -> Result<(Option<u32>, ServiceUser)>;
+    /// the environment in `layout` (already made); else the configured user. The identity a
+    /// `spare` was made for is taken over when it is still the spare's.
+    fn claim_user(
+        &self,
+        layout: &Layout,
+        subordinate: bool,
+        spare: Option<&Spare>,
+    ) -> Result<(Option<u32>, ServiceUser)>;
     /// The user an environment's servers run as.
     fn user_of(&self, state: &EnvState) -> Result<ServiceUser>;
     /// Gives an environment's own identity back, once nothing of it runs.
@@ -234,12 +248,16 @@ pub trait Host {
         bins: &Binaries,
         progress: &dyn Fn(&str),
     ) -> Result<Option<PathBuf>>;
-    /// Makes `data` a fresh copy of `template` (a spare one when it is ready) owned by `user`.
+    /// Moves a spare copy of `template` into place as `data`, when one is ready.
+    fn take_spare(&self, template: &Path, data: &Path) -> Option<Spare>;
+    /// Makes `data` a fresh copy of `template` owned by `user`: the `spare` taken into place,
+    /// else a copy made now.
     fn copy_template(
         &self,
         template: &Path,
         data: &Path,
         user: &ServiceUser,
+        spare: Option<&Spare>,
     ) -> std::io::Result<()>;
     /// Writes what clients use: the engine's files, the stored login and the activate script.
     fn write_client_files(

@@ -99,6 +99,22 @@ impl Registry {
         })
     }
 
+    /// Hands `id` from `from` to `to`, if `from` still holds it (else false: `id` may be
+    /// someone else's now).
+    pub fn transfer(&self, id: u32, from: &Path, to: &Path) -> io::Result<bool> {
+        let file = self.dir.join(id.to_string());
+        let _lock = self.lock()?;
+        match fs::read_to_string(&file) {
+            Ok(holder) if holder == from.to_string_lossy() => {
+                super::files::write_atomic(&file, to.to_string_lossy().as_bytes())?;
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Gives `id` back, if `owner` still holds it.
     pub fn release(&self, id: u32, owner: &Path) -> io::Result<()> {
         let file = self.dir.join(id.to_string());
@@ -171,5 +187,28 @@ mod tests {
         assert!(!dir.path().join("ids").join(other.to_string()).exists());
         assert_eq!(registry.sweep(gone).unwrap(), vec![second]);
         assert_eq!(fs::read_dir(dir.path().join("ids")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_claim_is_handed_over_only_by_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::new(dir.path().join("ids"), ROOTS);
+        let (spare, env, other) = (
+            Path::new("/c/spares/1"),
+            Path::new("/r/a"),
+            Path::new("/r/b"),
+        );
+        let still = |_: u32, _: &Path| true;
+        let id = registry.claim(spare, still).unwrap();
+        assert!(!registry.transfer(id, other, env).unwrap());
+        assert!(!registry.transfer(id + 1, spare, env).unwrap());
+        assert!(registry.transfer(id, spare, env).unwrap());
+        // Now the environment's: the spare cannot hand it over again.
+        assert!(!registry.transfer(id, spare, other).unwrap());
+        let file = dir.path().join("ids").join(id.to_string());
+        registry.release(id, spare).unwrap();
+        assert!(file.exists(), "the spare released what is no longer its");
+        registry.release(id, env).unwrap();
+        assert!(!file.exists());
     }
 }

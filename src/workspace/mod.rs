@@ -33,7 +33,7 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::backend::docker::client::{Docker, DockerError};
 use crate::backend::docker::ssh::{self, SshLink};
-use crate::backend::{EnvState, Host};
+use crate::backend::{EnvState, Host, Spare};
 use crate::config::{DatabaseConfig, EnvironmentConfig, Profile};
 use crate::engine::{Binaries, Credentials, Engine};
 use crate::envfile::Vars;
@@ -198,8 +198,12 @@ impl Workspace {
     }
 }
 
-/// Whether the environment directory `holder` still records `id` as its identity.
+/// Whether the environment directory `holder` still records `id` as its identity, or `holder`
+/// is a spare made for it.
 fn holds(id: u32, holder: &Path) -> bool {
+    if spare::is_spare(holder) {
+        return true;
+    }
     let holder = Layout::new(holder.to_owned());
     match EnvState::load(&holder) {
         Ok(Some(state)) => state.identity == Some(id),
@@ -213,7 +217,12 @@ impl Host for Workspace {
         &self.root
     }
 
-    fn claim_user(&self, layout: &Layout, subordinate: bool) -> Result<(Option<u32>, ServiceUser)> {
+    fn claim_user(
+        &self,
+        layout: &Layout,
+        subordinate: bool,
+        spare: Option<&Spare>,
+    ) -> Result<(Option<u32>, ServiceUser)> {
         let registry = match &self.identities {
             Identities::Subordinate { .. } if !subordinate => None,
             identities => identities.registry(),
@@ -221,9 +230,18 @@ impl Host for Workspace {
         let Some(registry) = registry else {
             return Ok((None, self.service_user()?.clone()));
         };
-        let id = registry
-            .claim(&layout.dir, holds)
-            .context(|| format!("cannot claim an identity in {}", registry.dir().display()))?;
+        let context = || format!("cannot claim an identity in {}", registry.dir().display());
+        let handed = match spare {
+            Some(s) => registry
+                .transfer(s.owner, &s.holder, &layout.dir)
+                .context(context)?
+                .then_some(s.owner),
+            None => None,
+        };
+        let id = match handed {
+            Some(id) => id,
+            None => registry.claim(&layout.dir, holds).context(context)?,
+        };
         let user = self.identities.user(id).map_err(Error::Unsupported)?;
         Ok((Some(id), user))
     }
@@ -298,13 +316,18 @@ impl Host for Workspace {
         self.cached_template(engine, bins, progress)
     }
 
+    fn take_spare(&self, template: &Path, data: &Path) -> Option<Spare> {
+        spare::take(template, data)
+    }
+
     fn copy_template(
         &self,
         template: &Path,
         data: &Path,
         user: &ServiceUser,
+        spare: Option<&Spare>,
     ) -> std::io::Result<()> {
-        self.copy_cached(template, data, user)
+        self.copy_cached(template, data, user, spare)
     }
 
     fn write_client_files(

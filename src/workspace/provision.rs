@@ -5,7 +5,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{spare, Workspace};
+use super::identities::Identities;
+use super::{holds, spare, Workspace};
+use crate::backend::Spare;
 use crate::engine::{self, Binaries, Engine};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::files::{chown_tree, copy_tree, remove_tree};
@@ -129,19 +131,22 @@ impl Workspace {
         made.map(|()| Some(data))
     }
 
-    /// A spare copy of the template when one is ready, else a copy made now; a new spare is
+    /// The spare copy of the template taken into place, else a copy made now; a new spare is
     /// made once the environment is complete.
     pub(super) fn copy_cached(
         &self,
         template: &Path,
         data: &Path,
         user: &ServiceUser,
+        spare: Option<&Spare>,
     ) -> std::io::Result<()> {
-        if spare::take(template, data) {
-            // Spares are copies of the cache, which is root's.
-            chown_tree(data, user)?;
-        } else {
-            copy_tree(template, data, user)?;
+        match spare {
+            // Made for this identity ahead of time.
+            Some(s) if s.owner == user.uid => {}
+            // A copy of the cache, which is root's, or made for an identity that is someone
+            // else's now.
+            Some(_) => chown_tree(data, user)?,
+            None => copy_tree(template, data, user)?,
         }
         // A thousand files just changed owner (or were made): left alone, the filesystem's
         // journal would commit them at the server's first durable commit, the password's, which
@@ -152,6 +157,17 @@ impl Workspace {
         Ok(())
     }
 
+    /// As root, an identity of isoenv's range for a spare, which the create that takes it
+    /// takes over: its files are then that identity's already.
+    fn claim_for_spare(&self, spare: &Path) -> Option<(u32, u32)> {
+        if !matches!(self.identities, Identities::Own) {
+            return None;
+        }
+        let id = self.identities.registry()?.claim(spare, holds).ok()?;
+        let user = self.identities.user(id).ok()?;
+        Some((user.uid, user.gid))
+    }
+
     /// Starts the copy that the next `create` will rename into place.
     pub(super) fn refill_spare(&self) {
         let due = self
@@ -160,7 +176,7 @@ impl Workspace {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(template) = due {
-            spare::refill(&template, &self.root);
+            spare::refill(&template, &self.root, |spare| self.claim_for_spare(spare));
         }
     }
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
+use crate::backend::Spare;
+
 /// A copy still being made after this long was abandoned (its copier was killed).
 const ABANDONED: Duration = Duration::from_secs(600);
 
@@ -18,23 +20,44 @@ fn spares(template: &Path) -> PathBuf {
     template.with_file_name("spares")
 }
 
-/// Moves a spare into place as `dst` (which must not exist). False when there is none, or it
-/// cannot be renamed there (another filesystem).
-pub(super) fn take(template: &Path, dst: &Path) -> bool {
-    let Ok(entries) = fs::read_dir(spares(template)) else {
-        return false;
-    };
-    entries
+/// Moves a spare into place as `dst` (which must not exist): where it was, and the owner its
+/// files were given. None when there is none, or it cannot be renamed there (another
+/// filesystem).
+pub(super) fn take(template: &Path, dst: &Path) -> Option<Spare> {
+    fs::read_dir(spares(template))
+        .ok()?
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .any(|e| fs::rename(e.path(), dst).is_ok())
+        .find(|e| fs::rename(e.path(), dst).is_ok())
+        .map(|e| Spare {
+            holder: e.path(),
+            owner: fs::symlink_metadata(dst).map_or(0, |m| m.uid()),
+        })
+}
+
+/// Whether `path` is a spare, made or being made: what an identity claimed for it names.
+pub(super) fn is_spare(path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return false;
+    };
+    dir.file_name() == Some("spares".as_ref())
+        && (path.exists()
+            || dir
+                .join(format!(".tmp-{}", name.to_string_lossy()))
+                .exists())
 }
 
 /// Starts making a spare of `template` in the background, unless one is there or on its way,
 /// or a spare could not be renamed into `state_root` (another filesystem). The copier is `cp`
 /// (ownership, modes and links as in the cache) in its own session; a copy it leaves half-made is
-/// removed by [`collect`].
-pub(super) fn refill(template: &Path, state_root: &Path) {
+/// removed by [`collect`]. `owner` may claim an identity for the spare (given its path): the
+/// copy is then handed to it too, so that the create that takes it changes no owner (a
+/// thousand files: 12 ms).
+pub(super) fn refill(
+    template: &Path,
+    state_root: &Path,
+    owner: impl FnOnce(&Path) -> Option<(u32, u32)>,
+) {
     let dir = spares(template);
     let same_fs = |a: &Path, b: &Path| matches!((fs::metadata(a), fs::metadata(b)), (Ok(a), Ok(b)) if a.dev() == b.dev());
     if fs::create_dir_all(&dir).is_err() || !same_fs(&dir, state_root) {
@@ -54,6 +77,8 @@ pub(super) fn refill(template: &Path, state_root: &Path) {
     let id = format!("{}-{:x}", std::process::id(), rand::random::<u32>());
     let tmp = dir.join(format!(".tmp-{id}"));
     let done = dir.join(id);
+    // Claimed before the copy exists, which `is_spare` allows for.
+    let chown = owner(&done).map_or(String::new(), |(uid, gid)| format!("{uid}:{gid}"));
     let mut cp = Command::new("sh");
     // At the lowest priority: whatever the new environment's user does next comes first.
     // Timestamps are not kept: the copy's own mtime is what tells [`collect`] it is still
@@ -61,12 +86,13 @@ pub(super) fn refill(template: &Path, state_root: &Path) {
     // in that moment gutted a finished spare).
     cp.args([
         "-c",
-        "nice -n 19 cp -dR --preserve=mode,ownership \"$1\" \"$2\" && mv \"$2\" \"$3\" || rm -rf \"$2\"",
+        "{ nice -n 19 cp -dR --preserve=mode,ownership \"$1\" \"$2\" && { [ -z \"$4\" ] || nice -n 19 chown -hR \"$4\" \"$2\"; } && mv \"$2\" \"$3\"; } || rm -rf \"$2\"",
         "sh",
     ])
     .arg(template)
     .arg(&tmp)
     .arg(&done)
+    .arg(&chown)
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
@@ -113,12 +139,18 @@ mod tests {
         fs::create_dir_all(&template).unwrap();
         let dir = spares(&template);
         fs::create_dir_all(dir.join(".tmp-1-a")).unwrap();
-        assert!(!take(&template, &root.path().join("env1")));
+        assert!(take(&template, &root.path().join("env1")).is_none());
+        assert!(is_spare(&dir.join("1-a")), "a spare being made");
         fs::create_dir_all(dir.join("1-b")).unwrap();
         fs::write(dir.join("1-b/PG_VERSION"), "15").unwrap();
-        assert!(take(&template, &root.path().join("env1")));
+        assert!(is_spare(&dir.join("1-b")));
+        let taken = take(&template, &root.path().join("env1")).unwrap();
+        assert_eq!(taken.holder, dir.join("1-b"));
+        assert_eq!(taken.owner, nix::unistd::geteuid().as_raw());
+        assert!(!is_spare(&dir.join("1-b")), "taken");
+        assert!(!is_spare(&root.path().join("env1")));
         assert!(root.path().join("env1/PG_VERSION").exists());
-        assert!(!take(&template, &root.path().join("env2")));
+        assert!(take(&template, &root.path().join("env2")).is_none());
         // A recent half-made copy is someone's work in progress.
         assert!(collect(&root.path().join("cache")).is_empty());
     }
