@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -190,6 +190,15 @@ fn lifecycle(engine: &str) {
         std::fs::metadata(&files).unwrap().permissions().mode() & 0o777,
         0o700
     );
+    for file in std::fs::read_dir(&files).unwrap().flatten() {
+        let meta = file.metadata().unwrap();
+        assert_eq!(
+            (meta.uid(), meta.permissions().mode() & 0o777),
+            (999, 0o400),
+            "{}: not the container's service uid's alone",
+            file.path().display()
+        );
+    }
 
     // The limits of the manifest, as Docker applied them.
     let limits = inspect(&p, &env)["isolation"]["limits"].clone();

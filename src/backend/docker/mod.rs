@@ -22,7 +22,7 @@ use super::{
     Backend, BackendKind, CreateOptions, Enforcement, EnvState, Host, Isolation, Started, Status,
     READY_TIMEOUT, STOP_GRACE,
 };
-use crate::engine::{wait_ready, Credentials, Endpoint, Engine};
+use crate::engine::{wait_ready, Credentials, Endpoint, Engine, CONTAINER_UID};
 use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::process::{ProcessId, ServiceUser};
@@ -429,7 +429,11 @@ fn make_container(
         docker.create_volume(&record.volume, labels.clone())?;
     }
     let publish_ip = reach(host).publish_ip;
-    let handover = Handover::for_engine(record.docker_host.as_deref(), &layout.dir.join(FILES_DIR));
+    let handover = Handover::for_engine(
+        record.docker_host.as_deref(),
+        nix::unistd::geteuid().is_root(),
+        &layout.dir.join(FILES_DIR),
+    );
     if let Handover::Bind(dir) = &handover {
         write_bound_files(dir, &container.files)
             .context(|| format!("cannot write the container's files in {}", dir.display()))?;
@@ -466,16 +470,17 @@ fn make_container(
 /// Where in the environment's directory the files bound into its container are.
 const FILES_DIR: &str = "container";
 
-/// Writes the files a container binds. They are readable by all (the container's service uid
-/// is no user of this machine, and under rootless Docker not even 999), so the directory,
-/// private to the invoker, is what keeps them: the container sees only the files.
+/// Writes the files a container binds, as the container's service uid's with mode 0400 (as the
+/// copied ones are), in a directory only root enters: the container sees only the files.
 fn write_bound_files(dir: &Path, files: &[(&str, String)]) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     files::set_mode(dir, 0o700)?;
+    let owner = Some(CONTAINER_UID);
     for (path, contents) in files {
         let file = spec::bound_file(dir, path);
         crate::sys::secret::write_private(&file, contents.as_bytes())?;
-        files::set_mode(&file, 0o444)?;
+        std::os::unix::fs::lchown(&file, owner, owner)?;
+        files::set_mode(&file, 0o400)?;
     }
     Ok(())
 }

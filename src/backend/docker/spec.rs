@@ -33,7 +33,8 @@ pub fn default_manifest(port: u16, memory: u64) -> Manifest {
 /// How the engine's files (see [`Container::files`]) reach a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handover {
-    /// Bound read-only from files in this host directory: the engine runs on this machine.
+    /// Bound read-only from files in this host directory: the engine runs on this machine, and
+    /// isoenv as root.
     /// Nothing is copied into the container, which would cost Docker a chrooted untar (40-60
     /// ms, the whole gap between a create and a plain `docker run`).
     Bind(PathBuf),
@@ -42,12 +43,13 @@ pub enum Handover {
 }
 
 impl Handover {
-    /// Binding needs the engine to see this machine's files: its socket is this machine's.
-    /// TCP, even to loopback, may be a tunnel to another machine, and `ssh://` is one.
-    pub fn for_engine(docker_host: Option<&str>, dir: &Path) -> Handover {
+    /// Binding needs the engine to see this machine's files (its socket is this machine's;
+    /// TCP, even to loopback, may be a tunnel to another machine, and `ssh://` is one), and the
+    /// files to be the container's service uid's, mode 0400, which only `root` can make.
+    pub fn for_engine(docker_host: Option<&str>, root: bool, dir: &Path) -> Handover {
         match docker_host.and_then(|h| h.split_once("://")) {
-            None | Some(("unix", _)) => Handover::Bind(dir.to_owned()),
-            Some(_) => Handover::Upload,
+            None | Some(("unix", _)) if root => Handover::Bind(dir.to_owned()),
+            _ => Handover::Upload,
         }
     }
 }
@@ -541,13 +543,17 @@ mod tests {
     fn a_local_engine_gets_the_files_bound_read_only_a_remote_one_uploaded() {
         let dir = Path::new("/p/.isoenv/dev/secrets");
         let bind = Handover::Bind(dir.to_owned());
-        assert_eq!(Handover::for_engine(None, dir), bind);
+        assert_eq!(Handover::for_engine(None, true, dir), bind);
         assert_eq!(
-            Handover::for_engine(Some("unix:///run/user/1000/docker.sock"), dir),
+            Handover::for_engine(Some("unix:///run/user/1000/docker.sock"), true, dir),
             bind
         );
+        assert_eq!(Handover::for_engine(None, false, dir), Handover::Upload);
         for remote in ["tcp://127.0.0.1:2375", "tcp://box:2376", "ssh://me@box"] {
-            assert_eq!(Handover::for_engine(Some(remote), dir), Handover::Upload);
+            assert_eq!(
+                Handover::for_engine(Some(remote), true, dir),
+                Handover::Upload
+            );
         }
         let mut c = container();
         c.files = vec![
