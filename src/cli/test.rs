@@ -120,7 +120,7 @@ pub fn test(ctx: &Context, args: TestArgs) -> Result<ExitCode> {
         command.arg("test");
     }
     command.args(&args.args).current_dir(&ctx.root);
-    provisioned(ctx, &args.provision, command)
+    provisioned(ctx, &args.provision, command, Pools::Ahead)
 }
 
 /// `run`: any command, in the current directory.
@@ -131,11 +131,28 @@ pub fn run(ctx: &Context, args: RunArgs) -> Result<ExitCode> {
         .context("name the command to run after `--`")?;
     let mut command = Command::new(program);
     command.args(rest);
-    provisioned(ctx, &args.provision, command)
+    provisioned(ctx, &args.provision, command, Pools::Asked)
+}
+
+/// When the run's per-test pools are set up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pools {
+    /// Only with `--pool`, before the command starts (its tests claim by SQL at once).
+    Asked,
+    /// Also without `--pool`, for the engines with migrations: while the command runs, so
+    /// that the template and the first databases are made while `cargo` compiles the tests,
+    /// not by the first test (a second or more of a short suite). The tests' own pools find
+    /// them made, or wait for them on the pool's setup lock.
+    Ahead,
 }
 
 /// Runs `command` (with what was provisioned exported to it) and passes its exit code on.
-fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<ExitCode> {
+fn provisioned(
+    ctx: &Context,
+    args: &Provision,
+    mut command: Command,
+    pools: Pools,
+) -> Result<ExitCode> {
     // Before anything is made: from here on, Ctrl-C and SIGTERM end in the teardown below.
     trap_stop_signals()?;
     own_group(&mut command);
@@ -188,10 +205,10 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
             exports.push((*engine, ws.exports(name)?));
         }
         let mut keepers = Vec::new();
+        let migrations = vars
+            .get("ISOENV_MIGRATIONS_DIR")
+            .map_or_else(|| ctx.root.join("migrations"), std::path::PathBuf::from);
         if args.pool {
-            let migrations = vars
-                .get("ISOENV_MIGRATIONS_DIR")
-                .map_or_else(|| ctx.root.join("migrations"), std::path::PathBuf::from);
             for (engine, url) in test_run::urls(&exports) {
                 stopped()?;
                 if let Some(keeper) = PoolKeeper::open(engine, &url, &migrations)? {
@@ -208,6 +225,13 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
         let runner = ProcessId::of(child.id() as i32)?;
         for keeper in keepers {
             keeper.keep(runner);
+        }
+        if pools == Pools::Ahead && !args.pool {
+            for (engine, url) in test_run::urls(&exports) {
+                if has_migrations(&migrations, engine) {
+                    set_up_ahead(engine, url, migrations.clone(), runner);
+                }
+            }
         }
         Ok(exit_code(wait(child)?))
     })();
@@ -246,6 +270,35 @@ fn provisioned(ctx: &Context, args: &Provision, mut command: Command) -> Result<
         println!("{}", serde_json::to_string_pretty(&said)?);
     }
     result.map(to_exit)
+}
+
+/// Whether `root` holds migrations for `engine` (`ENGINE/*.sql`): a sign that the tests use
+/// the per-test pools, which are made from them.
+fn has_migrations(root: &std::path::Path, engine: EngineKind) -> bool {
+    std::fs::read_dir(root.join(engine.as_str())).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "sql"))
+    })
+}
+
+/// Sets `engine`'s pool up on a thread and keeps it while `runner` lives (see [`Pools::Ahead`]).
+/// A failure is only said while the run goes on: the tests then set it up themselves, and say
+/// what fails.
+fn set_up_ahead(
+    engine: EngineKind,
+    url: String,
+    migrations: std::path::PathBuf,
+    runner: ProcessId,
+) {
+    std::thread::spawn(move || match PoolKeeper::open(engine, &url, &migrations) {
+        Ok(Some(keeper)) => keeper.keep(runner),
+        Ok(None) => {}
+        Err(e) if runner.is_running() => {
+            eprintln!("isoenv: the {engine} pool was not set up ahead of the tests: {e}")
+        }
+        Err(_) => {}
+    });
 }
 
 /// Its own process group, so that we decide how it is stopped; and if we are SIGKILLed, the

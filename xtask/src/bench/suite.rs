@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use isoenv::backend::BackendKind;
 use isoenv::bench::{Measurement, Report};
 use isoenv::engine::EngineKind;
+use isoenv::testing::PoolKeeper;
 use isoenv::workspace::test_run::url_var;
 use isoenv::workspace::{CreateOptions, Workspace};
 
@@ -218,6 +219,8 @@ pub(super) fn run(
 /// makes them (disposable: no fsync), with the floors' databases migrated.
 struct Servers {
     urls: Vec<(EngineKind, String)>,
+    /// The stand-in for `test --isolated`'s test command, while which the pools are kept.
+    runner: std::process::Child,
 }
 
 impl Servers {
@@ -235,7 +238,8 @@ impl Servers {
             )?;
             urls.push((engine, ws.url(&name)?));
         }
-        let servers = Servers { urls };
+        let runner = Command::new("sleep").arg("infinity").spawn()?;
+        let servers = Servers { urls, runner };
         let migration = |engine: &str| crate_dir.join(format!("migrations/{engine}/001_shop.sql"));
         let url = servers.url(EngineKind::Postgres);
         run_quietly(
@@ -269,6 +273,15 @@ impl Servers {
                 .arg("isoenv_suite_floor")
                 .stdin(std::fs::File::open(migration("mysql"))?),
         )?;
+        // What `test --isolated` does while cargo compiles the tests (compile time is left out
+        // here too): the pools' templates and first databases made, and kept, ahead.
+        let runner = isoenv::sys::process::ProcessId::of(servers.runner.id() as i32)?;
+        for engine in [EngineKind::Postgres, EngineKind::Mysql] {
+            let migrations = crate_dir.join("migrations");
+            if let Some(keeper) = PoolKeeper::open(engine, servers.url(engine), &migrations)? {
+                keeper.keep(runner);
+            }
+        }
         Ok(servers)
     }
 
@@ -289,11 +302,23 @@ impl Servers {
         ]
     }
 
-    fn destroy(self, ws: &Workspace) -> Result<()> {
-        for (engine, _) in self.urls {
+    fn destroy(mut self, ws: &Workspace) -> Result<()> {
+        // The keepers end within a second of their runner, quietly, before their servers go.
+        self.runner.kill()?;
+        self.runner.wait()?;
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        for (engine, _) in std::mem::take(&mut self.urls) {
             ws.destroy(&format!("suite-{engine}"))?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Servers {
+    /// The runner never outlives the bench, even one that failed half-way.
+    fn drop(&mut self) {
+        let _ = self.runner.kill();
+        let _ = self.runner.wait();
     }
 }
 
