@@ -228,7 +228,7 @@ fn provisioned(
         }
         if pools == Pools::Ahead && !args.pool {
             for (engine, url) in test_run::urls(&exports) {
-                if has_migrations(&migrations, engine) {
+                if PoolKeeper::has_migrations(engine, &migrations) {
                     set_up_ahead(engine, url, migrations.clone(), runner);
                 }
             }
@@ -270,16 +270,6 @@ fn provisioned(
         println!("{}", serde_json::to_string_pretty(&said)?);
     }
     result.map(to_exit)
-}
-
-/// Whether `root` holds migrations for `engine` (`ENGINE/*.sql`): a sign that the tests use
-/// the per-test pools, which are made from them.
-fn has_migrations(root: &std::path::Path, engine: EngineKind) -> bool {
-    std::fs::read_dir(root.join(engine.as_str())).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.path().extension().is_some_and(|x| x == "sql"))
-    })
 }
 
 /// Sets `engine`'s pool up on a thread and keeps it while `runner` lives (see [`Pools::Ahead`]).

@@ -256,7 +256,6 @@ impl Engine for Postgres {
     }
 }
 
-/// Every login, socket and TCP, with the password (SCRAM); then the server reloads it.
 /// PBKDF2 rounds of the stored SCRAM verifier. The environments' passwords are random, 32
 /// letters and digits (190 bits): no number of rounds makes one guessable or not. PostgreSQL's
 /// 4096 cost 7 ms of CPU on each side of every login, and as many again when the password is
@@ -296,6 +295,7 @@ fn scram_verifier(password: &str, salt: &[u8], iterations: u32) -> String {
     )
 }
 
+/// Every login, socket and TCP, with the password (SCRAM); then the server reloads it.
 const PASSWORD_EVERYWHERE: &str = "DO $$ BEGIN EXECUTE format(
         'COPY (VALUES (%L), (%L)) TO %L',
         'local all all scram-sha-256', 'host all all all scram-sha-256',

@@ -223,6 +223,12 @@ impl PoolKeeper {
         })
     }
 
+    /// Whether `migrations_root` holds migrations for `engine` (`ENGINE/*.sql`): a sign that the
+    /// tests use the pools, which are made from them.
+    pub fn has_migrations(engine: EngineKind, migrations_root: &Path) -> bool {
+        migrations(engine, migrations_root).is_ok_and(|(files, _)| !files.is_empty())
+    }
+
     /// The pool's key, which claims name: the template's name (PostgreSQL) or the schema's
     /// hash (MariaDB).
     pub fn key(&self) -> &str {

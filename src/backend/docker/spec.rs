@@ -33,12 +33,12 @@ pub fn default_manifest(port: u16, memory: u64) -> Manifest {
 /// How the engine's files (see [`Container::files`]) reach a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handover {
-    /// Bound read-only from files in this host directory: the engine runs on this machine, and
-    /// isoenv as root.
-    /// Nothing is copied into the container, which would cost Docker a chrooted untar (40-60
-    /// ms, the whole gap between a create and a plain `docker run`).
+    /// Bound read-only from files in this host directory (the engine runs on this machine, and
+    /// isoenv as root): nothing is copied into the container, which would cost Docker a
+    /// chrooted untar (40-60 ms, the whole gap between a create and a plain `docker run`).
     Bind(PathBuf),
-    /// Copied into the container before it first starts: the engine is elsewhere.
+    /// Copied into the container before it first starts: the engine is elsewhere, or isoenv
+    /// is not root.
     Upload,
 }
 
