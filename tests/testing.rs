@@ -247,13 +247,16 @@ fn a_postgres_database_changed_beyond_its_rows_is_remade() {
     assert_eq!(pg_owners(again.url()), ["seed"]);
 }
 
-/// A test process that dies holding a database (no release ran) leaves it dirty; the next
-/// claimer sees its holder is gone and resets it before handing it out.
-#[test]
-fn a_crashed_holders_postgres_database_is_reset_before_reuse() {
+/// A test process that dies holding a database (no release ran) leaves it dirty; it is reset
+/// before anyone gets it again. A child that borrowed from the keeper's socket (the usual way)
+/// ends its lease by dying; one that claimed with SQL (here: the same server under another
+/// URL, which no keeper serves) leaves a lease whose holder is gone, which the next claimer
+/// sees.
+fn crashed_holder(test: &str, child_url: fn(&str) -> String, borrowed: bool) {
     const CHILD: &str = "ISOENV_TEST_CRASH_CHILD";
     if std::env::var_os(CHILD).is_some() {
         let db = blocking::postgres().unwrap();
+        println!("CONNECTIONS {}", connections_to(db.url()));
         let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
         c.batch_execute("INSERT INTO accounts (owner) VALUES ('crashed-marker')")
             .unwrap();
@@ -263,15 +266,30 @@ fn a_crashed_holders_postgres_database_is_reset_before_reuse() {
     let probe = claim(EngineKind::Postgres, "crash-probe");
     let server = admin_url(&probe, "postgres");
     give_back(probe);
+    if borrowed {
+        // The run's keeper starts with the first handout: wait until it listens.
+        let me = nix::unistd::geteuid();
+        let socket = std::env::temp_dir().join(format!(
+            "isoenv-testing-{me}/keepers/{:016x}.sock",
+            isoenv::sys::hash::fnv1a(&server)
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no keeper listens at {}",
+                socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "a_crashed_holders_postgres_database_is_reset_before_reuse",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")
-        .env("ISOENV_POSTGRES_URL", &server)
+        .env("ISOENV_POSTGRES_URL", child_url(&server))
+        // Not under a runner: the child must not start a keeper of its own.
+        .env_remove("CARGO")
+        .env_remove("NEXTEST_RUN_ID")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -281,10 +299,67 @@ fn a_crashed_holders_postgres_database_is_reset_before_reuse() {
         .unwrap_or_else(|| panic!("the child claimed nothing: {stdout}"))
         .to_owned();
     assert!(!out.status.success(), "the child was meant to abort");
+    let opened: usize = stdout
+        .lines()
+        .find_map(|l| l.split("CONNECTIONS ").nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("the child did not count its connections: {stdout}"));
+    assert_eq!(
+        opened > 0,
+        !borrowed,
+        "connections the child opened to the server for its handout: {opened}"
+    );
     // Clean free databases are handed out first; hold them until the crashed one comes.
     let (found, _held) = reclaim(EngineKind::Postgres, &name);
     let owners = pg_owners(found.url());
     assert!(!owners.contains(&"crashed-marker".to_owned()), "{owners:?}");
+}
+
+#[test]
+fn a_crashed_borrowers_postgres_database_is_reset_before_reuse() {
+    crashed_holder(
+        "a_crashed_borrowers_postgres_database_is_reset_before_reuse",
+        str::to_owned,
+        true,
+    );
+}
+
+#[test]
+fn a_crashed_claimers_postgres_database_is_reset_before_reuse() {
+    crashed_holder(
+        "a_crashed_claimers_postgres_database_is_reset_before_reuse",
+        |url| match url.contains('?') {
+            true => format!("{url}&application_name=crash-probe"),
+            false => format!("{url}?application_name=crash-probe"),
+        },
+        false,
+    );
+}
+
+/// The TCP connections this process has open to the server of `url` (from `/proc`).
+fn connections_to(url: &str) -> usize {
+    let port: u16 = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+        .expect("a URL with a port");
+    let mine: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = f[2].rsplit(':').next().map(|p| u16::from_str_radix(p, 16));
+            remote_port == Some(Ok(port)) && mine.iter().any(|i| i == f[9])
+        })
+        .count()
 }
 
 fn my_tables(url: &str) -> Vec<String> {

@@ -22,6 +22,7 @@
 //! `migrations/` directory of the crate under test), applied in name order.
 
 mod keeper;
+mod lease;
 mod mysql;
 mod postgres;
 mod redis;
@@ -31,11 +32,12 @@ use std::fs;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
+use lease::Lender;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestingError {
@@ -109,12 +111,37 @@ pub mod blocking {
 
     pub fn postgres() -> Result<TestDb> {
         server::in_use();
-        postgres::Pool::get()?.handout()
+        match borrowed(EngineKind::Postgres, postgres::key)? {
+            Some(db) => Ok(db),
+            None => postgres::Pool::get()?.handout(),
+        }
     }
 
     pub fn mysql() -> Result<TestDb> {
         server::in_use();
-        mysql::Pool::get()?.handout()
+        match borrowed(EngineKind::Mysql, mysql::key)? {
+            Some(db) => Ok(db),
+            None => mysql::Pool::get()?.handout(),
+        }
+    }
+
+    /// A database from the run's keeper, if one serves: `key` names the pool from the
+    /// migrations' hash.
+    fn borrowed(engine: EngineKind, key: fn(&str) -> String) -> Result<Option<TestDb>> {
+        // The server and the pool's key, read once per process.
+        static KNOWN: Mutex<Vec<(EngineKind, String, String)>> = Mutex::new(Vec::new());
+        let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+        let (url, key) = match known.iter().find(|(e, _, _)| *e == engine) {
+            Some((_, url, key)) => (url.clone(), key.clone()),
+            None => {
+                let source = Source::of_test(engine)?;
+                let found = (source.url, key(&source.hash));
+                known.push((engine, found.0.clone(), found.1.clone()));
+                found
+            }
+        };
+        drop(known);
+        Ok(lease::borrow(engine, &url, &key))
     }
 
     pub fn redis() -> Result<TestDb> {
@@ -320,17 +347,45 @@ fn unique() -> String {
 
 /// One pool per engine and process, made on first use; a failed attempt is tried again by the
 /// next caller.
-fn shared<P: Sync>(
-    slot: &'static Mutex<Option<&'static P>>,
-    make: fn() -> Result<P>,
-) -> Result<&'static P> {
+fn shared<P>(slot: &'static Mutex<Option<Arc<P>>>, make: fn() -> Result<P>) -> Result<Arc<P>> {
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = *slot {
-        return Ok(p);
+    if let Some(p) = &*slot {
+        return Ok(p.clone());
     }
-    let p: &'static P = Box::leak(Box::new(make()?));
-    *slot = Some(p);
+    let p = Arc::new(make()?);
+    *slot = Some(p.clone());
     Ok(p)
+}
+
+/// The resets under way in a pool of this process, so that a claimer finding nothing free waits
+/// for one to end rather than making a new database (a reset takes milliseconds, a new
+/// database a hundred or more).
+#[derive(Default)]
+struct Resets {
+    under_way: Mutex<usize>,
+    ended: Condvar,
+}
+
+impl Resets {
+    /// Runs a reset, counted.
+    fn during<T>(&self, reset: impl FnOnce() -> T) -> T {
+        *self.under_way.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let out = reset();
+        *self.under_way.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.ended.notify_all();
+        out
+    }
+
+    /// Waits until a reset ends: false at once when none is under way.
+    fn wait(&self) -> bool {
+        let under_way = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
+        if *under_way == 0 {
+            return false;
+        }
+        let timeout = std::time::Duration::from_secs(10);
+        let _ = self.ended.wait_timeout(under_way, timeout);
+        true
+    }
 }
 
 /// Connections a pool keeps open between uses. Leases name the connection that claimed them,
@@ -353,17 +408,30 @@ impl<C> Idle<C> {
     fn put(&self, c: C) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(c);
     }
+
+    /// Opens connections until one per CPU is kept, so that a keeper's first handouts, which
+    /// come at once, do not each wait for a new one.
+    fn fill(&self, connect: impl Fn() -> Result<C>) {
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+        while self.0.lock().unwrap_or_else(|e| e.into_inner()).len() < cpus {
+            match connect() {
+                Ok(c) => self.put(c),
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// How many databases a pool makes ahead of time when its schema is first set up
-/// (`ISOENV_POOL_SIZE`, default: two per CPU, for the tests running at once and those just
-/// released, which the keeper is resetting). Released databases are given back clean, so a
-/// pool grows only when more tests run at once than it holds.
+/// (`ISOENV_POOL_SIZE`, default: three per CPU: for the tests running at once, those just
+/// released, which are being reset, and as many again so a handout seldom waits for a reset).
+/// Released databases are given back clean, so a pool grows only when more tests run at once
+/// than it holds.
 fn pool_size() -> usize {
     std::env::var("ISOENV_POOL_SIZE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(2, usize::from))
+        .unwrap_or_else(|| 3 * std::thread::available_parallelism().map_or(2, usize::from))
 }
 
 #[cfg(test)]

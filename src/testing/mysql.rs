@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use mysql::prelude::Queryable;
 
+use super::lease::{self, Lender};
 use super::{
-    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Result, Source, TestDb,
-    TestingError,
+    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Resets, Result, Source,
+    TestDb, TestingError,
 };
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
@@ -112,26 +113,30 @@ pub(super) struct Pool {
     inside: Mutex<HashMap<String, mysql::Conn>>,
     /// Whether a keeper resets released databases (else each release resets its own).
     kept: bool,
+    resets: Resets,
+    /// Clean databases this process holds for its next handouts: those its own tests gave
+    /// back and it reset. They stay leased to it, so a handout takes one without a query.
+    stock: Mutex<Vec<String>>,
+}
+
+/// The pool of the migrations whose hash is `hash`: the schema's key.
+pub(super) fn key(hash: &str) -> String {
+    format!("{}{CHECK_VERSION}", &hash[..hash.len() - 1])
 }
 
 impl Pool {
-    pub(super) fn get() -> Result<&'static Pool> {
-        static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
+    pub(super) fn get() -> Result<Arc<Pool>> {
+        static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
         shared(&POOL, || {
             Pool::open(Source::of_test(EngineKind::Mysql)?, server::runner())
         })
-    }
-
-    /// The schema's hash, which claims name.
-    pub(super) fn key(&self) -> &str {
-        &self.template.hash
     }
 
     /// Connects, and sets the pool up if this schema has no template record yet. Under a test
     /// `runner`, a keeper is started unless one serves already.
     pub(super) fn open(source: Source, runner: Option<ProcessId>) -> Result<Pool> {
         let Source { url, files, hash } = source;
-        let hash = format!("{}{CHECK_VERSION}", &hash[..hash.len() - 1]);
+        let hash = key(&hash);
         let mut admin = connect(&url)?;
         let err = |e: mysql::Error| server_error(&url, e);
         let template = match load(&mut admin, &hash) {
@@ -168,6 +173,8 @@ impl Pool {
             idle: Idle::new(admin),
             inside: Mutex::new(HashMap::new()),
             kept,
+            resets: Resets::default(),
+            stock: Mutex::new(Vec::new()),
         })
     }
 
@@ -179,12 +186,26 @@ impl Pool {
         self.idle.put(admin);
     }
 
-    pub(super) fn handout(&'static self) -> Result<TestDb> {
+    /// A database for one test: a free clean one, else one released but not reset yet (or one
+    /// a dead test held), made clean first, else a new one.
+    pub(super) fn handout(self: Arc<Self>) -> Result<TestDb> {
+        if let Some(name) = self.restocked() {
+            return Ok(self.guard(name));
+        }
         let mut admin = self.admin()?;
         let hash = &self.template.hash;
-        let claimed = match claim(&mut admin, CLAIM_FREE, hash).map_err(|e| self.error(e))? {
-            Some(claimed) => Some(claimed),
-            None => claim(&mut admin, &claim_needing_reset(), hash).map_err(|e| self.error(e))?,
+        let claimed = loop {
+            if let Some(name) = self.restocked() {
+                self.put_back(admin);
+                return Ok(self.guard(name));
+            }
+            if let Some(c) = claim(&mut admin, CLAIM_FREE, hash).map_err(|e| self.error(e))? {
+                break Some(c);
+            }
+            if !self.resets.wait() {
+                break claim(&mut admin, &claim_needing_reset(), hash)
+                    .map_err(|e| self.error(e))?;
+            }
         };
         let name = match claimed {
             Some((name, dirty)) => {
@@ -209,16 +230,41 @@ impl Pool {
             }
         };
         self.put_back(admin);
+        Ok(self.guard(name))
+    }
+
+    /// A database from the stock, if there is one.
+    fn restocked(&self) -> Option<String> {
+        self.stock.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// The test's guard for a claimed database.
+    fn guard(self: Arc<Self>, name: String) -> TestDb {
         let released = name.clone();
-        Ok(TestDb {
+        TestDb {
             engine: EngineKind::Mysql,
             url: with_database(&self.url, &name),
             name,
             release: Some(Box::new(move || self.release(&released))),
-        })
+        }
+    }
+
+    /// Gives the stock back to the pool's table, free for any claimer.
+    fn free_stock(&self, admin: &mut mysql::Conn) -> Result<()> {
+        let stock = std::mem::take(&mut *self.stock.lock().unwrap_or_else(|e| e.into_inner()));
+        for name in stock {
+            admin
+                .exec_drop(
+                    "UPDATE isoenv.clone SET holder = NULL, dirty = false WHERE name = ?",
+                    (&name,),
+                )
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
     }
 
     /// Gives a database back: clean, or made again when its test changed more than rows.
+    /// Without a keeper, or in the keeper itself, the releasing thread resets it.
     fn release(&self, name: &str) {
         let outcome = self.admin().and_then(|mut admin| {
             if self.kept {
@@ -231,19 +277,21 @@ impl Pool {
                 self.put_back(admin);
                 return Ok(());
             }
-            let done = if self.reset(name) {
+            // Clean again, it goes to the stock, still leased to this process.
+            let done = self.resets.during(|| {
+                if !self.reset(name) {
+                    self.remake(&mut admin, name)?;
+                }
+                let mut stock = self.stock.lock().unwrap_or_else(|e| e.into_inner());
+                stock.push(name.to_owned());
                 Ok(())
-            } else {
-                self.remake(&mut admin, name)
-            };
-            let freed = match done {
-                Ok(()) => admin.exec_drop(
-                    "UPDATE isoenv.clone SET holder = NULL, dirty = false WHERE name = ?",
-                    (name,),
-                ),
-                Err(_) => admin.exec_drop("DELETE FROM isoenv.clone WHERE name = ?", (name,)),
-            };
-            freed.map_err(|e| self.error(e))?;
+            });
+            if done.is_err() {
+                // It could not be made again: out of the pool.
+                admin
+                    .exec_drop("DELETE FROM isoenv.clone WHERE name = ?", (name,))
+                    .map_err(|e| self.error(e))?;
+            }
             self.put_back(admin);
             done
         });
@@ -325,6 +373,7 @@ pub(super) fn keep(source: Source, runner: ProcessId) -> Result<()> {
 
 /// The keeper's loop on an open pool.
 pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
+    let pool = Arc::new(pool);
     let mut admin = pool.admin()?;
     let locked: Option<i64> = admin
         .query_first(format!("SELECT GET_LOCK('{KEEPER_LOCK}', 0)"))
@@ -332,6 +381,9 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
     if locked != Some(1) {
         return Ok(()); // another keeper serves this server
     }
+    // Tests that find the socket borrow from it; the others claim with SQL, as before.
+    pool.idle.fill(|| connect(&pool.url));
+    let service = lease::Service::open(&pool.url, pool.clone());
     let hash = pool.template.hash.clone();
     let mut checked = std::time::Instant::now();
     while runner.is_running() {
@@ -366,7 +418,19 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
             }
         }
     }
-    Ok(())
+    drop(service);
+    pool.free_stock(&mut admin)
+}
+
+impl Lender for Pool {
+    /// The schema's hash, which claims name.
+    fn key(&self) -> &str {
+        &self.template.hash
+    }
+
+    fn lend(self: Arc<Self>) -> Result<TestDb> {
+        self.handout()
+    }
 }
 
 fn claim_needing_reset() -> String {

@@ -8,11 +8,12 @@
 use std::collections::HashMap;
 
 use postgres::fallible_iterator::FallibleIterator;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::lease::{self, Lender};
 use super::{
-    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Result, Source, TestDb,
-    TestingError,
+    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Resets, Result, Source,
+    TestDb, TestingError,
 };
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
@@ -183,6 +184,16 @@ pub(super) struct Pool {
     kept: bool,
     /// A clone claimed while the pool was set up, for the first handout.
     first: Mutex<Option<Claim>>,
+    resets: Resets,
+    /// Clean clones this process holds for its next handouts, with their catalog writes: those
+    /// its own tests gave back and it reset. They stay leased to it, so a handout takes one
+    /// without a query.
+    stock: Mutex<Vec<(String, i64)>>,
+}
+
+/// The pool of the migrations whose hash is `hash`: its template's name.
+pub(super) fn key(hash: &str) -> String {
+    format!("isoenv_tpl_{hash}")
 }
 
 /// A claimed clone.
@@ -205,16 +216,11 @@ impl Claim {
 }
 
 impl Pool {
-    pub(super) fn get() -> Result<&'static Pool> {
-        static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
+    pub(super) fn get() -> Result<Arc<Pool>> {
+        static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
         shared(&POOL, || {
             Pool::open(Source::of_test(EngineKind::Postgres)?, server::runner())
         })
-    }
-
-    /// The template's name, which claims name.
-    pub(super) fn key(&self) -> &str {
-        &self.template.name
     }
 
     /// Connects, and in one round trip reads the template's record, whether a keeper serves,
@@ -225,7 +231,7 @@ impl Pool {
         let Source { url, files, hash } = source;
         let err = |e: postgres::Error| server_error(&url, e);
         let mut admin = connect(&url)?;
-        let name = format!("isoenv_tpl_{hash}");
+        let name = key(&hash);
         let keeper_held = KEEPER_HELD.replace("KEEPER", &keeper::LOCK.to_string());
         let fast = format!("{}; {keeper_held}; {}", load_sql(&name), claim_free(&name));
         // Before the first setup the tables do not exist: the slow path makes them.
@@ -266,6 +272,8 @@ impl Pool {
             inside: Mutex::new(HashMap::new()),
             kept,
             first: Mutex::new(first),
+            resets: Resets::default(),
+            stock: Mutex::new(Vec::new()),
         })
     }
 
@@ -277,16 +285,28 @@ impl Pool {
         self.idle.put(admin);
     }
 
-    pub(super) fn handout(&'static self) -> Result<TestDb> {
+    /// A clone for one test: a free clean one, else one released but not reset yet (or one a
+    /// dead test held), made clean first, else a new one.
+    pub(super) fn handout(self: Arc<Self>) -> Result<TestDb> {
+        if let Some((name, writes)) = self.restocked() {
+            return Ok(self.guard(name, writes));
+        }
         let mut admin = self.admin()?;
         let err = |e: postgres::Error| server_error(&self.url, e);
         let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
         let claimed = match first {
             Some(claim) => Some(claim),
-            None => match claim(&mut admin, &claim_free(&self.template.name)).map_err(err)? {
-                Some(claim) => Some(claim),
-                None => {
-                    claim(&mut admin, &claim_needing_reset(&self.template.name)).map_err(err)?
+            None => loop {
+                if let Some((name, writes)) = self.restocked() {
+                    self.put_back(admin);
+                    return Ok(self.guard(name, writes));
+                }
+                if let Some(c) = claim(&mut admin, &claim_free(&self.template.name)).map_err(err)? {
+                    break Some(c);
+                }
+                if !self.resets.wait() {
+                    break claim(&mut admin, &claim_needing_reset(&self.template.name))
+                        .map_err(err)?;
                 }
             },
         };
@@ -309,16 +329,27 @@ impl Pool {
             None => (self.new_clone(&mut admin)?, 0),
         };
         self.put_back(admin);
+        Ok(self.guard(name, writes))
+    }
+
+    /// A clone from the stock, if there is one.
+    fn restocked(&self) -> Option<(String, i64)> {
+        self.stock.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// The test's guard for a claimed clone (`writes`: its catalog writes when it was clean).
+    fn guard(self: Arc<Self>, name: String, writes: i64) -> TestDb {
         let released = name.clone();
-        Ok(TestDb {
+        TestDb {
             engine: EngineKind::Postgres,
             url: with_database(&self.url, &name),
             name,
             release: Some(Box::new(move || self.release(&released, writes))),
-        })
+        }
     }
 
-    /// Gives a clone back: clean, or made again when its test changed more than rows.
+    /// Gives a clone back: clean, or made again when its test changed more than rows. Without
+    /// a keeper, or in the keeper itself, the releasing thread resets it.
     fn release(&self, name: &str, writes: i64) {
         let outcome = self.admin().and_then(|mut admin| {
             if self.kept {
@@ -328,7 +359,12 @@ impl Pool {
                 self.put_back(admin);
                 return Ok(());
             }
-            let done = self.make_clean(&mut admin, name, writes, true);
+            let done = self.resets.during(|| {
+                let now = self.renew(&mut admin, name, writes)?;
+                let mut stock = self.stock.lock().unwrap_or_else(|e| e.into_inner());
+                stock.push((name.to_owned(), now));
+                Ok::<_, TestingError>(())
+            });
             if done.is_err() {
                 // It could not be made again: out of the pool.
                 admin
@@ -410,15 +446,7 @@ impl Pool {
         writes: i64,
         free: bool,
     ) -> Result<i64> {
-        // A reset that fails on a loaded server (a connection refused or ended mid-way) is
-        // tried once more: a remake costs a CREATE DATABASE, a second look a few queries.
-        let now = match self
-            .reset(name, writes)
-            .or_else(|| self.reset(name, writes))
-        {
-            Some(now) => now,
-            None => self.remake(admin, name).map(|()| 0)?,
-        };
+        let now = self.renew(admin, name, writes)?;
         let sql = match free {
             true => {
                 "UPDATE isoenv_clone SET holder = NULL, since = NULL, dirty = false,
@@ -430,6 +458,35 @@ impl Pool {
             .execute(sql, &[&name, &now])
             .map_err(|e| server_error(&self.url, e))?;
         Ok(now)
+    }
+
+    /// Resets a claimed clone (`writes`: its catalog writes at the last reset), or makes it
+    /// again; its catalog writes now.
+    fn renew(&self, admin: &mut postgres::Client, name: &str, writes: i64) -> Result<i64> {
+        // A reset that fails on a loaded server (a connection refused or ended mid-way) is
+        // tried once more: a remake costs a CREATE DATABASE, a second look a few queries.
+        match self
+            .reset(name, writes)
+            .or_else(|| self.reset(name, writes))
+        {
+            Some(now) => Ok(now),
+            None => self.remake(admin, name).map(|()| 0),
+        }
+    }
+
+    /// Gives the stock back to the pool's table, free for any claimer.
+    fn free_stock(&self, admin: &mut postgres::Client) -> Result<()> {
+        let stock = std::mem::take(&mut *self.stock.lock().unwrap_or_else(|e| e.into_inner()));
+        for (name, writes) in stock {
+            admin
+                .execute(
+                    "UPDATE isoenv_clone SET holder = NULL, since = NULL, dirty = false,
+                         catalog_writes = $2 WHERE name = $1",
+                    &[&name, &writes],
+                )
+                .map_err(|e| server_error(&self.url, e))?;
+        }
+        Ok(())
     }
 
     /// Makes one more clone, held by `admin`'s connection. It is recorded as held first: if
@@ -495,6 +552,7 @@ pub(super) fn keep(source: Source, runner: ProcessId) -> Result<()> {
 
 /// The keeper's loop on an open pool.
 pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
+    let pool = Arc::new(pool);
     let mut admin = pool.admin()?;
     let err = |e: postgres::Error| server_error(&pool.url, e);
     let locked: bool = admin
@@ -505,6 +563,9 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
         return Ok(()); // another keeper serves this server
     }
     admin.batch_execute("LISTEN isoenv_dirty").map_err(err)?;
+    // Tests that find the socket borrow from it; the others claim with SQL, as before.
+    pool.idle.fill(|| connect(&pool.url));
+    let service = lease::Service::open(&pool.url, pool.clone());
     // Setting the pool up claimed a clone for a first handout that will not come.
     if let Some(first) = pool.first.lock().unwrap_or_else(|e| e.into_inner()).take() {
         admin
@@ -526,7 +587,19 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
             while wake.iter().next().map_err(err)?.is_some() {}
         }
     }
-    Ok(())
+    drop(service);
+    pool.free_stock(&mut admin)
+}
+
+impl Lender for Pool {
+    /// The template's name, which claims name.
+    fn key(&self) -> &str {
+        &self.template.name
+    }
+
+    fn lend(self: Arc<Self>) -> Result<TestDb> {
+        self.handout()
+    }
 }
 
 /// Claims a clone with a claim statement; `None` when none was free.

@@ -1,7 +1,7 @@
 //! Redis: a logical database of each test's own, leased with `SET NX` on database 0 (so every
 //! test process shares the leases) and flushed on release.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{redact, shared, unique, with_database, Result, TestDb, TestingError};
 use crate::engine::EngineKind;
@@ -16,8 +16,8 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    pub(super) fn get() -> Result<&'static Pool> {
-        static POOL: Mutex<Option<&'static Pool>> = Mutex::new(None);
+    pub(super) fn get() -> Result<Arc<Pool>> {
+        static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
         shared(&POOL, Pool::new)
     }
 
@@ -39,7 +39,7 @@ impl Pool {
         })
     }
 
-    pub(super) fn handout(&'static self) -> Result<TestDb> {
+    pub(super) fn handout(self: Arc<Self>) -> Result<TestDb> {
         let token = unique();
         // Database 0 holds the leases; start at a random one to spread contention.
         let usable = self.databases.saturating_sub(1).max(1);
@@ -56,6 +56,7 @@ impl Pool {
                 .query(&mut *conn)
                 .map_err(|e| server_error(&self.url, e))?;
             if leased.is_some() {
+                drop(conn);
                 return Ok(TestDb {
                     engine: EngineKind::Redis,
                     url: with_database(&self.url, &db.to_string()),

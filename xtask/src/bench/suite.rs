@@ -194,11 +194,8 @@ pub(super) fn run(
     }
     for engine in EngineKind::ALL {
         for (runner, label) in [
-            (
-                Runner::Cargo,
-                "cargo test (threads share the process's pool)",
-            ),
-            (Runner::Nextest, "nextest (each process connects first)"),
+            (Runner::Cargo, "cargo test (threads of one process)"),
+            (Runner::Nextest, "nextest (a process per test)"),
         ] {
             let samples: Vec<f64> = handout_ms
                 .iter()

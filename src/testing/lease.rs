@@ -1,0 +1,191 @@
+//! Handouts over the keeper's socket. A test process asks the run's keeper for a database and
+//! holds the connection as its lease: closing it (the guard dropped, or the process gone, even
+//! by `kill -9`) gives the database back, and the keeper resets it on connections it keeps
+//! warm. A handout is then one local round trip: the test process opens no connection of its
+//! own to the server for it, where each process under nextest used to pay one (5-7 ms) and a
+//! cold first query.
+//!
+//! The socket lives in a directory only this user can enter, named by a hash of the server's
+//! URL, so a test finds its server's keeper and nobody else's. Without a keeper (a test binary
+//! run by hand, the run's first test before its keeper is up) the caller uses its own pool.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{with_database, TestDb};
+use crate::engine::EngineKind;
+use crate::sys::hash::fnv1a;
+
+/// A pool the keeper lends databases from.
+pub(super) trait Lender: Send + Sync {
+    /// The pool's key (template or schema): a request naming another is not served.
+    fn key(&self) -> &str;
+    /// A clean database, given back when the guard drops.
+    fn lend(self: Arc<Self>) -> super::Result<TestDb>;
+}
+
+/// How long a test waits for its database: a keeper may have to make one first.
+const WAIT: Duration = Duration::from_secs(300);
+
+/// The keeper's socket for the server at `url`, in a directory of this user's own; `None` if
+/// that directory cannot be made so.
+fn path(url: &str) -> Option<PathBuf> {
+    let me = nix::unistd::geteuid().as_raw();
+    let base = std::env::temp_dir().join(format!("isoenv-testing-{me}"));
+    let dir = base.join("keepers");
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    // Another user's directory on the way could swap the socket for one of theirs.
+    let ours = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == me);
+    let private = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.mode() & 0o077 == 0);
+    (ours(&base) && ours(&dir) && private).then(|| dir.join(format!("{:016x}.sock", fnv1a(url))))
+}
+
+/// Borrows a database of the pool `key` from the keeper of the server at `url`, if one
+/// listens and has one to give.
+pub(super) fn borrow(engine: EngineKind, url: &str, key: &str) -> Option<TestDb> {
+    let mut stream = UnixStream::connect(path(url)?).ok()?;
+    stream.set_read_timeout(Some(WAIT)).ok()?;
+    stream.write_all(format!("{key}\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).ok()?;
+    let name = answer.strip_suffix('\n')?;
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    valid.then(|| TestDb {
+        engine,
+        url: with_database(url, name),
+        name: name.to_owned(),
+        // Closing the connection ends the lease.
+        release: Some(Box::new(move || drop(stream))),
+    })
+}
+
+/// A keeper's socket, served on threads of its own; closed when dropped.
+pub(super) struct Service {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl Service {
+    /// Lends `lender`'s databases at the socket for `url`. The caller holds the keeper's lock on
+    /// the server, so a socket already there is a dead keeper's.
+    pub(super) fn open(url: &str, lender: Arc<dyn Lender>) -> Option<Service> {
+        let path = path(url)?;
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).ok()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(stream) = stream {
+                    let lender = lender.clone();
+                    std::thread::spawn(move || serve(stream, lender));
+                }
+            }
+        });
+        Some(Service { path, stop })
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accepting thread, which then sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One lease: the request, the database's name (an empty line: none to give, the test uses its
+/// own pool), then the connection held until the test lets go.
+fn serve(mut stream: UnixStream, lender: Arc<dyn Lender>) {
+    let mut request = String::new();
+    let asked = BufReader::new(&stream).read_line(&mut request).is_ok()
+        && request.strip_suffix('\n') == Some(lender.key());
+    let lent = if asked { lender.lend().ok() } else { None };
+    let answer = lent.as_ref().map_or("", |db| db.name());
+    if stream.write_all(format!("{answer}\n").as_bytes()).is_ok() && lent.is_some() {
+        // Returns at end of file: the test dropped its guard, or its process is gone.
+        let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+    }
+    drop(lent); // gives the database back
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Lends one name, and records when it comes back.
+    struct Once {
+        key: String,
+        back: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Lender for Once {
+        fn key(&self) -> &str {
+            &self.key
+        }
+        fn lend(self: Arc<Self>) -> crate::testing::Result<TestDb> {
+            let back = self.back.clone();
+            Ok(TestDb {
+                engine: EngineKind::Postgres,
+                url: String::new(),
+                name: "isoenv_c_1".into(),
+                release: Some(Box::new(move || {
+                    back.lock().unwrap().push("isoenv_c_1".into())
+                })),
+            })
+        }
+    }
+
+    fn returned(back: &Mutex<Vec<String>>) -> bool {
+        (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(2));
+            !back.lock().unwrap().is_empty()
+        })
+    }
+
+    #[test]
+    fn a_lease_lasts_as_long_as_its_connection() {
+        let url = format!("postgres://u:p@127.0.0.1:1/lease-{}", std::process::id());
+        let back = Arc::new(Mutex::new(Vec::new()));
+        let lender = Arc::new(Once {
+            key: "tpl".into(),
+            back: back.clone(),
+        });
+        let service = Service::open(&url, lender).expect("the socket");
+        assert!(borrow(EngineKind::Postgres, &url, "other").is_none());
+        let db = borrow(EngineKind::Postgres, &url, "tpl").expect("a database");
+        assert_eq!(db.url(), "postgres://u:p@127.0.0.1:1/isoenv_c_1");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(back.lock().unwrap().is_empty(), "given back while held");
+        drop(db);
+        assert!(returned(&back), "not given back when the guard dropped");
+        drop(service);
+        assert!(borrow(EngineKind::Postgres, &url, "tpl").is_none());
+    }
+
+    #[test]
+    fn sockets_are_named_by_server_in_a_private_directory() {
+        let a = path("postgres://u:p@127.0.0.1:5432/postgres").expect("a private directory");
+        let b = path("postgres://u:p@127.0.0.1:5433/postgres").expect("a private directory");
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), b.parent());
+        let mode = std::fs::metadata(a.parent().unwrap()).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}
