@@ -137,6 +137,13 @@ fn pg_oid(admin: &mut postgres::Client, name: &str) -> Option<u32> {
         .map(|r| r.get(0))
 }
 
+/// Held by a test that probes a released database with [`reclaim`]: two such tests at once
+/// would each hold the databases the other waits for.
+fn one_probe_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static PROBES: Mutex<()> = Mutex::new(());
+    PROBES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Takes databases from the pool, holding them, until `name` comes back: a released database
 /// is probed only while this test holds it (another holder's release would end the probe).
 fn reclaim(engine: EngineKind, name: &str) -> (TestDb, Vec<TestDb>) {
@@ -158,6 +165,7 @@ fn reclaim(engine: EngineKind, name: &str) -> (TestDb, Vec<TestDb>) {
 /// A PostgreSQL test database held for a probe: its name, a connection to the server's
 /// `postgres` database, its oid (a remade database has a new one), and a connection into it.
 struct Probe {
+    _alone: std::sync::MutexGuard<'static, ()>,
     db: TestDb,
     name: String,
     admin: postgres::Client,
@@ -166,6 +174,7 @@ struct Probe {
 }
 
 fn probe(case: &str) -> Probe {
+    let _alone = one_probe_at_a_time();
     let db = claim(EngineKind::Postgres, case);
     let name = db.name().to_owned();
     let mut admin =
@@ -173,6 +182,7 @@ fn probe(case: &str) -> Probe {
     let oid = pg_oid(&mut admin, &name);
     let c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
     Probe {
+        _alone,
         db,
         name,
         admin,
@@ -263,6 +273,7 @@ fn crashed_holder(test: &str, child_url: fn(&str) -> String, borrowed: bool) {
         println!("CLAIMED {}", db.name());
         std::process::abort();
     }
+    let _alone = one_probe_at_a_time();
     let probe = claim(EngineKind::Postgres, "crash-probe");
     let server = admin_url(&probe, "postgres");
     give_back(probe);
@@ -374,6 +385,7 @@ fn my_tables(url: &str) -> Vec<String> {
 #[test]
 fn released_mysql_databases_are_recycled_clean_or_remade() {
     use mysql::prelude::Queryable;
+    let _alone = one_probe_at_a_time();
     let conn = |url: &str| mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
     let owners =
         |url: &str| -> Vec<String> { conn(url).query("SELECT owner FROM accounts").unwrap() };

@@ -28,6 +28,7 @@ mod postgres;
 mod redis;
 mod server;
 
+use std::collections::HashMap;
 use std::fs;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -362,28 +363,40 @@ fn shared<P>(slot: &'static Mutex<Option<Arc<P>>>, make: fn() -> Result<P>) -> R
 /// database a hundred or more).
 #[derive(Default)]
 struct Resets {
-    under_way: Mutex<usize>,
+    /// How many are under way, and how many have ended.
+    counts: Mutex<(usize, u64)>,
     ended: Condvar,
 }
 
 impl Resets {
     /// Runs a reset, counted.
     fn during<T>(&self, reset: impl FnOnce() -> T) -> T {
-        *self.under_way.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
         let out = reset();
-        *self.under_way.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *counts = (counts.0 - 1, counts.1 + 1);
+        drop(counts);
         self.ended.notify_all();
         out
     }
 
-    /// Waits until a reset ends: false at once when none is under way.
-    fn wait(&self) -> bool {
-        let under_way = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
-        if *under_way == 0 {
+    /// How many resets have ended so far: what [`Resets::wait`] compares with.
+    fn ended(&self) -> u64 {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Whether a reset has ended since `seen` (then what it freed is worth looking for),
+    /// waiting for one if any is under way; false at once when none is.
+    fn wait(&self, seen: u64) -> bool {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.1 != seen {
+            return true;
+        }
+        if counts.0 == 0 {
             return false;
         }
         let timeout = std::time::Duration::from_secs(10);
-        let _ = self.ended.wait_timeout(under_way, timeout);
+        let _ = self.ended.wait_timeout(counts, timeout);
         true
     }
 }
@@ -418,6 +431,32 @@ impl<C> Idle<C> {
                 Ok(c) => self.put(c),
                 Err(_) => return,
             }
+        }
+    }
+}
+
+/// A connection into each database a pool has reset, kept for its next reset (a new one costs a
+/// login). At most two per database the pool makes ahead of time are kept, so a pool that grew
+/// large does not hold the server's connections.
+struct Inside<C>(Mutex<HashMap<String, C>>);
+
+impl<C> Inside<C> {
+    fn new() -> Self {
+        Inside(Mutex::new(HashMap::new()))
+    }
+
+    /// The kept connection into `name`, if any (it is no longer kept).
+    fn take(&self, name: &str) -> Option<C> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    fn keep(&self, name: &str, c: C) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < 2 * pool_size() {
+            kept.insert(name.to_owned(), c);
         }
     }
 }

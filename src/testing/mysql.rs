@@ -5,7 +5,6 @@
 //! every test process shares it; a lease names the connection that holds it, so a crashed test
 //! process's databases are recognised and reset by the next claimer.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -13,8 +12,8 @@ use mysql::prelude::Queryable;
 
 use super::lease::{self, Lender};
 use super::{
-    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Resets, Result, Source,
-    TestDb, TestingError,
+    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Inside, Resets, Result,
+    Source, TestDb, TestingError,
 };
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
@@ -110,7 +109,7 @@ pub(super) struct Pool {
     template: Template,
     idle: Idle<mysql::Conn>,
     /// A connection into each database this process has reset, kept for its next reset.
-    inside: Mutex<HashMap<String, mysql::Conn>>,
+    inside: Inside<mysql::Conn>,
     /// Whether a keeper resets released databases (else each release resets its own).
     kept: bool,
     resets: Resets,
@@ -171,7 +170,7 @@ impl Pool {
             files,
             template,
             idle: Idle::new(admin),
-            inside: Mutex::new(HashMap::new()),
+            inside: Inside::new(),
             kept,
             resets: Resets::default(),
             stock: Mutex::new(Vec::new()),
@@ -195,6 +194,7 @@ impl Pool {
         let mut admin = self.admin()?;
         let hash = &self.template.hash;
         let claimed = loop {
+            let seen = self.resets.ended();
             if let Some(name) = self.restocked() {
                 self.put_back(admin);
                 return Ok(self.guard(name));
@@ -202,7 +202,7 @@ impl Pool {
             if let Some(c) = claim(&mut admin, CLAIM_FREE, hash).map_err(|e| self.error(e))? {
                 break Some(c);
             }
-            if !self.resets.wait() {
+            if !self.resets.wait(seen) {
                 break claim(&mut admin, &claim_needing_reset(), hash)
                     .map_err(|e| self.error(e))?;
             }
@@ -307,11 +307,7 @@ impl Pool {
         if !self.template.recyclable {
             return false;
         }
-        let cached = self
-            .inside
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        let cached = self.inside.take(name);
         let url = with_database(&self.url, name);
         let Some(mut conn) = cached.or_else(|| connect(&url).ok()) else {
             return false;
@@ -327,10 +323,7 @@ impl Pool {
         }
         let clean = matches!(result, Ok(true));
         if clean {
-            self.inside
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.to_owned(), conn);
+            self.inside.keep(name, conn);
         }
         clean
     }
@@ -350,10 +343,7 @@ impl Pool {
 
     /// Makes the database `name` again from the migrations.
     fn remake(&self, admin: &mut mysql::Conn, name: &str) -> Result<()> {
-        self.inside
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.inside.take(name);
         admin
             .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
             .map_err(|e| self.error(e))?;

@@ -5,15 +5,13 @@
 //! shares it; a lease names the admin connection that holds it, so a crashed test process's
 //! clones are recognised and reset by the next claimer.
 
-use std::collections::HashMap;
-
 use postgres::fallible_iterator::FallibleIterator;
 use std::sync::{Arc, Mutex};
 
 use super::lease::{self, Lender};
 use super::{
-    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Resets, Result, Source,
-    TestDb, TestingError,
+    keeper, pool_size, redact, server, shared, unique, with_database, Idle, Inside, Resets, Result,
+    Source, TestDb, TestingError,
 };
 use crate::engine::EngineKind;
 use crate::sys::process::ProcessId;
@@ -179,7 +177,7 @@ pub(super) struct Pool {
     template: Template,
     idle: Idle<postgres::Client>,
     /// A connection into each clone this process has reset, kept for its next reset.
-    inside: Mutex<HashMap<String, postgres::Client>>,
+    inside: Inside<postgres::Client>,
     /// Whether a keeper resets released clones (else each release resets its own).
     kept: bool,
     /// A clone claimed while the pool was set up, for the first handout.
@@ -269,7 +267,7 @@ impl Pool {
             url,
             template,
             idle: Idle::new(admin),
-            inside: Mutex::new(HashMap::new()),
+            inside: Inside::new(),
             kept,
             first: Mutex::new(first),
             resets: Resets::default(),
@@ -297,6 +295,7 @@ impl Pool {
         let claimed = match first {
             Some(claim) => Some(claim),
             None => loop {
+                let seen = self.resets.ended();
                 if let Some((name, writes)) = self.restocked() {
                     self.put_back(admin);
                     return Ok(self.guard(name, writes));
@@ -304,7 +303,7 @@ impl Pool {
                 if let Some(c) = claim(&mut admin, &claim_free(&self.template.name)).map_err(err)? {
                     break Some(c);
                 }
-                if !self.resets.wait() {
+                if !self.resets.wait(seen) {
                     break claim(&mut admin, &claim_needing_reset(&self.template.name))
                         .map_err(err)?;
                 }
@@ -388,11 +387,7 @@ impl Pool {
         let reset = self.template.reset.as_ref()?;
         let sql = format!("{reset}{};", self.template.quick);
         let url = with_database(&self.url, name);
-        let cached = self
-            .inside
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        let cached = self.inside.take(name);
         let mut client = cached.or_else(|| connect(&url).ok())?;
         // A kept connection may have been ended by another process's reset: reconnect once.
         let alone = match end_others(&mut client) {
@@ -417,10 +412,7 @@ impl Pool {
                     .ok()?,
             ) == Some(self.template.expected.as_str());
         if clean {
-            self.inside
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.to_owned(), client);
+            self.inside.keep(name, client);
         }
         clean.then_some(now)
     }
@@ -528,10 +520,7 @@ impl Pool {
 
     /// Makes the clone `name` again from the template.
     fn remake(&self, admin: &mut postgres::Client, name: &str) -> Result<()> {
-        self.inside
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.inside.take(name);
         for sql in [
             format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
             format!("CREATE DATABASE {name} TEMPLATE {}", self.template.name),
