@@ -36,7 +36,7 @@ pub struct Provision {
     engines: Vec<EngineKind>,
     /// Also set up per-test database pools (PostgreSQL, MariaDB) from the migrations and keep
     /// them while the command runs, for tests in any language (README: "Per-test databases
-    /// from any language"); each pool's key is exported as ISOENV_<ENGINE>_POOL.
+    /// from any language"); each pool's key is exported as `ISOENV_<ENGINE>_POOL`.
     #[arg(long, requires = "isolated")]
     pool: bool,
     /// Leave the environments after the run, for debugging.

@@ -1,5 +1,5 @@
 //! Per-test databases (feature `testing`): a test asks for its own database and gets one,
-//! dropped when its guard goes.
+//! given back when its guard goes.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), isoenv::testing::TestingError> {
@@ -9,14 +9,15 @@
 //! ```
 //!
 //! - PostgreSQL: clones of a template database that holds the migrations, rebuilt only when
-//!   their hash changes, with a few clones made ahead of time so a handout is one query.
+//!   their hash changes, with a few clones made ahead of time and released ones reset.
 //! - MariaDB/MySQL: a database per test with the schema applied, also pooled ahead of time.
 //! - Redis: a logical database of its own, flushed on release.
 //!
 //! The server is the one `cargo xtask test --isolated` exports (`ISOENV_<ENGINE>_URL`). Without
-//! it, the first request provisions a server for this test process, which dies with it. The
-//! pool and its leases live in the server itself, so it works under `cargo test` (threads) and
-//! nextest (a process per test) alike.
+//! it, the first request provisions a server shared by the run's test processes (or, outside a
+//! runner, one for this process, which dies with it). The pool is a table in the server, so it
+//! works under `cargo test` (threads) and nextest (a process per test) alike; under a runner a
+//! keeper process lends its databases over a local socket and resets them.
 //!
 //! Migrations are the `*.sql` files in `$ISOENV_MIGRATIONS_DIR/<engine>/` (default: the
 //! `migrations/` directory of the crate under test), applied in name order.
@@ -65,7 +66,8 @@ pub enum TestingError {
 
 pub type Result<T, E = TestingError> = std::result::Result<T, E>;
 
-/// A database of one test's own. Dropping it gives it back (dropped, or flushed for Redis).
+/// A database of one test's own. Dropping it gives it back, to be made clean for the next test
+/// (flushed, for Redis).
 pub struct TestDb {
     engine: EngineKind,
     url: String,

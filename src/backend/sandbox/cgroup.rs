@@ -1,7 +1,7 @@
 //! The machine's cgroup layout, read from `/proc/self/mountinfo` (never from hard-coded paths),
 //! and the groups that hold a sandbox's limits: v1 (and hybrid) through the v1 controllers,
 //! v2 through the unified hierarchy. What is decided (which directories, which files, which
-//! values) is pure; [`Plan::apply`] and [`Applied`] do the writing.
+//! values) is pure; [`Plan::apply`] and [`attach_self`] do the writing.
 
 use std::fs;
 use std::io;

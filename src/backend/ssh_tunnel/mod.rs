@@ -1,5 +1,5 @@
 //! The ssh-tunnel backend: the database runs elsewhere (the development VM) and what runs here is
-//! the forwarder ([`ssh`]), recorded as the `vm` environment so that `list`, `url`, `env` and
+//! the forwarder (`ssh`), recorded as the `vm` environment so that `list`, `url`, `env` and
 //! the activate script work as for any other. Opened by `db up` in development with
 //! `DB_VM_SSH_ENABLED=true`, never created by name.
 

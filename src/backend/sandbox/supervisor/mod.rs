@@ -58,7 +58,7 @@ pub struct Request {
     pub stop_signal: i32,
     pub manifest: Manifest,
     /// Rootless: the namespaces belong to a new user namespace in which only `user` exists,
-    /// mapped to the invoker (see [`id_maps`]).
+    /// mapped to the invoker (see `id_maps`).
     pub user_namespace: bool,
 }
 
