@@ -1,7 +1,7 @@
-//! The pools' keeper: one process per server and test run that gives released databases back
-//! clean while the tests go on. A test then releases its database with one statement (marked
-//! dirty), and the keeper resets it over connections it keeps warm, where a test process under
-//! nextest would have paid a new connection and cold caches for every reset.
+//! The pools' keeper: one process per server and test run that lends databases to the tests
+//! over a local socket (see [`super::lease`]) and gives released ones back clean while the tests
+//! go on, over connections it keeps warm, where a test process under nextest would have paid a
+//! new connection and cold caches for every handout and reset.
 //!
 //! The keeper is the test binary itself, started again with [`ENV`] set: a constructor in this
 //! module (run before the binary's `main`) sees the variable, serves, and exits, so no other

@@ -14,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::{with_database, TestDb};
@@ -35,17 +35,23 @@ const WAIT: Duration = Duration::from_secs(300);
 /// The keeper's socket for the server at `url`, in a directory of this user's own; `None` if
 /// that directory cannot be made so.
 fn path(url: &str) -> Option<PathBuf> {
-    let me = nix::unistd::geteuid().as_raw();
-    let base = std::env::temp_dir().join(format!("isoenv-testing-{me}"));
-    let dir = base.join("keepers");
-    let _ = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir);
-    // Another user's directory on the way could swap the socket for one of theirs.
-    let ours = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == me);
-    let private = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.mode() & 0o077 == 0);
-    (ours(&base) && ours(&dir) && private).then(|| dir.join(format!("{:016x}.sock", fnv1a(url))))
+    // Made and checked once per process: a handout is on every test's path.
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let me = nix::unistd::geteuid().as_raw();
+        let base = std::env::temp_dir().join(format!("isoenv-testing-{me}"));
+        let dir = base.join("keepers");
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir);
+        // Another user's directory on the way could swap the socket for one of theirs.
+        let ours =
+            |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        let private = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.mode() & 0o077 == 0);
+        (ours(&base) && ours(&dir) && private).then_some(dir)
+    });
+    Some(dir.as_ref()?.join(format!("{:016x}.sock", fnv1a(url))))
 }
 
 /// Borrows a database of the pool `key` from the keeper of the server at `url`, if one

@@ -113,18 +113,23 @@ pub mod blocking {
     use super::*;
 
     pub fn postgres() -> Result<TestDb> {
-        server::in_use();
-        match borrowed(EngineKind::Postgres, postgres::key)? {
-            Some(db) => Ok(db),
-            None => postgres::Pool::get()?.handout(),
-        }
+        lent(EngineKind::Postgres, postgres::key, postgres::Pool::get)
     }
 
     pub fn mysql() -> Result<TestDb> {
+        lent(EngineKind::Mysql, mysql::key, mysql::Pool::get)
+    }
+
+    /// A database from the run's keeper if one serves, else from this process's own `pool`.
+    fn lent<P: Lender>(
+        engine: EngineKind,
+        key: fn(&str) -> String,
+        pool: fn() -> Result<Arc<P>>,
+    ) -> Result<TestDb> {
         server::in_use();
-        match borrowed(EngineKind::Mysql, mysql::key)? {
+        match borrowed(engine, key)? {
             Some(db) => Ok(db),
-            None => mysql::Pool::get()?.handout(),
+            None => pool()?.lend(),
         }
     }
 

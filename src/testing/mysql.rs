@@ -185,54 +185,6 @@ impl Pool {
         self.idle.put(admin);
     }
 
-    /// A database for one test: a free clean one, else one released but not reset yet (or one
-    /// a dead test held), made clean first, else a new one.
-    pub(super) fn handout(self: Arc<Self>) -> Result<TestDb> {
-        if let Some(name) = self.restocked() {
-            return Ok(self.guard(name));
-        }
-        let mut admin = self.admin()?;
-        let hash = &self.template.hash;
-        let claimed = loop {
-            let seen = self.resets.ended();
-            if let Some(name) = self.restocked() {
-                self.put_back(admin);
-                return Ok(self.guard(name));
-            }
-            if let Some(c) = claim(&mut admin, CLAIM_FREE, hash).map_err(|e| self.error(e))? {
-                break Some(c);
-            }
-            if !self.resets.wait(seen) {
-                break claim(&mut admin, &claim_needing_reset(), hash)
-                    .map_err(|e| self.error(e))?;
-            }
-        };
-        let name = match claimed {
-            Some((name, dirty)) => {
-                if dirty {
-                    // Released but not reset yet, or its holder died with it: make it clean
-                    // before handing it out.
-                    self.make_clean(&mut admin, &name)?;
-                }
-                name
-            }
-            // More tests at once than databases so far: one more, which stays in the pool.
-            None => {
-                let name = format!("isoenv_c_{}", unique());
-                admin
-                    .exec_drop(
-                        "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, CONNECTION_ID())",
-                        (&name, &self.template.hash),
-                    )
-                    .map_err(|e| self.error(e))?;
-                self.remake(&mut admin, &name)?;
-                name
-            }
-        };
-        self.put_back(admin);
-        Ok(self.guard(name))
-    }
-
     /// A database from the stock, if there is one.
     fn restocked(&self) -> Option<String> {
         self.stock.lock().unwrap_or_else(|e| e.into_inner()).pop()
@@ -418,8 +370,52 @@ impl Lender for Pool {
         &self.template.hash
     }
 
+    /// A database for one test: a free clean one, else one released but not reset yet (or one
+    /// a dead test held), made clean first, else a new one.
     fn lend(self: Arc<Self>) -> Result<TestDb> {
-        self.handout()
+        if let Some(name) = self.restocked() {
+            return Ok(self.guard(name));
+        }
+        let mut admin = self.admin()?;
+        let hash = &self.template.hash;
+        let claimed = loop {
+            let seen = self.resets.ended();
+            if let Some(name) = self.restocked() {
+                self.put_back(admin);
+                return Ok(self.guard(name));
+            }
+            if let Some(c) = claim(&mut admin, CLAIM_FREE, hash).map_err(|e| self.error(e))? {
+                break Some(c);
+            }
+            if !self.resets.wait(seen) {
+                break claim(&mut admin, &claim_needing_reset(), hash)
+                    .map_err(|e| self.error(e))?;
+            }
+        };
+        let name = match claimed {
+            Some((name, dirty)) => {
+                if dirty {
+                    // Released but not reset yet, or its holder died with it: make it clean
+                    // before handing it out.
+                    self.make_clean(&mut admin, &name)?;
+                }
+                name
+            }
+            // More tests at once than databases so far: one more, which stays in the pool.
+            None => {
+                let name = format!("isoenv_c_{}", unique());
+                admin
+                    .exec_drop(
+                        "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, CONNECTION_ID())",
+                        (&name, &self.template.hash),
+                    )
+                    .map_err(|e| self.error(e))?;
+                self.remake(&mut admin, &name)?;
+                name
+            }
+        };
+        self.put_back(admin);
+        Ok(self.guard(name))
     }
 }
 

@@ -283,54 +283,6 @@ impl Pool {
         self.idle.put(admin);
     }
 
-    /// A clone for one test: a free clean one, else one released but not reset yet (or one a
-    /// dead test held), made clean first, else a new one.
-    pub(super) fn handout(self: Arc<Self>) -> Result<TestDb> {
-        if let Some((name, writes)) = self.restocked() {
-            return Ok(self.guard(name, writes));
-        }
-        let mut admin = self.admin()?;
-        let err = |e: postgres::Error| server_error(&self.url, e);
-        let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let claimed = match first {
-            Some(claim) => Some(claim),
-            None => loop {
-                let seen = self.resets.ended();
-                if let Some((name, writes)) = self.restocked() {
-                    self.put_back(admin);
-                    return Ok(self.guard(name, writes));
-                }
-                if let Some(c) = claim(&mut admin, &claim_free(&self.template.name)).map_err(err)? {
-                    break Some(c);
-                }
-                if !self.resets.wait(seen) {
-                    break claim(&mut admin, &claim_needing_reset(&self.template.name))
-                        .map_err(err)?;
-                }
-            },
-        };
-        let (name, writes) = match claimed {
-            Some(Claim {
-                name,
-                dirty,
-                writes,
-            }) => {
-                if !dirty {
-                    (name, writes)
-                } else {
-                    // Released but not reset yet, or its holder died with it: make it clean
-                    // before handing it out.
-                    let now = self.make_clean(&mut admin, &name, writes, false)?;
-                    (name, now)
-                }
-            }
-            // More tests at once than clones so far: one more, which stays in the pool.
-            None => (self.new_clone(&mut admin)?, 0),
-        };
-        self.put_back(admin);
-        Ok(self.guard(name, writes))
-    }
-
     /// A clone from the stock, if there is one.
     fn restocked(&self) -> Option<(String, i64)> {
         self.stock.lock().unwrap_or_else(|e| e.into_inner()).pop()
@@ -586,8 +538,52 @@ impl Lender for Pool {
         &self.template.name
     }
 
+    /// A clone for one test: a free clean one, else one released but not reset yet (or one a
+    /// dead test held), made clean first, else a new one.
     fn lend(self: Arc<Self>) -> Result<TestDb> {
-        self.handout()
+        if let Some((name, writes)) = self.restocked() {
+            return Ok(self.guard(name, writes));
+        }
+        let mut admin = self.admin()?;
+        let err = |e: postgres::Error| server_error(&self.url, e);
+        let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let claimed = match first {
+            Some(claim) => Some(claim),
+            None => loop {
+                let seen = self.resets.ended();
+                if let Some((name, writes)) = self.restocked() {
+                    self.put_back(admin);
+                    return Ok(self.guard(name, writes));
+                }
+                if let Some(c) = claim(&mut admin, &claim_free(&self.template.name)).map_err(err)? {
+                    break Some(c);
+                }
+                if !self.resets.wait(seen) {
+                    break claim(&mut admin, &claim_needing_reset(&self.template.name))
+                        .map_err(err)?;
+                }
+            },
+        };
+        let (name, writes) = match claimed {
+            Some(Claim {
+                name,
+                dirty,
+                writes,
+            }) => {
+                if !dirty {
+                    (name, writes)
+                } else {
+                    // Released but not reset yet, or its holder died with it: make it clean
+                    // before handing it out.
+                    let now = self.make_clean(&mut admin, &name, writes, false)?;
+                    (name, now)
+                }
+            }
+            // More tests at once than clones so far: one more, which stays in the pool.
+            None => (self.new_clone(&mut admin)?, 0),
+        };
+        self.put_back(admin);
+        Ok(self.guard(name, writes))
     }
 }
 
