@@ -3,13 +3,15 @@
 //! by `kill -9`) gives the database back, and the keeper resets it on connections it keeps
 //! warm. A handout is then one local round trip: the test process opens no connection of its
 //! own to the server for it, where each process under nextest used to pay one (5-7 ms) and a
-//! cold first query.
+//! cold first query. The lease binds both ways: a borrower whose keeper dies first stops
+//! itself, since the keeper's death frees what it lent.
 //!
 //! The socket lives in a directory only this user can enter, named by a hash of the server's
 //! URL, so a test finds its server's keeper and nobody else's. Without a keeper (a test binary
 //! run by hand, the run's first test before its keeper is up) the caller uses its own pool.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -67,12 +69,50 @@ pub(super) fn borrow(engine: EngineKind, url: &str, key: &str) -> Option<TestDb>
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    valid.then(|| TestDb {
+    if !valid {
+        return None;
+    }
+    let end = hold(stream, name)?;
+    Some(TestDb {
         engine,
         url: with_database(url, name),
         name: name.to_owned(),
-        // Closing the connection ends the lease.
-        release: Some(Box::new(move || drop(stream))),
+        release: Some(Box::new(end)),
+    })
+}
+
+/// Holds a lease: returns what ends it (closing the connection). A thread waits on the
+/// connection meanwhile, and if the keeper goes first (killed, or its run over) it stops this
+/// process: the keeper's death frees the database for the next claimer, and a test still
+/// writing to it (a pool reconnecting) would write into another test's database.
+fn hold(stream: UnixStream, name: &str) -> Option<impl FnOnce()> {
+    stream.set_read_timeout(None).ok()?;
+    let watched = stream.try_clone().ok()?;
+    let ended = Arc::new(AtomicBool::new(false));
+    let (by_us, name) = (ended.clone(), name.to_owned());
+    std::thread::Builder::new()
+        .name(format!("isoenv-lease-{name}"))
+        .spawn(move || {
+            let mut byte = [0u8; 1];
+            // The keeper never writes again: any answer (end of file, an error) is its end.
+            while let Err(e) = (&watched).read(&mut byte) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
+            if !by_us.load(Ordering::SeqCst) {
+                eprintln!(
+                    "isoenv: the test keeper that lent database {name} has gone away, so the \
+                     database may now be another test's; stopping this test process before it \
+                     writes there. Rerun the tests."
+                );
+                std::process::abort();
+            }
+        })
+        .ok()?;
+    Some(move || {
+        ended.store(true, Ordering::SeqCst);
+        let _ = stream.shutdown(Shutdown::Both);
     })
 }
 
@@ -183,6 +223,97 @@ mod tests {
         assert!(returned(&back), "not given back when the guard dropped");
         drop(service);
         assert!(borrow(EngineKind::Postgres, &url, "tpl").is_none());
+    }
+
+    /// Ends `child` (by pid) if the test stops before it does.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Runs this test again as `role`, and waits for it to say `ready` on its output.
+    fn spawn(test: &str, role: &str, url: &str, ready: &str) -> Child {
+        use std::process::{Command, Stdio};
+        let mut child = Child(
+            Command::new(std::env::current_exe().unwrap())
+                .args([test, "--exact", "--nocapture", "--test-threads=1"])
+                .env(ROLE, role)
+                .env(URL, url)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let out = BufReader::new(child.0.stdout.take().unwrap());
+        let said = out
+            .lines()
+            .map_while(|l| l.ok())
+            .any(|l| l.ends_with(ready));
+        assert!(said, "the {role} did not get ready");
+        child
+    }
+
+    const ROLE: &str = "ISOENV_LEASE_TEST_ROLE";
+    const URL: &str = "ISOENV_LEASE_TEST_URL";
+
+    #[test]
+    fn a_borrower_stops_when_its_keeper_dies() {
+        const TEST: &str = "testing::lease::tests::a_borrower_stops_when_its_keeper_dies";
+        let a_while = Duration::from_secs(60);
+        match (std::env::var(ROLE).as_deref(), std::env::var(URL)) {
+            (Ok("keeper"), Ok(url)) => {
+                let back = Arc::new(Mutex::new(Vec::new()));
+                let lender = Arc::new(Once {
+                    key: "tpl".into(),
+                    back,
+                });
+                let _service = Service::open(&url, lender).expect("the socket");
+                println!("LISTENING");
+                std::thread::sleep(a_while);
+                return;
+            }
+            (Ok("borrower"), Ok(url)) => {
+                let _db = borrow(EngineKind::Postgres, &url, "tpl").expect("a database");
+                println!("BORROWED");
+                std::thread::sleep(a_while);
+                return;
+            }
+            _ => {}
+        }
+        let url = format!("postgres://u:p@127.0.0.1:1/keeper-{}", std::process::id());
+        let mut keeper = spawn(TEST, "keeper", &url, "LISTENING");
+        let mut borrower = spawn(TEST, "borrower", &url, "BORROWED");
+        keeper.0.kill().unwrap();
+        keeper.0.wait().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = borrower.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the borrower outlived its keeper"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
+        let mut said = String::new();
+        borrower
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut said)
+            .unwrap();
+        assert!(
+            said.contains("keeper that lent database isoenv_c_1 has gone"),
+            "{said}"
+        );
     }
 
     #[test]
