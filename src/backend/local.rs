@@ -313,7 +313,8 @@ impl<C: Confinement> Local<C> {
             launch = engine
                 .disposable_args()
                 .iter()
-                .fold(launch, |l, a| l.arg(a));
+                .fold(launch, |l, a| l.arg(a))
+                .without_disk_sync();
         }
         // An environment owned by this process (a test run) must not outlive it.
         if state.owner.is_some() && state.owner == ProcessId::of(std::process::id() as i32).ok() {

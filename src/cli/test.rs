@@ -238,8 +238,7 @@ fn provisioned(
 
     if args.keep {
         for name in &made {
-            ws.disown(name)?;
-            let info = ws.inspect(name)?;
+            let info = ws.disown(name, &|m| eprintln!("isoenv: {m}"))?;
             eprintln!(
                 "isoenv: kept `{name}`: source {} (remove with `{} db destroy {name}`)",
                 info.activate.display(),

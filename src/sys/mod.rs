@@ -9,6 +9,7 @@ pub mod lock;
 pub mod memo;
 pub mod net;
 pub mod process;
+pub mod seccomp;
 pub mod secret;
 pub mod shell;
 pub mod userns;

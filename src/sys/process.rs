@@ -172,6 +172,9 @@ pub struct Launch {
     /// The signal the process gets when the thread that spawned it ends (`PR_SET_PDEATHSIG`),
     /// for servers that must not outlive their owner.
     pub parent_death: Option<Signal>,
+    /// The process and its children do not wait for the disk ([`super::seccomp::without_disk_sync`]),
+    /// for servers whose data is thrown away with them.
+    pub disk_sync: bool,
 }
 
 impl Launch {
@@ -180,6 +183,7 @@ impl Launch {
             program: program.into(),
             args: Vec::new(),
             parent_death: None,
+            disk_sync: true,
         }
     }
 
@@ -190,6 +194,11 @@ impl Launch {
 
     pub fn die_with_parent(mut self, signal: Signal) -> Self {
         self.parent_death = Some(signal);
+        self
+    }
+
+    pub fn without_disk_sync(mut self) -> Self {
+        self.disk_sync = false;
         self
     }
 
@@ -254,16 +263,22 @@ impl Launch {
             .stdout(out.try_clone()?)
             .stderr(out);
         let parent_death = self.parent_death;
-        // SAFETY: setsid, prctl and fresh_start are async-signal-safe and touch no state of the
-        // parent. They run after the switch to the service user, which would clear the death
-        // signal.
+        // Built here: the child may not allocate.
+        let mut filter = (!self.disk_sync).then(super::seccomp::without_disk_sync);
+        // SAFETY: setsid, prctl, fresh_start and installing a filter are async-signal-safe and
+        // touch no state of the parent. They run after the switch to the service user, which
+        // would clear the death signal; the filter after `no_new_privs`, which it needs.
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setsid()?;
                 if let Some(sig) = parent_death {
                     nix::sys::prctl::set_pdeathsig(sig)?;
                 }
-                fresh_start()
+                fresh_start()?;
+                if let Some(program) = filter.as_mut() {
+                    super::seccomp::install(program, 0)?;
+                }
+                Ok(())
             });
         }
         let child = applied.spawned(cmd.spawn())?;

@@ -364,3 +364,75 @@ fn pytest_gets_a_clean_database_per_test_through_the_sql_protocol() {
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("assert 2 == 1"), "{said}");
 }
+
+/// How many system-call filters the kernel applies to the server an environment's record
+/// names (for the sandbox, its supervisor, which hands its filters down to the server).
+fn seccomp_filters_of(state: &Path) -> usize {
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(state.join("state.json")).unwrap()).unwrap();
+    let pid = record["process"]["pid"].as_i64().expect("a running server");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the kernel reports seccomp filters")
+}
+
+/// A run's throwaway server does not wait for the disk (a filter answers its syncs, stacked on
+/// the sandbox's own), and `--keep` starts it again as a permanent server, which does.
+#[test]
+fn a_runs_servers_skip_disk_syncs_and_kept_ones_do_not() {
+    for backend in ["lightweight", "sandbox"] {
+        let project = Project::new("");
+        let seen = project.dir.path().join("seen");
+        // The command reports the filters of the run's server while the run is on.
+        let script = format!(
+            "for s in {state}/test-*; do \
+               pid=$(sed -n 's/.*\"pid\": *\\([0-9]*\\).*/\\1/p' $s/state.json | head -1); \
+               sed -n 's/^Seccomp_filters:[[:space:]]*//p' /proc/$pid/status; \
+             done > {seen}",
+            state = project.state().display(),
+            seen = seen.display()
+        );
+        let out = project
+            .cmd(&[
+                "run",
+                "--isolated",
+                "--keep",
+                "--backend",
+                backend,
+                "--engine",
+                "mysql",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", support::text(&out));
+        let during: usize = fs::read_to_string(&seen).unwrap().trim().parse().unwrap();
+        let kept: Vec<PathBuf> = fs::read_dir(project.state())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("test-")
+            })
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let after = seccomp_filters_of(&kept[0]);
+        assert_eq!(
+            during,
+            after + 1,
+            "{backend}: {during} filters during the run, {after} once kept"
+        );
+        let name = kept[0].file_name().unwrap().to_string_lossy().into_owned();
+        let out = project.cmd(&["db", "destroy", &name]).output().unwrap();
+        assert!(out.status.success(), "{}", support::text(&out));
+    }
+}

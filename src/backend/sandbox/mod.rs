@@ -96,6 +96,8 @@ impl Confinement for Sandbox {
             .arg(SUPERVISOR_COMMAND)
             .arg(serde_json::to_string(&request)?);
         supervisor.parent_death = s.launch.parent_death;
+        // Inherited by the server, beneath its own filter.
+        supervisor.disk_sync = s.launch.disk_sync;
         // The supervisor runs as the invoker (root, or rootless); what runs inside is the
         // service user.
         let invoker = crate::sys::process::ServiceUser::invoker();

@@ -45,24 +45,9 @@ pub(super) fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
 /// `channel`.
 pub(super) fn install(channel: RawFd) -> io::Result<()> {
     let mut program = super::seccomp::program();
-    let prog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
-    // SAFETY: `prog` points to a valid program that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &prog as *const libc::sock_fprog,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us alone.
-    let notify = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
+    let notify = crate::sys::seccomp::install(&mut program, flags)?
+        .ok_or_else(|| io::Error::other("the filter came without its listener"))?;
     let fds = [notify.as_raw_fd()];
     sendmsg::<()>(
         channel,

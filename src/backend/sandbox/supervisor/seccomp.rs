@@ -8,14 +8,8 @@
 //!
 //! The program is built from labels and checked by a small interpreter in the tests.
 
-/// `AUDIT_ARCH_*` of the running architecture: syscall numbers mean something only with it.
-#[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xC000_003E;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xC000_00B7;
+use crate::sys::seccomp::{arg, assemble, errno, Ins, ARCH, AUDIT_ARCH, NR, X32_BIT};
 
-/// x32's system calls are x86_64's numbers with this bit set.
-const X32_BIT: u32 = 0x4000_0000;
 /// Every `CLONE_NEW*` flag (what Docker's profile masks).
 const CLONE_NEW_ANY: u32 = 0x7E02_0000;
 /// `MSG_FASTOPEN`: a send that connects.
@@ -98,34 +92,15 @@ enum Label {
     SendFlags2,
 }
 
-enum Ins {
-    /// Load a 32-bit word of `seccomp_data` at this offset.
-    Load(usize),
-    JumpIfEqual(u32, Label),
-    JumpIfAtLeast(u32, Label),
-    JumpIfAnyBit(u32, Label),
-    Return(u32),
-    Here(Label),
-}
-
-fn errno(e: i32) -> u32 {
-    libc::SECCOMP_RET_ERRNO | (e as u32 & libc::SECCOMP_RET_DATA)
-}
-
-/// The low 32 bits of system-call argument `i` (little-endian).
-fn arg(i: usize) -> usize {
-    std::mem::offset_of!(libc::seccomp_data, args) + 8 * i
-}
-
-fn assembly() -> Vec<Ins> {
+fn assembly() -> Vec<Ins<Label>> {
     use Ins::*;
     let mut a = vec![
-        Load(std::mem::offset_of!(libc::seccomp_data, arch)),
+        Load(ARCH),
         JumpIfEqual(AUDIT_ARCH, Label::Native),
         Return(errno(libc::EPERM)),
     ];
     a.push(Here(Label::Native));
-    a.push(Load(std::mem::offset_of!(libc::seccomp_data, nr)));
+    a.push(Load(NR));
     a.push(JumpIfAtLeast(X32_BIT, Label::Deny));
     a.push(JumpIfEqual(libc::SYS_bind as u32, Label::Notify));
     a.extend(DENIED.iter().map(|&nr| JumpIfEqual(nr as u32, Label::Deny)));
@@ -158,86 +133,15 @@ fn assembly() -> Vec<Ins> {
     a
 }
 
-/// The classic-BPF program: labels resolved to forward jumps.
+/// The classic-BPF program.
 pub(super) fn program() -> Vec<libc::sock_filter> {
-    let assembly = assembly();
-    let mut at = Vec::new();
-    let mut n = 0;
-    for ins in &assembly {
-        match ins {
-            Ins::Here(label) => at.push((*label, n)),
-            _ => n += 1,
-        }
-    }
-    let target = |label: Label| at.iter().find(|(l, _)| *l == label).map(|(_, i)| *i);
-    let mut out = Vec::new();
-    for ins in &assembly {
-        let i = out.len();
-        let jump = |code: u32, k: u32, label: Label| {
-            let to = target(label).expect("every label is placed");
-            libc::sock_filter {
-                code: (libc::BPF_JMP | code | libc::BPF_K) as u16,
-                jt: u8::try_from(to - i - 1).expect("a jump within 255 instructions"),
-                jf: 0,
-                k,
-            }
-        };
-        out.push(match *ins {
-            Ins::Here(_) => continue,
-            Ins::Load(offset) => libc::sock_filter {
-                code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
-                jt: 0,
-                jf: 0,
-                k: offset as u32,
-            },
-            Ins::JumpIfEqual(k, l) => jump(libc::BPF_JEQ, k, l),
-            Ins::JumpIfAtLeast(k, l) => jump(libc::BPF_JGE, k, l),
-            Ins::JumpIfAnyBit(k, l) => jump(libc::BPF_JSET, k, l),
-            Ins::Return(k) => libc::sock_filter {
-                code: (libc::BPF_RET | libc::BPF_K) as u16,
-                jt: 0,
-                jf: 0,
-                k,
-            },
-        });
-    }
-    out
+    assemble(&assembly())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// What the kernel would decide: the subset of classic BPF that [`program`] uses.
-    fn decide(program: &[libc::sock_filter], arch: u32, nr: i64, args: [u64; 6]) -> u32 {
-        let mut data = vec![0u8; std::mem::size_of::<libc::seccomp_data>()];
-        data[0..4].copy_from_slice(&(nr as i32).to_ne_bytes());
-        data[4..8].copy_from_slice(&arch.to_ne_bytes());
-        for (i, a) in args.iter().enumerate() {
-            let at = std::mem::offset_of!(libc::seccomp_data, args) + 8 * i;
-            data[at..at + 8].copy_from_slice(&a.to_ne_bytes());
-        }
-        let (mut pc, mut acc) = (0usize, 0u32);
-        loop {
-            let ins = program[pc];
-            let code = ins.code as u32;
-            pc += 1;
-            if code == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS {
-                let k = ins.k as usize;
-                acc = u32::from_ne_bytes(data[k..k + 4].try_into().unwrap());
-            } else if code & 0x07 == libc::BPF_RET {
-                return ins.k;
-            } else {
-                let taken = match code & 0xf0 {
-                    c if c == libc::BPF_JEQ => acc == ins.k,
-                    c if c == libc::BPF_JGE => acc >= ins.k,
-                    c if c == libc::BPF_JSET => acc & ins.k != 0,
-                    other => panic!("unexpected jump {other:#x}"),
-                };
-                pc += if taken { ins.jt } else { ins.jf } as usize;
-            }
-        }
-    }
+    use crate::sys::seccomp::decide;
 
     fn native(nr: i64, args: [u64; 6]) -> u32 {
         decide(&program(), AUDIT_ARCH, nr, args)
