@@ -22,6 +22,7 @@
 //! Migrations are the `*.sql` files in `$ISOENV_MIGRATIONS_DIR/<engine>/` (default: the
 //! `migrations/` directory of the crate under test), applied in name order.
 
+mod ddl;
 mod keeper;
 mod lease;
 mod mysql;

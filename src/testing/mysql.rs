@@ -5,11 +5,13 @@
 //! every test process shares it; a lease names the connection that holds it, so a crashed test
 //! process's databases are recognised and reset by the next claimer.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use mysql::prelude::Queryable;
 
+use super::ddl::{self, Ledger, Snapshot};
 use super::lease::{self, Lender};
 use super::{
     keeper, pool_size, redact, server, shared, unique, with_database, Idle, Inside, Resets, Result,
@@ -110,6 +112,10 @@ pub(super) struct Pool {
     idle: Idle<mysql::Conn>,
     /// A connection into each database this process has reset, kept for its next reset.
     inside: Inside<mysql::Conn>,
+    /// This process's DDL, and the counts when each database it reset was last proven clean:
+    /// its next reset skips the schema check if nobody else ran DDL since.
+    ddl: Ledger,
+    proven: Mutex<HashMap<String, Snapshot>>,
     /// Whether a keeper resets released databases (else each release resets its own).
     kept: bool,
     resets: Resets,
@@ -171,6 +177,8 @@ impl Pool {
             template,
             idle: Idle::new(admin),
             inside: Inside::new(),
+            ddl: Ledger::default(),
+            proven: Mutex::new(HashMap::new()),
             kept,
             resets: Resets::default(),
             stock: Mutex::new(Vec::new()),
@@ -264,20 +272,29 @@ impl Pool {
         let Some(mut conn) = cached.or_else(|| connect(&url).ok()) else {
             return false;
         };
-        let mut result = reset(&mut conn, &self.template);
+        let since = self
+            .proven
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let mut result = reset(&mut conn, &self.template, &self.ddl, since);
         // A kept connection may have been ended by another process's reset: reconnect once.
         if result.is_err() {
             let Ok(fresh) = connect(&url) else {
                 return false;
             };
             conn = fresh;
-            result = reset(&mut conn, &self.template);
+            result = reset(&mut conn, &self.template, &self.ddl, since);
         }
-        let clean = matches!(result, Ok(true));
-        if clean {
-            self.inside.keep(name, conn);
-        }
-        clean
+        let Ok(Some(proven)) = result else {
+            return false;
+        };
+        self.proven
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), proven);
+        self.inside.keep(name, conn);
+        true
     }
 
     /// Resets a claimed database, or makes it again, and marks it clean.
@@ -440,8 +457,15 @@ fn claim(
     Ok(claimed)
 }
 
-/// One reset of the database `conn` is in; `Ok(false)` when it is not clean afterwards.
-fn reset(conn: &mut mysql::Conn, template: &Template) -> Result<bool, mysql::Error> {
+/// One reset of the database `conn` is in: the counts it is proven clean at, or `None` when it
+/// is not clean afterwards. The schema check is skipped when it was proven clean at `since`
+/// and the server ran no DDL but `ddl`'s since then.
+fn reset(
+    conn: &mut mysql::Conn,
+    template: &Template,
+    ddl: &Ledger,
+    since: Option<Snapshot>,
+) -> Result<Option<Snapshot>, mysql::Error> {
     let others: Vec<u64> = conn.query(
         "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
     )?;
@@ -449,6 +473,7 @@ fn reset(conn: &mut mysql::Conn, template: &Template) -> Result<bool, mysql::Err
         // Gone already is fine.
         let _ = conn.query_drop(format!("KILL CONNECTION {id}"));
     }
+    let mut gone = true;
     if !others.is_empty() {
         // KILL only flags the session; wait until its transaction is rolled back and it is gone.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -456,18 +481,25 @@ fn reset(conn: &mut mysql::Conn, template: &Template) -> Result<bool, mysql::Err
             let left: Option<u64> = conn.query_first(
                 "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
             )?;
-            if left == Some(0) || std::time::Instant::now() > deadline {
+            gone = left == Some(0);
+            if gone || std::time::Instant::now() > deadline {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
+    // With the test's sessions gone: DDL from here on shows at the next reset; before, in the
+    // check below.
+    let now = ddl.snapshot(conn)?;
     let written: Option<String> = conn.query_first(written_query(&template.tables))?;
-    let statements = reset_statements(&template.tables, written.as_deref().unwrap_or(""));
+    let (statements, altered) =
+        reset_statements(&template.tables, written.as_deref().unwrap_or(""));
     if !statements.is_empty() {
-        conn.query_drop(statements)?;
+        ddl.own(altered, || conn.query_drop(statements))?;
     }
-    Ok(fingerprint(conn, &template.check)? == template.expected)
+    let unchanged = gone && since.is_some_and(|s| ddl::only_own_between(&s, &now));
+    let clean = unchanged || fingerprint(conn, &template.check)? == template.expected;
+    Ok(clean.then_some(now))
 }
 
 /// One query naming (comma-separated) the tables a test wrote: rows where there were none,
@@ -501,10 +533,11 @@ fn written_query(tables: &[Table]) -> String {
 }
 
 /// The statements that give the `written` tables their fresh rows (foreign key checks off, so
-/// in any order) and `AUTO_INCREMENT` back: a pure decision.
-fn reset_statements(tables: &[Table], written: &str) -> String {
+/// in any order) and `AUTO_INCREMENT` back, and how many of them are DDL: a pure decision.
+fn reset_statements(tables: &[Table], written: &str) -> (String, u64) {
     let written: Vec<&str> = written.split(',').filter(|w| !w.is_empty()).collect();
     let mut sql = String::new();
+    let mut altered = 0;
     for t in tables.iter().filter(|t| written.contains(&t.name.as_str())) {
         let name = t.name.replace('`', "``");
         sql.push_str(&format!("DELETE FROM `{name}`;"));
@@ -514,12 +547,14 @@ fn reset_statements(tables: &[Table], written: &str) -> String {
         }
         if let Some(n) = t.auto_increment {
             sql.push_str(&format!("ALTER TABLE `{name}` AUTO_INCREMENT = {n};"));
+            altered += 1;
         }
     }
     if sql.is_empty() {
-        return sql;
+        return (sql, 0);
     }
-    format!("SET FOREIGN_KEY_CHECKS = 0;{sql}SET FOREIGN_KEY_CHECKS = 1")
+    let sql = format!("SET FOREIGN_KEY_CHECKS = 0;{sql}SET FOREIGN_KEY_CHECKS = 1");
+    (sql, altered)
 }
 
 fn load(admin: &mut mysql::Conn, hash: &str) -> Result<Option<Template>, mysql::Error> {
@@ -777,12 +812,16 @@ mod tests {
             table("b", None, false),
             table("c", Some(5), true),
         ];
-        assert_eq!(reset_statements(&tables, ""), "");
+        assert_eq!(reset_statements(&tables, ""), (String::new(), 0));
         assert_eq!(
             reset_statements(&tables, "b,c"),
-            "SET FOREIGN_KEY_CHECKS = 0;DELETE FROM `b`;DELETE FROM `c`;\
-             INSERT INTO `c` (`x`) VALUES ('1');ALTER TABLE `c` AUTO_INCREMENT = 5;\
-             SET FOREIGN_KEY_CHECKS = 1"
+            (
+                "SET FOREIGN_KEY_CHECKS = 0;DELETE FROM `b`;DELETE FROM `c`;\
+                 INSERT INTO `c` (`x`) VALUES ('1');ALTER TABLE `c` AUTO_INCREMENT = 5;\
+                 SET FOREIGN_KEY_CHECKS = 1"
+                    .to_owned(),
+                1
+            )
         );
     }
 
