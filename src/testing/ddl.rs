@@ -7,7 +7,7 @@
 //! a failed one counts too. This process counts its own DDL (the `AUTO_INCREMENT` resets) only
 //! once the server has answered it, and a snapshot of both waits until none of its own is in
 //! flight: between two snapshots, the server's count grew by exactly this process's own only if
-//! nobody else ran any. Anything unsure (a batch that failed midway, a server restarted, a
+//! nobody else ran any. Anything unsure (own DDL that failed, a server restarted, a
 //! count that grew more) means the full check, never a skipped one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,8 +38,8 @@ pub(super) struct Ledger {
     quiet: RwLock<()>,
     /// Own DDL statements the server has answered.
     own: AtomicU64,
-    /// Bumped when a batch of own DDL fails, so how many of its statements ran is unknown:
-    /// every snapshot taken before is void.
+    /// Bumped when own DDL fails, so whether the server counted it is unknown (it may not
+    /// have reached it): every snapshot taken before is void.
     era: AtomicU64,
 }
 
@@ -65,16 +65,12 @@ impl Ledger {
         })
     }
 
-    /// Runs `batch`, which holds `statements` DDL statements, as this process's own.
-    pub(super) fn own<T, E>(
-        &self,
-        statements: u64,
-        batch: impl FnOnce() -> Result<T, E>,
-    ) -> Result<T, E> {
+    /// Runs one DDL statement as this process's own.
+    pub(super) fn own<T, E>(&self, statement: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
         let _running = self.quiet.read().unwrap_or_else(|e| e.into_inner());
-        let out = batch();
+        let out = statement();
         match &out {
-            Ok(_) => self.own.fetch_add(statements, Ordering::SeqCst),
+            Ok(_) => self.own.fetch_add(1, Ordering::SeqCst),
             Err(_) => self.era.fetch_add(1, Ordering::SeqCst),
         };
         out
@@ -151,7 +147,7 @@ mod tests {
         );
         assert!(
             !only_own_between(&before, &at(105, 52, 15, 1)),
-            "a batch of ours failed"
+            "a statement of ours failed"
         );
         assert!(
             !only_own_between(&before, &at(115, 3, 25, 0)),

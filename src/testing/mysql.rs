@@ -492,10 +492,13 @@ fn reset(
     // check below.
     let now = ddl.snapshot(conn)?;
     let written: Option<String> = conn.query_first(written_query(&template.tables))?;
-    let (statements, altered) =
-        reset_statements(&template.tables, written.as_deref().unwrap_or(""));
-    if !statements.is_empty() {
-        ddl.own(altered, || conn.query_drop(statements))?;
+    let (rows, counters) = reset_statements(&template.tables, written.as_deref().unwrap_or(""));
+    if !rows.is_empty() {
+        conn.query_drop(rows)?;
+    }
+    // One at a time: a snapshot waits for the own DDL in flight, which is then one statement.
+    for alter in counters {
+        ddl.own(|| conn.query_drop(alter))?;
     }
     let unchanged = gone && since.is_some_and(|s| ddl::only_own_between(&s, &now));
     let clean = unchanged || fingerprint(conn, &template.check)? == template.expected;
@@ -532,29 +535,27 @@ fn written_query(tables: &[Table]) -> String {
     )
 }
 
-/// The statements that give the `written` tables their fresh rows (foreign key checks off, so
-/// in any order) and `AUTO_INCREMENT` back, and how many of them are DDL: a pure decision.
-fn reset_statements(tables: &[Table], written: &str) -> (String, u64) {
+/// What gives the `written` tables their fresh rows (one batch, foreign key checks off, so in
+/// any order), then their `AUTO_INCREMENT` back (DDL, a statement each): a pure decision.
+fn reset_statements(tables: &[Table], written: &str) -> (String, Vec<String>) {
     let written: Vec<&str> = written.split(',').filter(|w| !w.is_empty()).collect();
-    let mut sql = String::new();
-    let mut altered = 0;
+    let mut rows = String::new();
+    let mut counters = Vec::new();
     for t in tables.iter().filter(|t| written.contains(&t.name.as_str())) {
         let name = t.name.replace('`', "``");
-        sql.push_str(&format!("DELETE FROM `{name}`;"));
+        rows.push_str(&format!("DELETE FROM `{name}`;"));
         if let Some(seed) = &t.seed {
-            sql.push_str(&seed.insert);
-            sql.push(';');
+            rows.push_str(&seed.insert);
+            rows.push(';');
         }
         if let Some(n) = t.auto_increment {
-            sql.push_str(&format!("ALTER TABLE `{name}` AUTO_INCREMENT = {n};"));
-            altered += 1;
+            counters.push(format!("ALTER TABLE `{name}` AUTO_INCREMENT = {n}"));
         }
     }
-    if sql.is_empty() {
-        return (sql, 0);
+    if !rows.is_empty() {
+        rows = format!("SET FOREIGN_KEY_CHECKS = 0;{rows}SET FOREIGN_KEY_CHECKS = 1");
     }
-    let sql = format!("SET FOREIGN_KEY_CHECKS = 0;{sql}SET FOREIGN_KEY_CHECKS = 1");
-    (sql, altered)
+    (rows, counters)
 }
 
 fn load(admin: &mut mysql::Conn, hash: &str) -> Result<Option<Template>, mysql::Error> {
@@ -812,15 +813,14 @@ mod tests {
             table("b", None, false),
             table("c", Some(5), true),
         ];
-        assert_eq!(reset_statements(&tables, ""), (String::new(), 0));
+        assert_eq!(reset_statements(&tables, ""), (String::new(), vec![]));
         assert_eq!(
             reset_statements(&tables, "b,c"),
             (
                 "SET FOREIGN_KEY_CHECKS = 0;DELETE FROM `b`;DELETE FROM `c`;\
-                 INSERT INTO `c` (`x`) VALUES ('1');ALTER TABLE `c` AUTO_INCREMENT = 5;\
-                 SET FOREIGN_KEY_CHECKS = 1"
+                 INSERT INTO `c` (`x`) VALUES ('1');SET FOREIGN_KEY_CHECKS = 1"
                     .to_owned(),
-                1
+                vec!["ALTER TABLE `c` AUTO_INCREMENT = 5".to_owned()]
             )
         );
     }
