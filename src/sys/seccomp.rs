@@ -120,11 +120,11 @@ const SYNCS: &[libc::c_long] = &[
     libc::SYS_msync,
 ];
 
-/// The filter of a disposable server (a test run's): the calls in [`SYNCS`] return success
-/// without running, since its data is thrown away with it. MariaDB syncs its DDL log, `.frm`
-/// files and dictionary on every DDL, whatever its flush settings: the resets of a test pool
-/// (an `ALTER TABLE ... AUTO_INCREMENT` per written table) wait on the disk for most of their
-/// time otherwise. Everything else, and other ABIs, pass to the filters stacked with it.
+/// The filter of a disposable server (a test run's): the calls that wait for the disk return
+/// success without running, since its data is thrown away with it. MariaDB syncs its DDL log,
+/// `.frm` files and dictionary on every DDL, whatever its flush settings: the resets of a test
+/// pool (an `ALTER TABLE ... AUTO_INCREMENT` per written table) wait on the disk for most of
+/// their time otherwise. Everything else, and other ABIs, pass to the filters stacked with it.
 pub fn without_disk_sync() -> Vec<libc::sock_filter> {
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Label {

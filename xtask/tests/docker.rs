@@ -412,18 +412,6 @@ fn runner(dir: &Path) -> std::path::PathBuf {
     script
 }
 
-/// The test-run environments (`test-*`) in the project's state root.
-fn test_envs(p: &Project) -> Vec<String> {
-    std::fs::read_dir(p.state())
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("test-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn staging_test_runs_get_containers_that_go_with_the_run_even_on_sigkill() {
     images();
@@ -454,7 +442,7 @@ fn staging_test_runs_get_containers_that_go_with_the_run_even_on_sigkill() {
         assert!(Instant::now() < deadline, "the runner never started");
         sleep(Duration::from_millis(20));
     }
-    let envs = test_envs(&p);
+    let envs = p.run_envs();
     assert_eq!(envs.len(), 1, "{envs:?}");
     let (containers, volumes) = made_for(&envs[0]);
     assert_eq!((containers.len(), volumes.len()), (1, 1));

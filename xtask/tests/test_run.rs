@@ -122,14 +122,7 @@ impl Run {
             );
             sleep(Duration::from_millis(20));
         }
-        let left: Vec<String> = fs::read_dir(self.project.state())
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("test-"))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let left = self.project.run_envs();
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 }
@@ -250,11 +243,7 @@ fn run_gives_any_command_its_databases_and_passes_its_exit_code() {
             .collect::<Vec<_>>(),
         ["42", "PONG"]
     );
-    let left: Vec<_> = fs::read_dir(project.state())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("test-"))
-        .collect();
+    let left = project.run_envs();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -277,22 +266,17 @@ fn sigterm_during_provisioning_exits_143_and_leaves_nothing() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let provisioning = || {
-        fs::read_dir(project.state())
-            .map(|d| {
-                d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("test-"))
-            })
-            .unwrap_or(false)
-    };
-    while !provisioning() {
+    while project.run_envs().is_empty() {
         assert!(Instant::now() < deadline, "nothing was provisioned");
         sleep(Duration::from_millis(5));
     }
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143));
-    assert!(!provisioning(), "an environment outlived the run");
+    assert!(
+        project.run_envs().is_empty(),
+        "an environment outlived the run"
+    );
 }
 
 /// A Python with pytest and psycopg (from PyPI, made once per target directory).
@@ -413,26 +397,15 @@ fn a_runs_servers_skip_disk_syncs_and_kept_ones_do_not() {
             .unwrap();
         assert!(out.status.success(), "{}", support::text(&out));
         let during: usize = fs::read_to_string(&seen).unwrap().trim().parse().unwrap();
-        let kept: Vec<PathBuf> = fs::read_dir(project.state())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("test-")
-            })
-            .collect();
+        let kept = project.run_envs();
         assert_eq!(kept.len(), 1, "{kept:?}");
-        let after = seccomp_filters_of(&kept[0]);
+        let after = seccomp_filters_of(&project.state().join(&kept[0]));
         assert_eq!(
             during,
             after + 1,
             "{backend}: {during} filters during the run, {after} once kept"
         );
-        let name = kept[0].file_name().unwrap().to_string_lossy().into_owned();
-        let out = project.cmd(&["db", "destroy", &name]).output().unwrap();
+        let out = project.cmd(&["db", "destroy", &kept[0]]).output().unwrap();
         assert!(out.status.success(), "{}", support::text(&out));
     }
 }

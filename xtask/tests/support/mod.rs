@@ -77,6 +77,18 @@ impl Project {
         self.dir.path().join("state")
     }
 
+    /// The test-run environments (`test-*`) in the state root (none when it is not there).
+    pub fn run_envs(&self) -> Vec<String> {
+        fs::read_dir(self.state())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("test-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn write_env(&self, env: &str) {
         // The shared cache is the test's own user's; another user gets one of its own.
         let cache = match self.user {
