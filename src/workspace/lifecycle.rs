@@ -95,17 +95,21 @@ impl Workspace {
         remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
     }
 
-    /// Makes an owned (ephemeral) environment permanent: `gc` will leave it alone. Its server
-    /// was started to die with its owner and to skip what only a throwaway server may (the
-    /// disk syncs), so it is started again as a permanent one's.
+    /// Makes an owned (ephemeral) environment permanent: `gc` will leave it alone. A local
+    /// server was started to die with its owner and to skip what only a throwaway server may
+    /// (the disk syncs), so it is started again as a permanent one.
     pub fn disown(&self, name: &str, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
-        {
+        let local = {
             let (layout, _lock, mut state) = self.open_locked(name)?;
             state.owner = None;
             state.store(&layout)?;
+            state.backend.runs_locally()
+        };
+        if local {
+            self.stop(name)?;
+            self.start(name, progress)?;
         }
-        self.stop(name)?;
-        self.start(name, progress)
+        self.inspect(name)
     }
 }
 
