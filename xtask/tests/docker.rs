@@ -453,6 +453,45 @@ fn staging_test_runs_get_containers_that_go_with_the_run_even_on_sigkill() {
     assert_nothing_left(&p, &envs[0]);
 }
 
+/// `--keep` in staging: the run's container and volume still carry its owner's label (Docker's
+/// labels cannot change), but the kept environment's record has no owner, so `db gc` after the
+/// run leaves them alone; `db destroy` removes them.
+#[test]
+fn a_kept_staging_environment_outlives_its_run() {
+    images();
+    let p = Project::new("ENVIRONMENT=staging\n");
+    let script = runner(p.dir.path());
+    let out = p
+        .cmd(&[
+            "test",
+            "--isolated",
+            "--keep",
+            "--engine",
+            "redis",
+            "--",
+            "ARG",
+        ])
+        .env("CARGO", &script)
+        .env("RUNNER_EXIT", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let envs = p.run_envs();
+    assert_eq!(envs.len(), 1, "{envs:?}");
+    let env = &envs[0];
+    // The run's process is gone: `gc` collects what dead owners left.
+    p.ok(&["db", "gc"]);
+    let (containers, volumes) = made_for(env);
+    assert_eq!(
+        (containers.len(), volumes.len()),
+        (1, 1),
+        "the kept environment was reaped"
+    );
+    answer(&p, env, "redis", "SET k v");
+    p.ok(&["db", "destroy", env]);
+    assert_nothing_left(&p, env);
+}
+
 /// Forwards a loopback TCP port to the local Docker socket: a "remote" engine for DOCKER_HOST.
 fn tcp_engine() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

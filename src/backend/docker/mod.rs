@@ -282,9 +282,18 @@ impl Backend for Docker {
     fn leftovers(&self, host: &dyn Host) -> Result<Vec<String>> {
         let docker = host.docker()?;
         let filter = project(host).filter();
-        let dir_exists = |env: &str| host.root().join(env).is_dir();
+        let claimed = |env: &str| {
+            let dir = host.root().join(env);
+            if !dir.is_dir() {
+                return spec::Claimed::Gone;
+            }
+            match EnvState::load(&Layout::new(dir)) {
+                Ok(Some(state)) if state.owner.is_none() => spec::Claimed::Kept,
+                _ => spec::Claimed::Owned,
+            }
+        };
         let leftover = |labels: &HashMap<String, String>| {
-            spec::is_leftover(labels, ProcessId::is_alive, dir_exists)
+            spec::is_leftover(labels, ProcessId::is_alive, claimed)
         };
         let mut removed = Vec::new();
         for c in docker.containers_labelled(&filter)? {

@@ -347,13 +347,24 @@ pub fn fallback(
     ))
 }
 
-/// Whether a labelled container or volume is garbage: the environment it belongs to has no
-/// directory any more (isoenv makes the directory first and removes it last), or its owner is
-/// gone.
+/// What the environment a container or volume is labelled with says of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// No directory: isoenv makes it first and removes it last, so the environment is gone.
+    Gone,
+    /// A record that names an owner, or none readable: the labels' owner decides.
+    Owned,
+    /// A record with no owner: an environment kept after its run (`--keep`), whose resources
+    /// still carry the run's owner label (Docker's labels cannot change).
+    Kept,
+}
+
+/// Whether a labelled container or volume is garbage: the environment it belongs to is gone,
+/// or its owner is and the environment was not kept.
 pub fn is_leftover(
     labels: &HashMap<String, String>,
     alive: impl Fn(&ProcessId) -> bool,
-    env_dir_exists: impl Fn(&str) -> bool,
+    env: impl Fn(&str) -> Claimed,
 ) -> bool {
     let owner_gone = labels.get(OWNER_LABEL).is_some_and(|o| {
         let parsed = o
@@ -364,10 +375,11 @@ pub fn is_leftover(
             None => false,
         }
     });
-    owner_gone
-        || labels
-            .get(ENV_LABEL)
-            .is_some_and(|env| !env_dir_exists(env))
+    match labels.get(ENV_LABEL).map(|e| env(e)) {
+        Some(Claimed::Gone) => true,
+        Some(Claimed::Kept) => false,
+        Some(Claimed::Owned) | None => owner_gone,
+    }
 }
 
 #[cfg(test)]
@@ -634,19 +646,27 @@ mod tests {
     }
 
     #[test]
-    fn leftovers_are_owned_by_the_dead_or_have_no_directory() {
+    fn leftovers_are_owned_by_the_dead_and_not_kept_or_have_no_directory() {
         let mut labels = HashMap::from([(ENV_LABEL.to_owned(), "dev".to_owned())]);
         let live = ProcessId {
             pid: 42,
             start_time: 7,
         };
         let alive = |p: &ProcessId| *p == live;
-        assert!(!is_leftover(&labels, alive, |_| true));
-        assert!(is_leftover(&labels, alive, |_| false));
+        assert!(!is_leftover(&labels, alive, |_| Claimed::Owned));
+        assert!(is_leftover(&labels, alive, |_| Claimed::Gone));
         labels.insert(OWNER_LABEL.into(), "42:7".into());
-        assert!(!is_leftover(&labels, alive, |_| true));
+        assert!(!is_leftover(&labels, alive, |_| Claimed::Owned));
         labels.insert(OWNER_LABEL.into(), "42:8".into());
-        assert!(is_leftover(&labels, alive, |_| true), "a recycled pid");
+        assert!(
+            is_leftover(&labels, alive, |_| Claimed::Owned),
+            "a recycled pid"
+        );
+        assert!(
+            !is_leftover(&labels, alive, |_| Claimed::Kept),
+            "kept after its run"
+        );
+        assert!(is_leftover(&labels, alive, |_| Claimed::Gone));
     }
 
     #[test]
