@@ -129,6 +129,9 @@ impl Service {
         let path = path(url)?;
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).ok()?;
+        if let Some(dir) = path.parent() {
+            sweep(dir, STALE);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         std::thread::spawn(move || {
@@ -152,6 +155,33 @@ impl Drop for Service {
         // Wakes the accepting thread, which then sees the flag.
         let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// How old a socket nobody listens on must be before a keeper removes it: a keeper that is
+/// starting has bound its socket a moment ago.
+const STALE: Duration = Duration::from_secs(60);
+
+/// Removes the sockets in `dir` that killed keepers left (`kill -9` runs no cleanup): older than
+/// `age`, and refusing connections.
+fn sweep(dir: &Path, age: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let socket = entry.path();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));
+        let is_socket = socket.extension().is_some_and(|e| e == "sock");
+        if is_socket && old {
+            let refused = UnixStream::connect(&socket)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            if refused {
+                let _ = std::fs::remove_file(&socket);
+            }
+        }
     }
 }
 
@@ -289,6 +319,8 @@ mod tests {
         let mut borrower = spawn(TEST, "borrower", &url, "BORROWED");
         keeper.0.kill().unwrap();
         keeper.0.wait().unwrap();
+        // What the killed keeper could not remove.
+        let _ = std::fs::remove_file(path(&url).unwrap());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let status = loop {
             if let Some(status) = borrower.0.try_wait().unwrap() {
@@ -314,6 +346,26 @@ mod tests {
             said.contains("keeper that lent database isoenv_c_1 has gone"),
             "{said}"
         );
+    }
+
+    #[test]
+    fn sockets_killed_keepers_left_are_swept_but_live_and_new_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join("dead.sock");
+        drop(UnixListener::bind(&dead).unwrap());
+        let live = dir.path().join("live.sock");
+        let _listening = UnixListener::bind(&live).unwrap();
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&other, "").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // Bound a moment ago, and not listening yet as far as a sweep can tell.
+        let starting = dir.path().join("starting.sock");
+        drop(UnixListener::bind(&starting).unwrap());
+        sweep(dir.path(), Duration::from_millis(30));
+        assert!(!dead.exists(), "a dead keeper's socket stayed");
+        assert!(live.exists(), "a live keeper's socket was removed");
+        assert!(starting.exists(), "a starting keeper's socket was removed");
+        assert!(other.exists());
     }
 
     #[test]
