@@ -165,12 +165,15 @@ impl Confinement for Sandbox {
                 let made = entry.metadata().and_then(|m| m.modified()).ok();
                 let gone = match crate::sys::process::ProcessId::of(pid) {
                     Err(_) => true,
-                    // A reused pid: that process started after the group existed.
+                    // A zombie (its parent has not reaped it yet), or a reused pid: that
+                    // process started after the group existed.
                     Ok(p) => {
-                        matches!((p.started(), made), (Some(s), Some(m)) if s > m + Duration::from_secs(2))
+                        !p.is_alive()
+                            || matches!((p.started(), made), (Some(s), Some(m)) if s > m + Duration::from_secs(2))
                     }
                 };
-                if gone && std::fs::remove_dir(entry.path()).is_ok() {
+                // Its sandbox's processes may still be exiting: the removal waits for them.
+                if gone && cgroup::remove(&[entry.path()]).is_ok() {
                     removed.push(format!("cgroup {}", entry.path().display()));
                 }
             }
