@@ -423,3 +423,29 @@ fn the_next_create_takes_the_spare_data_directory() {
         sb.ws.destroy(name).unwrap();
     }
 }
+
+/// A destroy killed while it removed an environment's directory leaves it renamed aside
+/// (never an environment without its record, which nothing would collect); `gc` finishes the
+/// removal, but not one whose remover still runs.
+#[test]
+fn gc_finishes_removals_a_kill_interrupted() {
+    let sb = sandbox(&[]);
+    sb.ws
+        .create(&opts("gone", EngineKind::Redis), &no_progress)
+        .unwrap();
+    sb.ws.destroy("gone").unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    dead.wait().unwrap();
+    let killed = sb.root().join(format!(".removing-a-{}", dead.id()));
+    let running = sb
+        .root()
+        .join(format!(".removing-b-{}", std::process::id()));
+    for dir in [&killed, &running] {
+        fs::create_dir_all(dir.join("data")).unwrap();
+        fs::write(dir.join("data/file"), "x").unwrap();
+    }
+    sb.ws.gc().unwrap();
+    assert!(!killed.exists(), "a killed removal was not finished");
+    assert!(running.exists(), "a running removal was taken over");
+    fs::remove_dir_all(&running).unwrap();
+}

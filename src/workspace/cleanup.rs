@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use crate::backend::{EnvState, Host};
+use super::Workspace;
+use crate::backend::EnvState;
 use crate::layout::Layout;
-use crate::sys::files::remove_tree;
 
 /// Removes a half-made environment unless disarmed.
 pub(super) struct Cleanup<'a> {
-    pub host: &'a dyn Host,
+    pub host: &'a Workspace,
     pub dir: Option<PathBuf>,
 }
 
@@ -28,6 +28,6 @@ impl Drop for Cleanup<'_> {
         if let Ok(Some(state)) = EnvState::load(&layout) {
             let _ = state.backend.backend().teardown(self.host, &state, &layout);
         }
-        let _ = remove_tree(&layout.dir);
+        let _ = self.host.retire(&layout.dir);
     }
 }

@@ -3,6 +3,7 @@
 //! backends made for environments that no longer account for it.
 
 use std::fs;
+use std::path::Path;
 
 use super::policy::Action;
 use super::{spare, Workspace};
@@ -23,6 +24,7 @@ impl Workspace {
         self.guard(Action::Destroy, "collect environments")?;
         spare::collect(&self.cache);
         self.collect_initializations();
+        self.collect_retired();
         self.collect_locks();
         let mut removed = Vec::new();
         for name in self.names()? {
@@ -54,7 +56,7 @@ impl Workspace {
             if layout.creating_marker().exists() {
                 self.abandon(&layout);
             }
-            remove_tree(&layout.dir)
+            self.retire(&layout.dir)
                 .context(|| format!("cannot remove {}", layout.dir.display()))?;
             removed.push(name);
         }
@@ -100,6 +102,40 @@ impl Workspace {
     fn collect_identities(&self) {
         if let Some(registry) = self.identities.registry() {
             let _ = registry.sweep(super::holds);
+        }
+    }
+
+    /// Removes an environment's directory, renamed aside first (`.removing-NAME-PID`) in one
+    /// step: a kill -9 during the removal then leaves either the whole environment, record
+    /// included, or a directory [`Self::collect_retired`] finishes; never an environment
+    /// without its record, which nothing would collect (a record-less directory may be
+    /// someone else's).
+    pub(super) fn retire(&self, dir: &Path) -> std::io::Result<()> {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let aside = self
+            .root
+            .join(format!(".removing-{name}-{}", std::process::id()));
+        match fs::rename(dir, &aside) {
+            Ok(()) => remove_tree(&aside),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(_) => remove_tree(dir),
+        }
+    }
+
+    /// Finishes the removals ([`Self::retire`]) of killed commands.
+    fn collect_retired(&self) {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(".removing-")
+                .and_then(|rest| rest.rsplit_once('-'))
+                .and_then(|(_, pid)| pid.parse::<i32>().ok());
+            if pid.is_some_and(|pid| ProcessId::of(pid).map_or(true, |p| !p.is_alive())) {
+                let _ = remove_tree(&entry.path());
+            }
         }
     }
 

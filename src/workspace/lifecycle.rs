@@ -10,7 +10,6 @@ use super::root;
 use super::{check_name, EnvInfo, Workspace};
 use crate::backend::CreateOptions;
 use crate::error::{Error, IoContext, Result};
-use crate::sys::files::remove_tree;
 
 impl Workspace {
     pub fn create(&self, opts: &CreateOptions, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
@@ -92,7 +91,8 @@ impl Workspace {
             Err(Error::Broken { .. }) => self.abandon(&layout),
             Err(e) => return Err(e),
         }
-        remove_tree(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
+        self.retire(&layout.dir)
+            .context(|| format!("cannot remove {}", layout.dir.display()))
     }
 
     /// Makes an owned (ephemeral) environment permanent: `gc` will leave it alone. A local
