@@ -477,6 +477,13 @@ pub fn running_in(dir: &Path, programs: &[PathBuf]) -> Vec<ProcessId> {
         .collect()
 }
 
+/// The name and the process id in `name`, made as `prefix` + `NAME-PID`: what isoenv calls
+/// the scratch directories and cgroups it names after the process that made them.
+pub fn named_by<'a>(name: &'a str, prefix: &str) -> Option<(&'a str, i32)> {
+    let (rest, pid) = name.strip_prefix(prefix)?.rsplit_once('-')?;
+    Some((rest, pid.parse().ok()?))
+}
+
 /// Argument `n` of process `pid`'s command line (0: the program).
 pub fn argument(pid: i32, n: usize) -> Option<String> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -557,6 +564,20 @@ fn parse_stat(text: &str) -> Option<Stat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_made_after_a_process_give_it_back() {
+        assert_eq!(
+            named_by(".removing-dev-42", ".removing-"),
+            Some(("dev", 42))
+        );
+        assert_eq!(
+            named_by("isoenv-test-1a-redis-7", "isoenv-"),
+            Some(("test-1a-redis", 7))
+        );
+        assert_eq!(named_by("isoenv-dev", "isoenv-"), None);
+        assert_eq!(named_by("other-dev-42", "isoenv-"), None);
+    }
 
     #[test]
     fn stat_parsing_survives_odd_command_names() {

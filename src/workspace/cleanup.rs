@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use super::Workspace;
-use crate::backend::EnvState;
+use super::gc::retire;
+use crate::backend::{EnvState, Host};
 use crate::layout::Layout;
 
 /// Removes a half-made environment unless disarmed.
 pub(super) struct Cleanup<'a> {
-    pub host: &'a Workspace,
+    pub host: &'a dyn Host,
     pub dir: Option<PathBuf>,
 }
 
@@ -28,6 +28,6 @@ impl Drop for Cleanup<'_> {
         if let Ok(Some(state)) = EnvState::load(&layout) {
             let _ = state.backend.backend().teardown(self.host, &state, &layout);
         }
-        let _ = self.host.retire(&layout.dir);
+        let _ = retire(&layout.dir);
     }
 }

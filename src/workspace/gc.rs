@@ -13,7 +13,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::files::remove_tree;
 use crate::sys::lock::Lock;
-use crate::sys::process::{orphans_under, stop_working_in, ProcessId};
+use crate::sys::process::{named_by, orphans_under, stop_working_in, ProcessId};
 
 impl Workspace {
     /// Removes environments whose owner process is gone (a `test --isolated` run killed with
@@ -56,8 +56,7 @@ impl Workspace {
             if layout.creating_marker().exists() {
                 self.abandon(&layout);
             }
-            self.retire(&layout.dir)
-                .context(|| format!("cannot remove {}", layout.dir.display()))?;
+            retire(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))?;
             removed.push(name);
         }
         self.collect_identities();
@@ -81,11 +80,7 @@ impl Workspace {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(key) = name
-                .strip_prefix(".tmp-")
-                .and_then(|rest| rest.rsplit_once('-'))
-                .map(|(key, _pid)| key.to_owned())
-            else {
+            let Some((key, _)) = named_by(&name, ".tmp-") else {
                 continue;
             };
             let Ok(_lock) = Lock::try_acquire(self.cache.join(format!(".{key}.lock"))) else {
@@ -105,34 +100,14 @@ impl Workspace {
         }
     }
 
-    /// Removes an environment's directory, renamed aside first (`.removing-NAME-PID`) in one
-    /// step: a kill -9 during the removal then leaves either the whole environment, record
-    /// included, or a directory [`Self::collect_retired`] finishes; never an environment
-    /// without its record, which nothing would collect (a record-less directory may be
-    /// someone else's).
-    pub(super) fn retire(&self, dir: &Path) -> std::io::Result<()> {
-        let name = dir.file_name().unwrap_or_default().to_string_lossy();
-        let aside = self
-            .root
-            .join(format!(".removing-{name}-{}", std::process::id()));
-        match fs::rename(dir, &aside) {
-            Ok(()) => remove_tree(&aside),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(_) => remove_tree(dir),
-        }
-    }
-
-    /// Finishes the removals ([`Self::retire`]) of killed commands.
+    /// Finishes the removals ([`retire`]) of killed commands.
     fn collect_retired(&self) {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix(".removing-")
-                .and_then(|rest| rest.rsplit_once('-'))
-                .and_then(|(_, pid)| pid.parse::<i32>().ok());
+            let pid = named_by(&name, ".removing-").map(|(_, pid)| pid);
             if pid.is_some_and(|pid| ProcessId::of(pid).map_or(true, |p| !p.is_alive())) {
                 let _ = remove_tree(&entry.path());
             }
@@ -189,5 +164,20 @@ fn is_garbage(layout: &Layout) -> bool {
         Ok(Some(state)) => half_made || state.orphaned(ProcessId::is_alive),
         Ok(None) => half_made || fs::read_dir(&layout.dir).is_ok_and(|mut d| d.next().is_none()),
         Err(_) => false,
+    }
+}
+
+/// Removes an environment's directory, renamed aside first (`.removing-NAME-PID`) in one
+/// step: a kill -9 during the removal then leaves either the whole environment, record
+/// included, or a directory [`Workspace::collect_retired`] finishes; never an environment
+/// without its record, which nothing would collect (a record-less directory may be
+/// someone else's).
+pub(super) fn retire(dir: &Path) -> std::io::Result<()> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let aside = dir.with_file_name(format!(".removing-{name}-{}", std::process::id()));
+    match fs::rename(dir, &aside) {
+        Ok(()) => remove_tree(&aside),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => remove_tree(dir),
     }
 }

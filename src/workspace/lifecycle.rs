@@ -91,8 +91,7 @@ impl Workspace {
             Err(Error::Broken { .. }) => self.abandon(&layout),
             Err(e) => return Err(e),
         }
-        self.retire(&layout.dir)
-            .context(|| format!("cannot remove {}", layout.dir.display()))
+        super::gc::retire(&layout.dir).context(|| format!("cannot remove {}", layout.dir.display()))
     }
 
     /// Makes an owned (ephemeral) environment permanent: `gc` will leave it alone. A local

@@ -157,11 +157,9 @@ impl Confinement for Sandbox {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let supervisor = name
-                    .strip_prefix("isoenv-")
-                    .and_then(|rest| rest.rsplit_once('-'))
-                    .and_then(|(_, pid)| pid.parse::<i32>().ok());
-                let Some(pid) = supervisor else { continue };
+                let Some((_, pid)) = crate::sys::process::named_by(&name, "isoenv-") else {
+                    continue;
+                };
                 let made = entry.metadata().and_then(|m| m.modified()).ok();
                 let gone = match crate::sys::process::ProcessId::of(pid) {
                     Err(_) => true,
