@@ -502,19 +502,15 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-/// What a runner that starts a process per test (nextest) gets with nothing exported: the
-/// run's processes share one server, made by the first; a keeper serves its pool; and once the
-/// runner exits, neither the server nor the keeper is left. The runner here is a shell running
-/// this binary once per test, as nextest does.
-#[test]
-fn a_plain_run_shares_one_server_and_leaves_no_process() {
+/// A plain run (nothing exported): a shell running this binary once per test, as nextest
+/// does, lingering a little after its tests as nextest does while it reports. Returns the
+/// runner's pid once it has exited, and whether a keeper served it meanwhile.
+fn plain_run(tests: &[&str]) -> (i32, bool) {
     let me = std::env::current_exe().unwrap();
-    let tests = ["postgres_db::c00", "postgres_db::c01", "postgres_db::c02"];
     let script = tests
         .iter()
         .map(|t| format!("\"$BIN\" --exact {t} --quiet >/dev/null || exit 1\n"))
         .collect::<String>();
-    // The runner lingers a little after its tests, as nextest does while it reports.
     let mut run = std::process::Command::new("sh");
     run.args(["-c", &format!("{script}sleep 2")])
         .env("BIN", &me)
@@ -524,58 +520,118 @@ fn a_plain_run_shares_one_server_and_leaves_no_process() {
         .env_remove("ISOENV_REDIS_URL");
     let mut child = run.spawn().unwrap();
     let runner = child.id() as i32;
-    let keeper = format!("ISOENV_TESTING_KEEPER=postgres:{runner}:");
-    let keepers = || -> Vec<i32> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&pid| common::pid_alive(pid))
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| String::from_utf8_lossy(&env).contains(&keeper))
-            })
-            .collect()
-    };
-    // The first test process starts a keeper for the run's pool.
     let mut served = false;
     let status = loop {
-        served |= !keepers().is_empty();
+        served |= !keepers(runner).is_empty();
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert!(status.success(), "a test of the plain run failed");
-    assert!(served, "no keeper served the run");
+    (runner, served)
+}
 
-    let state =
-        std::env::temp_dir().join(format!("isoenv-testing-{}/state", nix::unistd::geteuid()));
-    let servers: Vec<_> = std::fs::read_dir(&state)
+/// The live keepers of `runner`'s PostgreSQL pool.
+fn keepers(runner: i32) -> Vec<i32> {
+    let keeper = format!("ISOENV_TESTING_KEEPER=postgres:{runner}:");
+    std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("run-{runner}-")))
-        .collect();
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| common::pid_alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| String::from_utf8_lossy(&env).contains(&keeper))
+        })
+        .collect()
+}
+
+/// The records of the test runs' servers `runner` started (it also owns the stopped servers of
+/// earlier runs it took on).
+fn servers_of(runner: i32) -> Vec<(std::path::PathBuf, serde_json::Value)> {
+    let state =
+        std::env::temp_dir().join(format!("isoenv-testing-{}/state", nix::unistd::geteuid()));
+    std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join("state.json")).ok()?;
+            let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let ours = record["owner"]["pid"].as_i64() == Some(runner.into());
+            let since = |p: &str| record[p]["start_time"].as_u64().unwrap_or(0);
+            (ours && since("process") >= since("owner")).then(|| (e.path(), record))
+        })
+        .collect()
+}
+
+/// Waits until `runner`'s server and keepers are gone.
+fn all_stopped(runner: i32, server: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while common::pid_alive(server) || !keepers(runner).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left after the run: server alive {}, keepers {:?}",
+            common::pid_alive(server),
+            keepers(runner)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// What a runner that starts a process per test (nextest) gets with nothing exported: the
+/// run's processes share one server, made by the first; a keeper serves its pool; and once the
+/// runner exits, neither the server nor the keeper is left.
+#[test]
+fn a_plain_run_shares_one_server_and_leaves_no_process() {
+    let (runner, served) = plain_run(&["postgres_db::c00", "postgres_db::c01", "postgres_db::c02"]);
+    assert!(served, "no keeper served the run");
+    let servers = servers_of(runner);
     assert_eq!(
         servers.len(),
         1,
         "one server for the whole run: {servers:?}"
     );
-    let record: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(state.join(&servers[0]).join("state.json")).unwrap(),
-    )
-    .unwrap();
-    let server = record["process"]["pid"].as_i64().unwrap() as i32;
+    let server = servers[0].1["process"]["pid"].as_i64().unwrap() as i32;
+    all_stopped(runner, server);
+}
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while common::pid_alive(server) || !keepers().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "left after the run: server alive {}, keepers {:?}",
-            common::pid_alive(server),
-            keepers()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+/// The next plain run takes on a previous run's stopped server, with its data (the pool's
+/// template and databases), and starts it again rather than making a server and a pool; but
+/// not one that last ran before the machine restarted (it skipped its disk syncs). Other tests
+/// may run theirs meanwhile, so which server is taken on is not asserted, only that it is not
+/// new.
+#[test]
+fn a_plain_run_takes_on_a_previous_runs_server_but_not_across_a_reboot() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let server = |runner: i32| {
+        let (dir, record) = servers_of(runner).pop().expect("the run's server");
+        all_stopped(runner, record["process"]["pid"].as_i64().unwrap() as i32);
+        (dir, record["created_at"].as_u64().unwrap())
+    };
+    let (first, _) = plain_run(&["postgres_db::c03"]);
+    let (dir, _) = server(first);
+    assert!(dir.join("state.json").exists(), "its record is not kept");
+
+    let before = now();
+    let (second, _) = plain_run(&["postgres_db::c04"]);
+    let (_, created) = server(second);
+    assert!(created < before, "the second run made a server of its own");
+
+    // As if the machine had restarted since every stopped server last ran.
+    let state = dir.parent().unwrap();
+    for entry in std::fs::read_dir(state).unwrap().flatten() {
+        if entry.path().join("boot").exists() {
+            std::fs::write(entry.path().join("boot"), "another boot").unwrap();
+        }
     }
+    let before = now();
+    let (third, _) = plain_run(&["postgres_db::c05"]);
+    let (_, created) = server(third);
+    assert!(created >= before, "a server was taken on across a reboot");
 }

@@ -3,9 +3,12 @@
 //! process per test; cargo a process per test binary), else one for this process alone.
 //!
 //! A run's server belongs to the runner process (the test process's parent). A small watchdog,
-//! forked from the process that made the server, stops it when the runner exits, or after
-//! `ISOENV_IDLE_TIMEOUT` seconds without a handout, so nothing outlives the run; the next
-//! provisioning removes its directory.
+//! forked from the process that started the server, stops it when the runner exits, or after
+//! `ISOENV_IDLE_TIMEOUT` seconds without a handout, so no process outlives the run. Its
+//! directory stays: the next run takes it on and starts the server again, with the pool's
+//! template and databases in it, rather than making all of them (kept for a day of disuse, and
+//! never past a restart of the machine). Any other leftover is removed by the next
+//! provisioning.
 
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -117,25 +120,48 @@ fn workspace() -> crate::Result<(PathBuf, Workspace)> {
     Ok((base, Workspace::new(&config, vars)))
 }
 
-/// The run's server: made by the first test process that asks, found by the others.
+/// The run's server: made by the first test process that asks, found by the others. A
+/// previous run's server, stopped when that run ended, is taken on and started again, with its
+/// data: the pool's template and databases are there already, so the run's first tests do not
+/// wait for them (nor for a data directory removed and another made, which is slow on ext4).
 fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
     let (base, ws) = workspace()?;
-    let name = format!("run-{}-{}-{engine}", runner.pid, runner.start_time);
     // One process makes the server; the others wait here, then find it.
     let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
     let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
+    adopt_previous(&ws, runner)?;
     ws.gc()?;
-    let alive = ws.layout(&name).dir.join("alive");
+    let name = (0..SLOTS)
+        .map(|i| slot(engine, i))
+        .find(|name| match ws.inspect(name) {
+            Ok(info) => info.owner == Some(runner),
+            Err(_) => !ws.layout(name).dir.exists(),
+        })
+        // Every slot is another live run's: a server for this run alone, collected after it.
+        .unwrap_or_else(|| format!("run-{}-{}-{engine}", runner.pid, runner.start_time));
+    let alive = ws.layout(&name).dir.join(ALIVE_FILE);
     let found = ws.inspect(&name).map(|info| info.status);
     if found.as_ref().ok() != Some(&Status::Running) {
-        if found.is_ok() {
-            ws.destroy(&name)?;
-        }
-        let opts = CreateOptions {
-            owner: Some(runner),
-            ..CreateOptions::server(&name, engine, BackendKind::Lightweight)
+        // Stopped by the previous run's end (or the idle timeout): started again, else made anew.
+        let started = match found {
+            Ok(_) => ws.start(&name, &|_| {}).ok(),
+            Err(_) => None,
         };
-        let info = ws.create(&opts, &|_| {})?;
+        let info = match started {
+            Some(info) => info,
+            None => {
+                if ws.layout(&name).dir.exists() {
+                    ws.destroy(&name)?;
+                }
+                let opts = CreateOptions {
+                    owner: Some(runner),
+                    ..CreateOptions::server(&name, engine, BackendKind::Lightweight)
+                };
+                ws.create(&opts, &|_| {})?
+            }
+        };
+        let boot = ws.layout(&name).dir.join(BOOT_FILE);
+        fs::write(&boot, boot_id()).map_err(|e| io(&boot, e))?;
         fs::write(&alive, b"").map_err(|e| io(&alive, e))?;
         if let Some(pid) = info.pid {
             let server = ProcessId::of(pid).map_err(|e| io(Path::new("/proc"), e))?;
@@ -150,6 +176,61 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
         .push(alive);
     in_use();
     ws.url(&name)
+}
+
+/// How many runs at once (of this user) keep a server of each engine for the next runs.
+const SLOTS: usize = 4;
+
+/// The name of a run's server that the next runs take on.
+fn slot(engine: EngineKind, i: usize) -> String {
+    format!("run-{engine}-{i}")
+}
+
+/// Whether `name` is a server the next runs take on.
+fn is_slot(name: &str) -> bool {
+    name.strip_prefix("run-")
+        .and_then(|rest| rest.rsplit_once('-'))
+        .is_some_and(|(engine, i)| {
+            engine.parse::<EngineKind>().is_ok() && i.parse::<usize>().is_ok_and(|i| i < SLOTS)
+        })
+}
+
+/// Written in a server's directory: when a handout last used it.
+const ALIVE_FILE: &str = "alive";
+/// Written in a server's directory: the boot it last started in.
+const BOOT_FILE: &str = "boot";
+/// How long a previous run's server is kept for the next run.
+const KEPT_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// Takes on, for `runner`, every engine's server a previous run left (so that `gc` does not
+/// collect those of engines this process does not ask for, which its run's other processes
+/// may). Left to `gc` instead: a server unused for [`KEPT_FOR`], and one that last ran before
+/// the machine restarted (it skipped its disk syncs, so a crash may have torn its files).
+fn adopt_previous(ws: &Workspace, runner: ProcessId) -> crate::Result<()> {
+    let boot = boot_id();
+    for info in ws.list()? {
+        let dead_owner = info.owner.is_some_and(|o| o != runner && !o.is_alive());
+        if !is_slot(&info.name) || !dead_owner {
+            continue;
+        }
+        let same_boot = !boot.is_empty()
+            && fs::read(info.dir.join(BOOT_FILE)).is_ok_and(|b| b == boot.as_bytes());
+        let recent = fs::metadata(info.dir.join(ALIVE_FILE))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < KEPT_FOR));
+        if same_boot && recent && ws.adopt(&info.name, runner)? && info.status == Status::Running {
+            // Its watchdog died with it: stopped, to be started again with one.
+            ws.stop(&info.name)?;
+        }
+    }
+    Ok(())
+}
+
+/// This boot of the machine (empty if unknown, which no server's file matches).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// A server owned by this process, spawned from a thread that lives as long as the process,

@@ -10,6 +10,7 @@ use super::root;
 use super::{check_name, EnvInfo, Workspace};
 use crate::backend::CreateOptions;
 use crate::error::{Error, IoContext, Result};
+use crate::sys::process::ProcessId;
 
 impl Workspace {
     pub fn create(&self, opts: &CreateOptions, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
@@ -110,6 +111,30 @@ impl Workspace {
         }
         self.inspect(name)
     }
+
+    /// Hands an ephemeral environment whose owner has exited to `owner`, so that it lives for
+    /// `owner` now rather than being collected: how a test run takes on a previous run's
+    /// server with its data (templates, pools) kept. False, and nothing changed, when the
+    /// environment is permanent or its owner lives.
+    pub fn adopt(&self, name: &str, owner: ProcessId) -> Result<bool> {
+        let (layout, _lock, mut state) = self.open_locked(name)?;
+        if !adoptable(state.owner, owner, ProcessId::is_alive) {
+            return Ok(false);
+        }
+        state.owner = Some(owner);
+        state.store(&layout)?;
+        Ok(true)
+    }
+}
+
+/// Whether an environment owned by `current` may pass to `new`: only one whose owner has exited
+/// (a permanent environment, or one whose owner lives, is not up for grabs).
+fn adoptable(
+    current: Option<ProcessId>,
+    new: ProcessId,
+    alive: impl Fn(&ProcessId) -> bool,
+) -> bool {
+    current.is_some_and(|c| c != new && !alive(&c))
 }
 
 /// A port an environment may be given: not 0 (which means "any", and none is then known) and
@@ -130,6 +155,19 @@ fn check_port(port: u16) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_environments_whose_owner_exited_are_adopted() {
+        let p = |pid| ProcessId { pid, start_time: 7 };
+        let alive = |q: &ProcessId| q.pid == 1;
+        assert!(adoptable(Some(p(2)), p(3), alive), "its owner exited");
+        assert!(!adoptable(Some(p(1)), p(3), alive), "its owner lives");
+        assert!(
+            !adoptable(Some(p(3)), p(3), alive),
+            "already the new owner's"
+        );
+        assert!(!adoptable(None, p(3), alive), "a permanent environment");
+    }
 
     #[test]
     fn only_unprivileged_ports_can_be_asked_for() {

@@ -13,6 +13,7 @@ use crate::backend::{BackendKind, EnvState, Isolation, Status};
 use crate::engine::EngineKind;
 use crate::error::{Error, Result};
 use crate::layout::{validate_name, Layout};
+use crate::sys::process::ProcessId;
 use crate::sys::secret::Secret;
 
 /// One environment as commands show it. No secrets.
@@ -35,6 +36,10 @@ pub struct EnvInfo {
     /// The docker backend's container and volume.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerRecord>,
+    /// The process the environment lives for, when it is ephemeral (see
+    /// [`crate::backend::CreateOptions::owner`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<ProcessId>,
     /// What confines the server (`inspect` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
@@ -65,6 +70,7 @@ impl Workspace {
                 .socket_dir
                 .filter(|_| state.service),
             container: state.container.clone(),
+            owner: state.owner,
             isolation: None,
         }
     }
