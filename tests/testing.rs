@@ -94,8 +94,14 @@ fn isolated(engine: EngineKind, case: &str) {
             assert_eq!((keys, owner.as_str()), (vec!["owner".to_owned()], case));
         }
     }
+    // A test still at work when its run ends (see `a_test_outliving_its_run_stops`).
+    if let Some(ms) = std::env::var(LINGER).ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     give_back(db);
 }
+
+const LINGER: &str = "ISOENV_TEST_LINGER_MS";
 
 macro_rules! cases {
     ($engine:ident, $kind:expr, [$($case:ident)*]) => {
@@ -634,4 +640,94 @@ fn a_plain_run_takes_on_a_previous_runs_server_but_not_across_a_reboot() {
     let (third, _) = plain_run(&["postgres_db::c05"]);
     let (_, created) = server(third);
     assert!(created >= before, "a server was taken on across a reboot");
+}
+
+/// A test process whose runner is gone (nextest killed with its tests left running) stops: the
+/// run's servers stop with the runner and the next run takes them on, databases included, so a
+/// test that went on could write into a database given to the next run. Redis: no keeper, whose
+/// death would stop the test for another reason.
+#[test]
+fn a_test_outliving_its_run_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pid_file, err_file) = (dir.path().join("pid"), dir.path().join("stderr"));
+    let status = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "\"$BIN\" --exact redis_db::c07 --quiet >/dev/null 2>\"$ERR\" & echo $! >\"$PID\"; sleep 3",
+        ])
+        .env("BIN", std::env::current_exe().unwrap())
+        .env("PID", &pid_file)
+        .env("ERR", &err_file)
+        .env(LINGER, "60000")
+        .env("NEXTEST_RUN_ID", "isoenv-orphaned-run")
+        .env_remove("ISOENV_REDIS_URL")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let test: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::pid_alive(test) {
+        if std::time::Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(test),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the test went on after its run ended");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let said = std::fs::read_to_string(&err_file).unwrap();
+    assert!(said.contains("has ended"), "it said: {said}");
+}
+
+/// A MariaDB pool whose server was stopped and started again (a run's server, taken on by the
+/// next run) frees what connections of the earlier life held: connection ids start again from
+/// 1, so such a holder could pass for a live connection and its database would never be lent
+/// again. Within one life, a held database stays held.
+#[test]
+fn a_mariadb_pool_frees_what_an_earlier_life_of_its_server_held() {
+    use mysql::prelude::Queryable;
+    let sb = common::sandbox(&[]);
+    let opts = isoenv::workspace::CreateOptions::server(
+        "life",
+        EngineKind::Mysql,
+        isoenv::backend::BackendKind::Lightweight,
+    );
+    sb.ws.create(&opts, &common::no_progress).unwrap();
+    let url = sb.ws.url("life").unwrap();
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let open = || drop(testing::PoolKeeper::open(EngineKind::Mysql, &url, &migrations).unwrap());
+    let held = || -> Vec<(String, Option<u64>)> {
+        let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+        c.query("SELECT name, holder FROM isoenv.clone ORDER BY name")
+            .unwrap()
+    };
+    // A holder newer than any connection of the next life, as a killed keeper's can be.
+    let hold = || {
+        let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+        c.query_drop("UPDATE isoenv.clone SET holder = 4000000000")
+            .unwrap();
+    };
+    open();
+    assert!(!held().is_empty(), "the pool made no database");
+    hold();
+    open();
+    assert!(
+        held().iter().all(|(_, h)| *h == Some(4_000_000_000)),
+        "freed within the same life: {:?}",
+        held()
+    );
+    sb.ws.stop("life").unwrap();
+    sb.ws.start("life", &common::no_progress).unwrap();
+    open();
+    assert!(
+        held().iter().all(|(_, h)| h.is_none()),
+        "still held after a restart: {:?}",
+        held()
+    );
+    sb.ws.destroy("life").unwrap();
 }

@@ -101,12 +101,11 @@ fn hold(stream: UnixStream, name: &str) -> Option<impl FnOnce()> {
                 }
             }
             if !by_us.load(Ordering::SeqCst) {
-                eprintln!(
-                    "isoenv: the test keeper that lent database {name} has gone away, so the \
-                     database may now be another test's; stopping this test process before it \
-                     writes there. Rerun the tests."
-                );
-                std::process::abort();
+                super::stop_process(&format!(
+                    "the test keeper that lent database {name} has gone away, so the database \
+                     may now be another test's; stopping this test process before it writes \
+                     there. Rerun the tests."
+                ));
             }
         })
         .ok()?;

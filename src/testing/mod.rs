@@ -326,6 +326,14 @@ fn migrations(engine: EngineKind, root: &Path) -> Result<(Vec<(PathBuf, String)>
     Ok((files, format!("{hash:016x}")))
 }
 
+/// Says why this process stops, then aborts it. Written to the standard error itself: the test
+/// harness captures what `eprintln!` prints on a test's threads, and an abort loses that.
+fn stop_process(why: &str) -> ! {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("isoenv: {why}\n").as_bytes());
+    std::process::abort()
+}
+
 /// `scheme://user:pw@host:port/OLD?query` with the database replaced.
 fn with_database(url: &str, db: &str) -> String {
     let authority_end = url

@@ -25,7 +25,8 @@ const SCHEMA: &str = "CREATE DATABASE IF NOT EXISTS isoenv;
         recyclable bool NOT NULL, tables longtext NOT NULL, expected text NOT NULL) ENGINE=InnoDB;
     CREATE TABLE IF NOT EXISTS isoenv.clone (name varchar(64) PRIMARY KEY,
         schema_hash char(16) NOT NULL, holder bigint unsigned NULL,
-        dirty bool NOT NULL DEFAULT false) ENGINE=InnoDB";
+        dirty bool NOT NULL DEFAULT false) ENGINE=InnoDB;
+    CREATE TABLE IF NOT EXISTS isoenv.life (id int PRIMARY KEY) ENGINE=MEMORY";
 
 /// A free clean database: the usual claim.
 const CLAIM_FREE: &str = "SELECT name, false FROM isoenv.clone WHERE schema_hash = ?
@@ -161,6 +162,7 @@ impl Pool {
                 built?
             }
         };
+        free_earlier_life(&mut admin).map_err(err)?;
         // A keeper that fails to start only means releases reset their databases themselves.
         let kept = match runner {
             Some(runner) => {
@@ -434,6 +436,30 @@ impl Lender for Pool {
         self.put_back(admin);
         Ok(self.guard(name))
     }
+}
+
+/// Frees the databases connections of an earlier life of the server held: a run's server is
+/// stopped when the run ends and started again by the next, and connection ids start again
+/// from 1, so [`STALE`] could take such a holder for a live connection and the database would
+/// never be lent again. The first pool to open in a life frees them, under a lock, before
+/// anyone claims in that life; a row in a MEMORY table, which a restart empties, says it did.
+fn free_earlier_life(admin: &mut mysql::Conn) -> Result<(), mysql::Error> {
+    admin.query_drop("DO GET_LOCK('isoenv_life', 600)")?;
+    let freed = (|| {
+        match admin.query_first::<i64, _>("SELECT id FROM isoenv.life") {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => admin.query_drop(
+                "UPDATE isoenv.clone SET holder = NULL, dirty = true WHERE holder IS NOT NULL",
+            )?,
+            // Set up by an isoenv before this table, in this life or an earlier one: holders
+            // are left to `STALE`, as then.
+            Err(mysql::Error::MySqlError(e)) if e.code == 1146 => admin.query_drop(SCHEMA)?,
+            Err(e) => return Err(e),
+        }
+        admin.query_drop("INSERT IGNORE INTO isoenv.life VALUES (1)")
+    })();
+    admin.query_drop("DO RELEASE_LOCK('isoenv_life')")?;
+    freed
 }
 
 fn claim_needing_reset() -> String {

@@ -129,23 +129,30 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
     // One process makes the server; the others wait here, then find it.
     let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
     let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
-    adopt_previous(&ws, runner)?;
-    ws.gc()?;
-    let name = (0..SLOTS)
-        .map(|i| slot(engine, i))
-        .find(|name| match ws.inspect(name) {
-            Ok(info) => info.owner == Some(runner),
-            Err(_) => !ws.layout(name).dir.exists(),
-        })
-        // Every slot is another live run's: a server for this run alone, collected after it.
-        .unwrap_or_else(|| format!("run-{}-{}-{engine}", runner.pid, runner.start_time));
+    remove_unusable(&ws)?;
+    ws.gc_except(&is_slot)?;
+    // This run's (made by another of its processes), else one a previous run left, else a
+    // free one.
+    let slots = || (0..SLOTS).map(|i| slot(engine, i));
+    let name = match slots().find(|n| ws.inspect(n).is_ok_and(|i| i.owner == Some(runner))) {
+        Some(name) => Some(name),
+        None => take_on(&ws, slots(), runner)?,
+    }
+    .or_else(|| slots().find(|name| !ws.layout(name).dir.exists()))
+    // Every slot is another live run's: a server for this run alone, collected after it.
+    .unwrap_or_else(|| format!("run-{}-{}-{engine}", runner.pid, runner.start_time));
     let alive = ws.layout(&name).dir.join(ALIVE_FILE);
     let found = ws.inspect(&name).map(|info| info.status);
+    let run = ws.layout(&name).dir.join(RUN_FILE);
+    let tag = format!("{}:{}", runner.pid, runner.start_time);
     if found.as_ref().ok() != Some(&Status::Running) {
-        // Stopped by the previous run's end (or the idle timeout): started again, else made anew.
+        // A previous run's is started again; one this run started already and that stopped
+        // (the idle timeout, a crash) is made anew, since processes of this run may still hold
+        // what it lent before.
+        let previous = fs::read_to_string(&run).is_ok_and(|t| t != tag);
         let started = match found {
-            Ok(_) => ws.start(&name, &|_| {}).ok(),
-            Err(_) => None,
+            Ok(_) if previous => ws.start(&name, &|_| {}).ok(),
+            _ => None,
         };
         let info = match started {
             Some(info) => info,
@@ -162,6 +169,7 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
         };
         let boot = ws.layout(&name).dir.join(BOOT_FILE);
         fs::write(&boot, boot_id()).map_err(|e| io(&boot, e))?;
+        fs::write(&run, &tag).map_err(|e| io(&run, e))?;
         fs::write(&alive, b"").map_err(|e| io(&alive, e))?;
         if let Some(pid) = info.pid {
             let server = ProcessId::of(pid).map_err(|e| io(Path::new("/proc"), e))?;
@@ -175,7 +183,38 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
         .unwrap_or_else(|e| e.into_inner())
         .push(alive);
     in_use();
+    end_with(runner).map_err(|e| io(Path::new("/proc"), e))?;
     ws.url(&name)
+}
+
+/// Stops this process if its run ends first. The run's servers stop then, and the next run
+/// takes them on with the databases in them: a test of a killed runner (nextest killed, its
+/// tests orphaned) that went on would write into a database the next run may be given.
+fn end_with(runner: ProcessId) -> std::io::Result<()> {
+    static WATCHED: OnceLock<()> = OnceLock::new();
+    if WATCHED.get().is_some() {
+        return Ok(());
+    }
+    let fd = pidfd(runner)?;
+    std::thread::Builder::new()
+        .name("isoenv-run".into())
+        .spawn(move || {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the descriptor this thread owns.
+            while unsafe { libc::poll(&mut pfd, 1, -1) } < 1 {}
+            super::stop_process(&format!(
+                "the test run this process belongs to (process {}) has ended, and its servers \
+                 with it; stopping this test process before it writes into a database the next \
+                 run may be given.",
+                runner.pid
+            ));
+        })?;
+    let _ = WATCHED.set(());
+    Ok(())
 }
 
 /// How many runs at once (of this user) keep a server of each engine for the next runs.
@@ -197,19 +236,41 @@ fn is_slot(name: &str) -> bool {
 
 /// Written in a server's directory: when a handout last used it.
 const ALIVE_FILE: &str = "alive";
+/// Written in a server's directory: the run that last started it.
+const RUN_FILE: &str = "started-by";
 /// Written in a server's directory: the boot it last started in.
 const BOOT_FILE: &str = "boot";
 /// How long a previous run's server is kept for the next run.
 const KEPT_FOR: Duration = Duration::from_secs(24 * 3600);
 
-/// Takes on, for `runner`, every engine's server a previous run left (so that `gc` does not
-/// collect those of engines this process does not ask for, which its run's other processes
-/// may). Left to `gc` instead: a server unused for [`KEPT_FOR`], and one that last ran before
-/// the machine restarted (it skipped its disk syncs, so a crash may have torn its files).
-fn adopt_previous(ws: &Workspace, runner: ProcessId) -> crate::Result<()> {
+/// Takes on for `runner` the first of `slots` that a previous run left, if any.
+fn take_on(
+    ws: &Workspace,
+    slots: impl Iterator<Item = String>,
+    runner: ProcessId,
+) -> crate::Result<Option<String>> {
+    for name in slots {
+        let Ok(info) = ws.inspect(&name) else {
+            continue;
+        };
+        if ws.adopt(&name, runner)? {
+            if info.status == Status::Running {
+                // Its watchdog died with it: stopped, to be started again with one.
+                ws.stop(&name)?;
+            }
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
+/// Removes the servers previous runs left that are not to be taken on: unused for
+/// [`KEPT_FOR`], or last run before the machine restarted (it skipped its disk syncs, so a
+/// crash may have torn its files). `gc` leaves these servers to this.
+fn remove_unusable(ws: &Workspace) -> crate::Result<()> {
     let boot = boot_id();
     for info in ws.list()? {
-        let dead_owner = info.owner.is_some_and(|o| o != runner && !o.is_alive());
+        let dead_owner = info.owner.is_some_and(|o| !o.is_alive());
         if !is_slot(&info.name) || !dead_owner {
             continue;
         }
@@ -218,9 +279,8 @@ fn adopt_previous(ws: &Workspace, runner: ProcessId) -> crate::Result<()> {
         let recent = fs::metadata(info.dir.join(ALIVE_FILE))
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < KEPT_FOR));
-        if same_boot && recent && ws.adopt(&info.name, runner)? && info.status == Status::Running {
-            // Its watchdog died with it: stopped, to be started again with one.
-            ws.stop(&info.name)?;
+        if !(same_boot && recent) {
+            ws.destroy(&info.name)?;
         }
     }
     Ok(())
@@ -260,7 +320,7 @@ fn own(engine: EngineKind, me: ProcessId) -> crate::Result<String> {
 
 fn own_here(engine: EngineKind, me: ProcessId) -> crate::Result<String> {
     let (_, ws) = workspace()?;
-    ws.gc()?;
+    ws.gc_except(&is_slot)?;
     let name = format!("t{}-{}", me.pid, engine);
     let opts = CreateOptions {
         owner: Some(me),

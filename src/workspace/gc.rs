@@ -21,13 +21,19 @@ impl Workspace {
     /// directories whose copier was killed). Returns the names removed. Live and unowned
     /// environments are never touched.
     pub fn gc(&self) -> Result<Vec<String>> {
+        self.gc_except(&|_| false)
+    }
+
+    /// [`Workspace::gc`], leaving alone the environments whose name `kept` picks (their owner
+    /// decides their fate: a test run's servers that the next run takes on).
+    pub fn gc_except(&self, kept: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
         self.guard(Action::Destroy, "collect environments")?;
         spare::collect(&self.cache);
         self.collect_initializations();
         self.collect_retired();
         self.collect_locks();
         let mut removed = Vec::new();
-        for name in self.names()? {
+        for name in self.names()?.into_iter().filter(|n| !kept(n)) {
             let layout = self.layout(&name);
             // Decided without the lock first, so that a clean state root costs only reads.
             if !is_garbage(&layout) {
