@@ -692,11 +692,15 @@ fn a_test_outliving_its_run_stops() {
 fn a_mariadb_pool_frees_what_an_earlier_life_of_its_server_held() {
     use mysql::prelude::Queryable;
     let sb = common::sandbox(&[]);
-    let opts = isoenv::workspace::CreateOptions::server(
-        "life",
-        EngineKind::Mysql,
-        isoenv::backend::BackendKind::Lightweight,
-    );
+    // Owned by this process: its server dies with the test's thread, even one that failed.
+    let opts = isoenv::workspace::CreateOptions {
+        owner: Some(isoenv::sys::process::ProcessId::of(std::process::id() as i32).unwrap()),
+        ..isoenv::workspace::CreateOptions::server(
+            "life",
+            EngineKind::Mysql,
+            isoenv::backend::BackendKind::Lightweight,
+        )
+    };
     sb.ws.create(&opts, &common::no_progress).unwrap();
     let url = sb.ws.url("life").unwrap();
     let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
