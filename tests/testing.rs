@@ -515,11 +515,13 @@ fn plain_run(tests: &[&str]) -> (i32, bool) {
     let me = std::env::current_exe().unwrap();
     let script = tests
         .iter()
-        .map(|t| format!("\"$BIN\" --exact {t} --quiet >/dev/null || exit 1\n"))
+        .map(|t| format!("\"$BIN\" --exact {t} --quiet >>\"$LOG\" 2>&1 || exit 1\n"))
         .collect::<String>();
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut run = std::process::Command::new("sh");
     run.args(["-c", &format!("{script}sleep 2")])
         .env("BIN", &me)
+        .env("LOG", log.path())
         .env("NEXTEST_RUN_ID", "isoenv-plain-run")
         .env_remove("ISOENV_POSTGRES_URL")
         .env_remove("ISOENV_MYSQL_URL")
@@ -534,7 +536,11 @@ fn plain_run(tests: &[&str]) -> (i32, bool) {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    assert!(status.success(), "a test of the plain run failed");
+    assert!(
+        status.success(),
+        "a test of the plain run failed:\n{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
     (runner, served)
 }
 
@@ -734,4 +740,77 @@ fn a_mariadb_pool_frees_what_an_earlier_life_of_its_server_held() {
         held()
     );
     sb.ws.destroy("life").unwrap();
+}
+
+/// When the migrations change, the pool's server (a long-lived one, or a run's server taken on
+/// by the next run) gets a new template, and the old template and its databases are dropped
+/// once nobody holds them.
+#[test]
+fn a_changed_schema_replaces_the_old_template_and_its_databases() {
+    let sb = common::sandbox(&[]);
+    let me = isoenv::sys::process::ProcessId::of(std::process::id() as i32).unwrap();
+    let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let new = tempfile::tempdir().unwrap();
+    for (engine, sql) in [
+        (
+            "postgres",
+            "CREATE TABLE renamed (id serial PRIMARY KEY, v text);",
+        ),
+        (
+            "mysql",
+            "CREATE TABLE renamed (id int AUTO_INCREMENT PRIMARY KEY, v text);",
+        ),
+    ] {
+        std::fs::create_dir_all(new.path().join(engine)).unwrap();
+        std::fs::write(new.path().join(engine).join("001_renamed.sql"), sql).unwrap();
+    }
+    for engine in [EngineKind::Postgres, EngineKind::Mysql] {
+        let name = format!("schema-{engine}");
+        // Owned by this process: its server dies with the test's thread, even one that failed.
+        let opts = isoenv::workspace::CreateOptions {
+            owner: Some(me),
+            ..isoenv::workspace::CreateOptions::server(
+                &name,
+                engine,
+                isoenv::backend::BackendKind::Lightweight,
+            )
+        };
+        sb.ws.create(&opts, &common::no_progress).unwrap();
+        let url = sb.ws.url(&name).unwrap();
+        let databases = || -> Vec<String> {
+            let list = match engine {
+                EngineKind::Postgres => {
+                    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                    c.query("SELECT datname FROM pg_database", &[])
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect()
+                }
+                _ => {
+                    use mysql::prelude::Queryable;
+                    let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+                    c.query("SHOW DATABASES").unwrap()
+                }
+            };
+            list.into_iter()
+                .filter(|d: &String| d.starts_with("isoenv_"))
+                .collect()
+        };
+        drop(testing::PoolKeeper::open(engine, &url, &old).unwrap());
+        let before = databases();
+        assert!(!before.is_empty(), "{engine}: the pool made no database");
+        drop(testing::PoolKeeper::open(engine, &url, new.path()).unwrap());
+        let after = databases();
+        let kept: Vec<_> = before.iter().filter(|d| after.contains(d)).collect();
+        assert!(
+            kept.is_empty(),
+            "{engine}: the old schema's {kept:?} are left"
+        );
+        assert!(
+            !after.is_empty(),
+            "{engine}: the new schema's pool is empty"
+        );
+        sb.ws.destroy(&name).unwrap();
+    }
 }

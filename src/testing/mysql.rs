@@ -145,6 +145,8 @@ impl Pool {
         let hash = key(&hash);
         let mut admin = connect(&url)?;
         let err = |e: mysql::Error| server_error(&url, e);
+        // First: a new template collects the databases of old ones that nobody holds.
+        free_earlier_life(&mut admin).map_err(err)?;
         let template = match load(&mut admin, &hash) {
             Ok(Some(t)) => t,
             _ => {
@@ -162,7 +164,6 @@ impl Pool {
                 built?
             }
         };
-        free_earlier_life(&mut admin).map_err(err)?;
         // A keeper that fails to start only means releases reset their databases themselves.
         let kept = match runner {
             Some(runner) => {
@@ -451,8 +452,8 @@ fn free_earlier_life(admin: &mut mysql::Conn) -> Result<(), mysql::Error> {
             Ok(None) => admin.query_drop(
                 "UPDATE isoenv.clone SET holder = NULL, dirty = true WHERE holder IS NOT NULL",
             )?,
-            // Set up by an isoenv before this table, in this life or an earlier one: holders
-            // are left to `STALE`, as then.
+            // A new server, or one set up by an isoenv before this table (in this life or an
+            // earlier one: holders are left to `STALE`, as then).
             Err(mysql::Error::MySqlError(e)) if e.code == 1146 => admin.query_drop(SCHEMA)?,
             Err(e) => return Err(e),
         }

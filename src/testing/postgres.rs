@@ -909,9 +909,10 @@ fn collect_old(admin: &mut postgres::Client, current: &str) -> Result<(), postgr
     )?;
     for row in old {
         let template: String = row.get(0);
-        admin.batch_execute(&format!(
-            "ALTER DATABASE {template} WITH IS_TEMPLATE false; DROP DATABASE IF EXISTS {template}"
-        ))?;
+        // Two queries: in one, the two would run as one transaction, which DROP DATABASE
+        // refuses.
+        admin.batch_execute(&format!("ALTER DATABASE {template} WITH IS_TEMPLATE false"))?;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {template}"))?;
     }
     Ok(())
 }
