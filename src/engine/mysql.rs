@@ -19,9 +19,17 @@ use crate::sys::secret::{write_private, Secret};
 pub struct Mysql;
 
 const USER: &str = "isoenv";
-/// Small redo log and buffer pool: a development server starts faster and its data directory
-/// is ~25 MB instead of ~115 MB. Passed to init and launch alike.
-const INNODB: [&str; 2] = ["--innodb-log-file-size=8M", "--innodb-buffer-pool-size=32M"];
+/// Small redo log, buffer pool and temporary tablespace: a development server starts faster
+/// and its data directory is ~15 MB instead of ~115 MB (the temporary tablespace was 12 MB
+/// written out at every start). A small MyISAM key cache: its default 128 MB is set up at
+/// every start, 15-25 ms of a 100-115 ms launch here, and no table of isoenv's or MariaDB's
+/// own uses it (they are InnoDB and Aria). Passed to init and launch alike.
+const SIZES: [&str; 4] = [
+    "--innodb-log-file-size=8M",
+    "--innodb-buffer-pool-size=32M",
+    "--innodb-temp-data-file-path=ibtmp1:1M:autoextend",
+    "--key-buffer-size=1M",
+];
 const DIRS: &[&str] = &[
     "/usr/sbin",
     "/usr/libexec",
@@ -90,7 +98,7 @@ impl Engine for Mysql {
                 .arg("--initialize-insecure")
                 .arg(format!("--datadir={}", data.display())),
         };
-        Some(INNODB.iter().fold(launch, |l, a| l.arg(a)))
+        Some(SIZES.iter().fold(launch, |l, a| l.arg(a)))
     }
 
     fn configure(
@@ -147,7 +155,7 @@ impl Engine for Mysql {
             // environment's private run directory, never elsewhere on the host.
             .arg(format!("--secure-file-priv={}", layout.run.display()))
             .arg(format!("--init-file={}", init_file(layout).display()));
-        INNODB.iter().fold(l, |l, a| l.arg(a))
+        SIZES.iter().fold(l, |l, a| l.arg(a))
     }
 
     /// A ready server greets every connection with a protocol-10 handshake packet.
@@ -173,7 +181,7 @@ impl Engine for Mysql {
     /// The official image initializes the data directory, sets root's password from the file
     /// and then runs the login script once; isoenv's local image runs it at every start.
     fn container(&self, creds: &Credentials, disposable: bool) -> Container {
-        let confined: Vec<&str> = INNODB
+        let confined: Vec<&str> = SIZES
             .iter()
             .copied()
             .chain(["--secure-file-priv=/run/mysqld"])
