@@ -635,10 +635,14 @@ fn a_plain_run_takes_on_a_previous_runs_server_but_not_across_a_reboot() {
     let (_, created) = server(second);
     assert!(created < before, "the second run made a server of its own");
 
-    // As if the machine had restarted since every stopped server last ran.
+    // As if the machine had restarted since every PostgreSQL server last ran.
     let state = dir.parent().unwrap();
     for entry in std::fs::read_dir(state).unwrap().flatten() {
-        if entry.path().join("boot").exists() {
+        let postgres = std::fs::read_to_string(entry.path().join("state.json"))
+            .ok()
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+            .is_some_and(|r| r["engine"] == "postgres");
+        if postgres && entry.path().join("boot").exists() {
             std::fs::write(entry.path().join("boot"), "another boot").unwrap();
         }
     }
