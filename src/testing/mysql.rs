@@ -313,6 +313,41 @@ impl Pool {
             .map_err(|e| self.error(e))
     }
 
+    /// Makes one more database if the pool holds fewer than [`pool_size`]; whether it did.
+    fn top_up(&self, admin: &mut mysql::Conn) -> Result<bool> {
+        let hash = &self.template.hash;
+        let have: Option<i64> = admin
+            .exec_first(
+                "SELECT COUNT(*) FROM isoenv.clone WHERE schema_hash = ?",
+                (hash,),
+            )
+            .map_err(|e| self.error(e))?;
+        if have.unwrap_or(0) >= pool_size() as i64 {
+            return Ok(false);
+        }
+        let name = self.new_database(admin)?;
+        admin
+            .exec_drop(
+                "UPDATE isoenv.clone SET holder = NULL WHERE name = ?",
+                (&name,),
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(true)
+    }
+
+    /// A new database in the pool, held by `admin`'s connection (nobody claims it half-made).
+    fn new_database(&self, admin: &mut mysql::Conn) -> Result<String> {
+        let name = format!("isoenv_c_{}", unique());
+        admin
+            .exec_drop(
+                "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, CONNECTION_ID())",
+                (&name, &self.template.hash),
+            )
+            .map_err(|e| self.error(e))?;
+        self.remake(admin, &name)?;
+        Ok(name)
+    }
+
     /// Makes the database `name` again from the migrations.
     fn remake(&self, admin: &mut mysql::Conn, name: &str) -> Result<()> {
         self.inside.take(name);
@@ -348,6 +383,7 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
     let service = lease::Service::open(&pool.url, pool.clone());
     let hash = pool.template.hash.clone();
     let mut checked = std::time::Instant::now();
+    let mut full = false;
     while runner.is_running() {
         // Released databases are looked for often, with a cheap query; dead holders (the
         // process list) once a second.
@@ -373,6 +409,11 @@ pub(super) fn serve(pool: Pool, runner: ProcessId) -> Result<()> {
                     .map_err(|e| pool.error(e))?;
             }
             None => {
+                // Filled at once after the setup, then looked at with the rest.
+                if (!full || look) && pool.top_up(&mut admin)? {
+                    continue;
+                }
+                full = true;
                 if look {
                     checked = std::time::Instant::now();
                 }
@@ -422,17 +463,7 @@ impl Lender for Pool {
                 name
             }
             // More tests at once than databases so far: one more, which stays in the pool.
-            None => {
-                let name = format!("isoenv_c_{}", unique());
-                admin
-                    .exec_drop(
-                        "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, CONNECTION_ID())",
-                        (&name, &self.template.hash),
-                    )
-                    .map_err(|e| self.error(e))?;
-                self.remake(&mut admin, &name)?;
-                name
-            }
+            None => self.new_database(&mut admin)?,
         };
         self.put_back(admin);
         Ok(self.guard(name))
@@ -655,16 +686,7 @@ fn build(
             (hash,),
         )
         .map_err(err)?;
-    for _ in 1..pool_size() {
-        let name = format!("isoenv_c_{}", unique());
-        create(admin, &name, files).map_err(|e| create_error(url, e))?;
-        admin
-            .exec_drop(
-                "INSERT INTO isoenv.clone (name, schema_hash, holder) VALUES (?, ?, NULL)",
-                (&name, hash),
-            )
-            .map_err(err)?;
-    }
+    // One for the first handout; the keeper makes the rest in the background.
     Ok(template)
 }
 
