@@ -460,3 +460,22 @@ unsafe fn idle_for(alive: &std::ffi::CStr) -> i64 {
     libc::clock_gettime(libc::CLOCK_REALTIME, &mut now);
     now.tv_sec - st.st_mtime
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_slot_names_are_taken_on_and_left_out_of_gc() {
+        for engine in EngineKind::ALL {
+            assert!(is_slot(&slot(engine, 0)));
+            assert!(is_slot(&slot(engine, SLOTS - 1)));
+            assert!(!is_slot(&slot(engine, SLOTS)), "past the last slot");
+        }
+        // A run's own server when every slot is taken, a process's own, a user's.
+        assert!(!is_slot("run-4242-99-postgres"));
+        assert!(!is_slot("t4242-postgres"));
+        assert!(!is_slot("run-oracle-0"));
+        assert!(!is_slot("dev"));
+    }
+}
