@@ -274,16 +274,22 @@ fn remove_unusable(ws: &Workspace) -> crate::Result<()> {
         if !is_slot(&info.name) || !dead_owner {
             continue;
         }
-        let same_boot = !boot.is_empty()
-            && fs::read(info.dir.join(BOOT_FILE)).is_ok_and(|b| b == boot.as_bytes());
-        let recent = fs::metadata(info.dir.join(ALIVE_FILE))
+        let last_boot = fs::read_to_string(info.dir.join(BOOT_FILE)).ok();
+        let unused_for = fs::metadata(info.dir.join(ALIVE_FILE))
             .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < KEPT_FOR));
-        if !(same_boot && recent) {
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if !usable(last_boot.as_deref(), &boot, unused_for) {
             ws.destroy(&info.name)?;
         }
     }
     Ok(())
+}
+
+/// Whether a previous run's server may be taken on: it last ran in this boot (`boot`, empty
+/// when unknown) and was used less than [`KEPT_FOR`] ago. A pure decision.
+fn usable(last_boot: Option<&str>, boot: &str, unused_for: Option<Duration>) -> bool {
+    !boot.is_empty() && last_boot == Some(boot) && unused_for.is_some_and(|d| d < KEPT_FOR)
 }
 
 /// This boot of the machine (empty if unknown, which no server's file matches).
@@ -477,5 +483,19 @@ mod tests {
         assert!(!is_slot("t4242-postgres"));
         assert!(!is_slot("run-oracle-0"));
         assert!(!is_slot("dev"));
+    }
+
+    #[test]
+    fn a_server_is_taken_on_only_in_the_boot_it_ran_in_and_within_a_day() {
+        let hour = Some(Duration::from_secs(3600));
+        assert!(usable(Some("b1"), "b1", hour));
+        assert!(!usable(Some("b0"), "b1", hour), "another boot");
+        assert!(!usable(None, "b1", hour), "no boot written");
+        assert!(!usable(Some(""), "", hour), "this boot unknown");
+        assert!(
+            !usable(Some("b1"), "b1", Some(KEPT_FOR)),
+            "unused for a day"
+        );
+        assert!(!usable(Some("b1"), "b1", None), "never used");
     }
 }
