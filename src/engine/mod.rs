@@ -478,7 +478,7 @@ pub fn wait_ready<E>(
                 timeout.as_secs()
             )));
         }
-        sleep(Duration::from_millis(3));
+        sleep(Duration::from_millis(1));
     }
 }
 

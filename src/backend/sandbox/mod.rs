@@ -255,7 +255,7 @@ fn wait_ready(pid: ProcessId, dir: &Path, log: &Path, exe: &Path) -> io::Result<
                 SETUP_TIMEOUT.as_secs()
             )));
         }
-        sleep(Duration::from_millis(1));
+        sleep(Duration::from_micros(200));
     }
 }
 
