@@ -610,9 +610,9 @@ fn a_plain_run_shares_one_server_and_leaves_no_process() {
 
 /// The next plain run takes on a previous run's stopped server, with its data (the pool's
 /// template and databases), and starts it again rather than making a server and a pool; but
-/// not one that last ran before the machine restarted (it skipped its disk syncs). Other tests
-/// may run theirs meanwhile, so which server is taken on is not asserted, only that it is not
-/// new.
+/// not one that last ran before the machine restarted (it skipped its disk syncs); and
+/// `db gc --test-servers` removes them. Other tests may run theirs meanwhile, so which server is taken on is not
+/// asserted, only that it is not new.
 #[test]
 fn a_plain_run_takes_on_a_previous_runs_server_but_not_across_a_reboot() {
     let now = || {
@@ -648,8 +648,16 @@ fn a_plain_run_takes_on_a_previous_runs_server_but_not_across_a_reboot() {
     }
     let before = now();
     let (third, _) = plain_run(&["postgres_db::c05"]);
-    let (_, created) = server(third);
+    let (kept, created) = server(third);
     assert!(created >= before, "a server was taken on across a reboot");
+
+    // What `db gc --test-servers` does: the kept servers' disk space taken back.
+    let removed = testing::remove_kept_servers().unwrap();
+    assert!(
+        !kept.exists(),
+        "{} is still there ({removed:?})",
+        kept.display()
+    );
 }
 
 /// A test process whose runner is gone (nextest killed with its tests left running) stops: the

@@ -106,6 +106,10 @@ pub enum DbCommand {
     /// killed `create` left half-made, and this project's containers and volumes that no
     /// environment accounts for.
     Gc {
+        /// Also remove the stopped servers that plain test runs (`isoenv::testing` without
+        /// `test --isolated`) keep for the next run, this user's, whatever the project.
+        #[arg(long)]
+        test_servers: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -322,13 +326,18 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
                 print_inspect(&info);
             }
         }
-        DbCommand::Gc { json } => {
+        DbCommand::Gc { test_servers, json } => {
             let removed = ws.gc()?;
             let (leftovers, unchecked) = ws.gc_leftovers()?;
+            let test_servers = match test_servers {
+                true => crate::testing::remove_kept_servers()?,
+                false => Vec::new(),
+            };
             if json {
                 let unchecked: Vec<String> = unchecked.iter().map(|e| e.to_string()).collect();
                 let said = serde_json::json!({
-                    "environments": removed, "leftovers": leftovers, "unchecked": unchecked
+                    "environments": removed, "leftovers": leftovers, "unchecked": unchecked,
+                    "test_servers": test_servers
                 });
                 println!("{}", serde_json::to_string_pretty(&said)?);
                 return Ok(ExitCode::SUCCESS);
@@ -342,7 +351,10 @@ pub fn run(ctx: &Context, cmd: DbCommand) -> Result<ExitCode> {
             for what in &leftovers {
                 println!("removed {what} (no environment accounts for it)");
             }
-            if removed.is_empty() && leftovers.is_empty() {
+            for name in &test_servers {
+                println!("removed test server `{name}` (stopped, kept for the next test run)");
+            }
+            if removed.is_empty() && leftovers.is_empty() && test_servers.is_empty() {
                 println!("nothing to collect");
             }
         }

@@ -67,6 +67,13 @@ pub enum TestingError {
 
 pub type Result<T, E = TestingError> = std::result::Result<T, E>;
 
+/// Removes the stopped servers that test runs under a plain `cargo test` or `cargo nextest run`
+/// left for the next run to take on (with their pools' databases), returning their names; a
+/// running test run's are left alone. `db gc --test-servers` calls it.
+pub fn remove_kept_servers() -> crate::Result<Vec<String>> {
+    server::remove_kept()
+}
+
 /// A database of one test's own. Dropping it gives it back, to be made clean for the next test
 /// (flushed, for Redis).
 pub struct TestDb {

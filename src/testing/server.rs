@@ -267,23 +267,41 @@ fn take_on(
 /// Removes the servers previous runs left that are not to be taken on: unused for
 /// [`KEPT_FOR`], or last run before the machine restarted (it skipped its disk syncs, so a
 /// crash may have torn its files). `gc` leaves these servers to this.
-fn remove_unusable(ws: &Workspace) -> crate::Result<()> {
+fn remove_unusable(ws: &Workspace) -> crate::Result<Vec<String>> {
     let boot = boot_id();
-    for info in ws.list()? {
-        let dead_owner = info.owner.is_some_and(|o| !o.is_alive());
-        if !is_slot(&info.name) || !dead_owner {
-            continue;
-        }
+    remove_left(ws, |info| {
         let last_boot = fs::read_to_string(info.dir.join(BOOT_FILE)).ok();
         let unused_for = fs::metadata(info.dir.join(ALIVE_FILE))
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok());
-        if !usable(last_boot.as_deref(), &boot, unused_for) {
+        !usable(last_boot.as_deref(), &boot, unused_for)
+    })
+}
+
+/// Removes every server previous runs left for the next ones (a live run's stay), returning
+/// their names: to take their disk space back.
+pub(super) fn remove_kept() -> crate::Result<Vec<String>> {
+    let (base, ws) = workspace()?;
+    let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
+    let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
+    remove_left(&ws, |_| true)
+}
+
+/// Removes the servers previous runs left (their owner exited) that `unwanted` picks.
+fn remove_left(
+    ws: &Workspace,
+    unwanted: impl Fn(&crate::workspace::EnvInfo) -> bool,
+) -> crate::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for info in ws.list()? {
+        let dead_owner = info.owner.is_some_and(|o| !o.is_alive());
+        if is_slot(&info.name) && dead_owner && unwanted(&info) {
             ws.destroy(&info.name)?;
+            removed.push(info.name);
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// Whether a previous run's server may be taken on: it last ran in this boot (`boot`, empty
