@@ -2,7 +2,9 @@
 //! `cargo test` and nextest, N = 50 and 200, per engine against one server: the floor (a shared
 //! database, each test rolls back; Redis: shared keys, prefixed and deleted), isoenv's per-test
 //! databases (the run's server exported, as `test --isolated` does, and under nextest also
-//! plain, the run's processes sharing a server they provision), and what `#[sqlx::test]` does
+//! plain, the run's processes sharing a server: a first run, which makes it and its pool, then
+//! one that takes the first run's on; the user's kept test servers are removed for the first),
+//! and what `#[sqlx::test]` does
 //! (CREATE DATABASE and the migrations per test; not for Redis). Rounds interleave the
 //! variants; compile time is excluded (built first).
 
@@ -32,8 +34,11 @@ enum Variant {
     Floor,
     /// The server exported to the tests (`test --isolated`).
     Isoenv,
-    /// Nothing exported: the run's test processes provision and share one server.
+    /// Nothing exported: the run's test processes share one server, a previous run's taken on.
     IsoenvPlain,
+    /// The same with no previous run's server to take on (the first run after a reboot, or
+    /// after `db gc --test-servers`): the run makes its server and pool.
+    IsoenvPlainFirst,
     PerCreate,
 }
 
@@ -42,7 +47,7 @@ impl Variant {
     fn module(self, engine: EngineKind) -> String {
         let v = match self {
             Variant::Floor => "floor",
-            Variant::Isoenv | Variant::IsoenvPlain => "isoenv",
+            Variant::Isoenv | Variant::IsoenvPlain | Variant::IsoenvPlainFirst => "isoenv",
             Variant::PerCreate => "percreate",
         };
         format!("{engine}_{v}")
@@ -52,7 +57,8 @@ impl Variant {
         match self {
             Variant::Floor => "floor (shared database, rollback)",
             Variant::Isoenv => "isoenv (run's server exported)",
-            Variant::IsoenvPlain => "isoenv (plain, server per run)",
+            Variant::IsoenvPlain => "isoenv (plain, previous run's server taken on)",
+            Variant::IsoenvPlainFirst => "isoenv (plain, first run: server and pool made)",
             Variant::PerCreate => "CREATE DATABASE + migrations per test (#[sqlx::test])",
         }
     }
@@ -66,13 +72,16 @@ fn configurations(sizes: &[usize]) -> Vec<Config> {
     for engine in EngineKind::ALL {
         for runner in [Runner::Cargo, Runner::Nextest] {
             for &n in sizes {
+                // A first run leaves the server the next plain run takes on.
                 for v in [
                     Variant::Floor,
                     Variant::Isoenv,
+                    Variant::IsoenvPlainFirst,
                     Variant::IsoenvPlain,
                     Variant::PerCreate,
                 ] {
-                    let skipped = (v == Variant::IsoenvPlain && runner == Runner::Cargo)
+                    let plain = matches!(v, Variant::IsoenvPlain | Variant::IsoenvPlainFirst);
+                    let skipped = (plain && runner == Runner::Cargo)
                         || (v == Variant::PerCreate && engine == EngineKind::Redis);
                     if !skipped {
                         all.push((engine, runner, n, v));
@@ -129,6 +138,9 @@ pub(super) fn run(
                 name(config)
             ));
             let _ = std::fs::remove_file(&handouts);
+            if v == Variant::IsoenvPlainFirst {
+                isoenv::testing::remove_kept_servers()?;
+            }
             let mut cmd = cargo(&crate_dir, &target);
             let filter = format!("{}::{}", v.module(engine), if n == 50 { "a" } else { "" });
             match runner {
