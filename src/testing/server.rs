@@ -129,7 +129,7 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
     // One process makes the server; the others wait here, then find it.
     let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
     let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
-    remove_unusable(&ws)?;
+    remove_unusable(&ws, engine)?;
     ws.gc_except(&is_slot)?;
     // This run's (made by another of its processes), else one a previous run left, else a
     // free one.
@@ -264,12 +264,16 @@ fn take_on(
     Ok(None)
 }
 
-/// Removes the servers previous runs left that are not to be taken on: unused for
-/// [`KEPT_FOR`], or last run before the machine restarted (it skipped its disk syncs, so a
-/// crash may have torn its files). `gc` leaves these servers to this.
-fn remove_unusable(ws: &Workspace) -> crate::Result<Vec<String>> {
+/// Removes `engine`'s servers that previous runs left and that are not to be taken on: unused
+/// for [`KEPT_FOR`], or last run before the machine restarted (it skipped its disk syncs, so a
+/// crash may have torn its files). Other engines' wait until they are asked for, rather than
+/// being removed on this run's way. `gc` leaves these servers to this.
+fn remove_unusable(ws: &Workspace, engine: EngineKind) -> crate::Result<Vec<String>> {
     let boot = boot_id();
     remove_left(ws, |info| {
+        if info.engine != engine {
+            return false;
+        }
         let last_boot = fs::read_to_string(info.dir.join(BOOT_FILE)).ok();
         let unused_for = fs::metadata(info.dir.join(ALIVE_FILE))
             .and_then(|m| m.modified())
