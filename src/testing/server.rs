@@ -126,17 +126,46 @@ fn workspace() -> crate::Result<(PathBuf, Workspace)> {
 /// wait for them (nor for a data directory removed and another made, which is slow on ext4).
 fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
     let (base, ws) = workspace()?;
+    let slots = || (0..SLOTS).map(|i| slot(engine, i));
+    // Once the run's server runs, its other processes find it without the lock and without
+    // collecting again (1 ms of each test process under nextest).
+    let running = |n: &String| {
+        ws.inspect(n)
+            .is_ok_and(|i| i.owner == Some(runner) && i.status == Status::Running)
+    };
+    let name = match slots().find(running) {
+        Some(name) => name,
+        None => provide(&base, &ws, engine, runner)?,
+    };
+    ALIVE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(ws.layout(&name).dir.join(ALIVE_FILE));
+    in_use();
+    end_with(runner).map_err(|e| io(Path::new("/proc"), e))?;
+    ws.url(&name)
+}
+
+/// The run's server, made or taken on (or found, made by another of its processes) under the
+/// lock that makes one process do it: its name.
+fn provide(
+    base: &Path,
+    ws: &Workspace,
+    engine: EngineKind,
+    runner: ProcessId,
+) -> crate::Result<String> {
     // One process makes the server; the others wait here, then find it.
-    let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
-    let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
-    remove_unusable(&ws, engine)?;
+    let dir = fs::File::open(base).map_err(|e| io(base, e))?;
+    let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(base, e.into()))?;
+    remove_unusable(ws, engine)?;
     ws.gc_except(&is_slot)?;
     // This run's (made by another of its processes), else one a previous run left, else a
     // free one.
     let slots = || (0..SLOTS).map(|i| slot(engine, i));
     let name = match slots().find(|n| ws.inspect(n).is_ok_and(|i| i.owner == Some(runner))) {
         Some(name) => Some(name),
-        None => take_on(&ws, slots(), runner)?,
+        None => take_on(ws, slots(), runner)?,
     }
     .or_else(|| slots().find(|name| !ws.layout(name).dir.exists()))
     // Every slot is another live run's: a server for this run alone, collected after it.
@@ -177,14 +206,7 @@ fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
                 .map_err(|e| io(&alive, e))?;
         }
     }
-    ALIVE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(alive);
-    in_use();
-    end_with(runner).map_err(|e| io(Path::new("/proc"), e))?;
-    ws.url(&name)
+    Ok(name)
 }
 
 /// Stops this process if its run ends first. The run's servers stop then, and the next run
