@@ -126,14 +126,13 @@ fn workspace() -> crate::Result<(PathBuf, Workspace)> {
 /// wait for them (nor for a data directory removed and another made, which is slow on ext4).
 fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
     let (base, ws) = workspace()?;
-    let slots = || (0..SLOTS).map(|i| slot(engine, i));
     // Once the run's server runs, its other processes find it without the lock and without
     // collecting again (1 ms of each test process under nextest).
     let running = |n: &String| {
         ws.inspect(n)
             .is_ok_and(|i| i.owner == Some(runner) && i.status == Status::Running)
     };
-    let name = match slots().find(running) {
+    let name = match slots(engine).find(running) {
         Some(name) => name,
         None => provide(&base, &ws, engine, runner)?,
     };
@@ -162,12 +161,11 @@ fn provide(
     ws.gc_except(&is_slot)?;
     // This run's (made by another of its processes), else one a previous run left, else a
     // free one.
-    let slots = || (0..SLOTS).map(|i| slot(engine, i));
-    let name = match slots().find(|n| ws.inspect(n).is_ok_and(|i| i.owner == Some(runner))) {
+    let name = match slots(engine).find(|n| ws.inspect(n).is_ok_and(|i| i.owner == Some(runner))) {
         Some(name) => Some(name),
-        None => take_on(ws, slots(), runner)?,
+        None => take_on(ws, slots(engine), runner)?,
     }
-    .or_else(|| slots().find(|name| !ws.layout(name).dir.exists()))
+    .or_else(|| slots(engine).find(|name| !ws.layout(name).dir.exists()))
     // Every slot is another live run's: a server for this run alone, collected after it.
     .unwrap_or_else(|| format!("run-{}-{}-{engine}", runner.pid, runner.start_time));
     let alive = ws.layout(&name).dir.join(ALIVE_FILE);
@@ -242,18 +240,16 @@ fn end_with(runner: ProcessId) -> std::io::Result<()> {
 /// How many runs at once (of this user) keep a server of each engine for the next runs.
 const SLOTS: usize = 4;
 
-/// The name of a run's server that the next runs take on.
-fn slot(engine: EngineKind, i: usize) -> String {
-    format!("run-{engine}-{i}")
+/// The names of `engine`'s run servers that the next runs take on.
+fn slots(engine: EngineKind) -> impl Iterator<Item = String> {
+    (0..SLOTS).map(move |i| format!("run-{engine}-{i}"))
 }
 
 /// Whether `name` is a server the next runs take on.
 fn is_slot(name: &str) -> bool {
-    name.strip_prefix("run-")
-        .and_then(|rest| rest.rsplit_once('-'))
-        .is_some_and(|(engine, i)| {
-            engine.parse::<EngineKind>().is_ok() && i.parse::<usize>().is_ok_and(|i| i < SLOTS)
-        })
+    EngineKind::ALL
+        .into_iter()
+        .any(|engine| slots(engine).any(|slot| slot == name))
 }
 
 /// Written in a server's directory: when a handout last used it.
@@ -290,19 +286,17 @@ fn take_on(
 /// for [`KEPT_FOR`], or last run before the machine restarted (it skipped its disk syncs, so a
 /// crash may have torn its files). Other engines' wait until they are asked for, rather than
 /// being removed on this run's way. `gc` leaves these servers to this.
-fn remove_unusable(ws: &Workspace, engine: EngineKind) -> crate::Result<Vec<String>> {
+fn remove_unusable(ws: &Workspace, engine: EngineKind) -> crate::Result<()> {
     let boot = boot_id();
-    remove_left(ws, |info| {
-        if info.engine != engine {
-            return false;
-        }
-        let last_boot = fs::read_to_string(info.dir.join(BOOT_FILE)).ok();
-        let unused_for = fs::metadata(info.dir.join(ALIVE_FILE))
+    let unusable = |dir: &Path| {
+        let last_boot = fs::read_to_string(dir.join(BOOT_FILE)).ok();
+        let unused_for = fs::metadata(dir.join(ALIVE_FILE))
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok());
         !usable(last_boot.as_deref(), &boot, unused_for)
-    })
+    };
+    remove_left(ws, slots(engine), unusable).map(drop)
 }
 
 /// Removes every server previous runs left for the next ones (a live run's stay), returning
@@ -311,20 +305,25 @@ pub(super) fn remove_kept() -> crate::Result<Vec<String>> {
     let (base, ws) = workspace()?;
     let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
     let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
-    remove_left(&ws, |_| true)
+    remove_left(&ws, EngineKind::ALL.into_iter().flat_map(slots), |_| true)
 }
 
-/// Removes the servers previous runs left (their owner exited) that `unwanted` picks.
+/// Removes those of the servers `names` that previous runs left (their owner exited) and that
+/// `unwanted` picks (given the server's directory).
 fn remove_left(
     ws: &Workspace,
-    unwanted: impl Fn(&crate::workspace::EnvInfo) -> bool,
+    names: impl Iterator<Item = String>,
+    unwanted: impl Fn(&Path) -> bool,
 ) -> crate::Result<Vec<String>> {
     let mut removed = Vec::new();
-    for info in ws.list()? {
+    for name in names {
+        let Ok(info) = ws.inspect(&name) else {
+            continue;
+        };
         let dead_owner = info.owner.is_some_and(|o| !o.is_alive());
-        if is_slot(&info.name) && dead_owner && unwanted(&info) {
-            ws.destroy(&info.name)?;
-            removed.push(info.name);
+        if dead_owner && unwanted(&info.dir) {
+            ws.destroy(&name)?;
+            removed.push(name);
         }
     }
     Ok(removed)
@@ -518,9 +517,11 @@ mod tests {
     #[test]
     fn only_slot_names_are_taken_on_and_left_out_of_gc() {
         for engine in EngineKind::ALL {
-            assert!(is_slot(&slot(engine, 0)));
-            assert!(is_slot(&slot(engine, SLOTS - 1)));
-            assert!(!is_slot(&slot(engine, SLOTS)), "past the last slot");
+            assert!(slots(engine).all(|slot| is_slot(&slot)));
+            assert!(
+                !is_slot(&format!("run-{engine}-{SLOTS}")),
+                "past the last slot"
+            );
         }
         // A run's own server when every slot is taken, a process's own, a user's.
         assert!(!is_slot("run-4242-99-postgres"));
