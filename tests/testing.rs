@@ -402,8 +402,11 @@ fn released_mysql_databases_are_recycled_clean_or_remade() {
     };
     let db = claim(EngineKind::Mysql, "recycled");
     let name = db.name().to_owned();
-    conn(db.url())
-        .query_drop("INSERT INTO accounts (owner) VALUES ('recycled-marker')")
+    // The test leaves its session open, in a transaction holding a row lock.
+    let mut open = conn(db.url());
+    open.query_drop("INSERT INTO accounts (owner) VALUES ('recycled-marker')")
+        .unwrap();
+    open.query_drop("START TRANSACTION; INSERT INTO accounts (owner) VALUES ('uncommitted')")
         .unwrap();
     let before = my_tables(db.url());
     let id = table_id(db.url());
@@ -415,6 +418,10 @@ fn released_mysql_databases_are_recycled_clean_or_remade() {
         "the database was remade, not recycled"
     );
     assert_eq!(owners(again.url()), ["seed"]);
+    assert!(
+        open.query_drop("SELECT 1").is_err(),
+        "the released test's open session was not ended"
+    );
     drop(again);
 
     let db = claim(EngineKind::Mysql, "ddl");

@@ -35,7 +35,7 @@ use std::fs;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use crate::engine::EngineKind;
@@ -490,10 +490,14 @@ impl<C> Inside<C> {
 /// Released databases are given back clean, so a pool grows only when more tests run at once
 /// than it holds.
 fn pool_size() -> usize {
-    std::env::var("ISOENV_POOL_SIZE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| 3 * std::thread::available_parallelism().map_or(2, usize::from))
+    // Read once: a keeper asks at every reset, and the CPU count is read from cgroup files.
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    *SIZE.get_or_init(|| {
+        std::env::var("ISOENV_POOL_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| 3 * std::thread::available_parallelism().map_or(2, usize::from))
+    })
 }
 
 #[cfg(test)]
