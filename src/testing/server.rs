@@ -155,8 +155,7 @@ fn provide(
     runner: ProcessId,
 ) -> crate::Result<String> {
     // One process makes the server; the others wait here, then find it.
-    let dir = fs::File::open(base).map_err(|e| io(base, e))?;
-    let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(base, e.into()))?;
+    let _held = lock(base)?;
     remove_unusable(ws, engine)?;
     ws.gc_except(&is_slot)?;
     // This run's (made by another of its processes), else one a previous run left, else a
@@ -205,6 +204,13 @@ fn provide(
         }
     }
     Ok(name)
+}
+
+/// Holds the state directory `base` exclusively: one process at a time makes, takes on or
+/// removes run servers.
+fn lock(base: &Path) -> crate::Result<Flock<fs::File>> {
+    let dir = fs::File::open(base).map_err(|e| io(base, e))?;
+    Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(base, e.into()))
 }
 
 /// Stops this process if its run ends first. The run's servers stop then, and the next run
@@ -303,8 +309,7 @@ fn remove_unusable(ws: &Workspace, engine: EngineKind) -> crate::Result<()> {
 /// their names: to take their disk space back.
 pub(super) fn remove_kept() -> crate::Result<Vec<String>> {
     let (base, ws) = workspace()?;
-    let dir = fs::File::open(&base).map_err(|e| io(&base, e))?;
-    let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(&base, e.into()))?;
+    let _held = lock(&base)?;
     remove_left(&ws, EngineKind::ALL.into_iter().flat_map(slots), |_| true)
 }
 
