@@ -386,6 +386,23 @@ fn my_tables(url: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// A run's MariaDB server keeps nothing it does not need: no durable commits and no persistent
+/// statistics (each pool reset's `ALTER TABLE` would write them, each table reopened read them).
+#[test]
+fn a_runs_mariadb_server_is_disposable() {
+    use mysql::prelude::Queryable;
+    let db = claim(EngineKind::Mysql, "disposable");
+    let mut c = mysql::Conn::new(mysql::Opts::from_url(db.url()).unwrap()).unwrap();
+    let settings: Option<(u8, u8, u8)> = c
+        .query_first(
+            "SELECT @@innodb_flush_log_at_trx_commit, @@innodb_doublewrite, @@innodb_stats_persistent",
+        )
+        .unwrap();
+    assert_eq!(settings, Some((0, 0, 0)));
+    drop(c);
+    give_back(db);
+}
+
 /// MariaDB: a released database is emptied in place; one whose schema a test changed is made
 /// again, so the next holder sees neither the rows nor the change.
 #[test]
