@@ -13,8 +13,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-use mysql::prelude::Queryable;
-
 /// Statements that can change a schema, or a database's objects: their counters' prefixes
 /// (more than needed is only more full checks).
 const KINDS: &[&str] = &[
@@ -28,7 +26,7 @@ const KINDS: &[&str] = &[
 ];
 
 /// The server's counters, as `SHOW GLOBAL STATUS` gives them.
-const STATUS: &str =
+pub(super) const STATUS: &str =
     "SHOW GLOBAL STATUS WHERE Variable_name LIKE 'Com\\_%' OR Variable_name = 'Uptime'";
 
 /// One process's DDL on one server.
@@ -53,24 +51,34 @@ pub(super) struct Snapshot {
 }
 
 impl Ledger {
-    pub(super) fn snapshot(&self, conn: &mut mysql::Conn) -> Result<Snapshot, mysql::Error> {
+    /// A snapshot of the rows `read` gets from [`STATUS`] (run alone or in one batch with
+    /// other statements, whose results it returns too), with none of own DDL in flight.
+    pub(super) fn snapshot<T, E>(
+        &self,
+        read: impl FnOnce() -> Result<(Vec<(String, String)>, T), E>,
+    ) -> Result<(Snapshot, T), E> {
         let _quiet = self.quiet.write().unwrap_or_else(|e| e.into_inner());
-        let rows: Vec<(String, String)> = conn.query(STATUS)?;
+        let (rows, other) = read()?;
         let (server, uptime) = counts(&rows);
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             server,
             uptime,
             own: self.own.load(Ordering::SeqCst),
             era: self.era.load(Ordering::SeqCst),
-        })
+        };
+        Ok((snapshot, other))
     }
 
-    /// Runs one DDL statement as this process's own.
-    pub(super) fn own<T, E>(&self, statement: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    /// Runs statements that hold `ddl` DDL statements of this process's own.
+    pub(super) fn own<T, E>(
+        &self,
+        ddl: u64,
+        statements: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
         let _running = self.quiet.read().unwrap_or_else(|e| e.into_inner());
-        let out = statement();
+        let out = statements();
         match &out {
-            Ok(_) => self.own.fetch_add(1, Ordering::SeqCst),
+            Ok(_) => self.own.fetch_add(ddl, Ordering::SeqCst),
             Err(_) => self.era.fetch_add(1, Ordering::SeqCst),
         };
         out

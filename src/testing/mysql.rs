@@ -517,7 +517,8 @@ fn claim(
 
 /// One reset of the database `conn` is in: the counts it is proven clean at, or `None` when it
 /// is not clean afterwards. The schema check is skipped when it was proven clean at `since`
-/// and the server ran no DDL but `ddl`'s since then.
+/// and the server ran no DDL but `ddl`'s since then. Two round trips in the usual case: one
+/// to look, one to clean.
 fn reset(
     conn: &mut mysql::Conn,
     name: &str,
@@ -525,54 +526,85 @@ fn reset(
     ddl: &Ledger,
     since: Option<Snapshot>,
 ) -> Result<Option<Snapshot>, mysql::Error> {
-    let others = sessions_in(conn, name)?;
-    for id in &others {
-        // Gone already is fine.
-        let _ = conn.query_drop(format!("KILL CONNECTION {id}"));
-    }
-    let mut gone = true;
-    if !others.is_empty() {
-        // KILL only flags the session; wait until its transaction is rolled back and it is gone.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            gone = sessions_in(conn, name)?.is_empty();
-            if gone || std::time::Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+    let look = format!(
+        "SHOW PROCESSLIST;{};{}",
+        ddl::STATUS,
+        written_query(&template.tables)
+    );
+    let mut ended = false;
+    let (now, gone, written) = loop {
+        // With the test's sessions gone: DDL from here on shows at the next reset; before, in
+        // the check below.
+        let (now, (others, written)) = ddl.snapshot(|| {
+            let mut sets = batch(conn, &look)?.into_iter();
+            let mut next = || sets.next().unwrap_or_default();
+            let others = sessions_in(conn.connection_id(), next(), name);
+            let status = next().into_iter().map(mysql::from_row).collect();
+            let written = next()
+                .into_iter()
+                .next()
+                .and_then(|mut r| r.take::<Option<String>, _>(0))
+                .flatten();
+            Ok::<_, mysql::Error>((status, (others, written)))
+        })?;
+        if others.is_empty() || ended {
+            break (now, others.is_empty(), written);
         }
-    }
-    // With the test's sessions gone: DDL from here on shows at the next reset; before, in the
-    // check below.
-    let now = ddl.snapshot(conn)?;
-    let written: Option<String> = conn.query_first(written_query(&template.tables))?;
-    let (rows, counters) = reset_statements(&template.tables, written.as_deref().unwrap_or(""));
-    if !rows.is_empty() {
-        conn.query_drop(rows)?;
-    }
-    // One at a time: a snapshot waits for the own DDL in flight, which is then one statement.
-    for alter in counters {
-        ddl.own(|| conn.query_drop(alter))?;
+        end(conn, name, &others)?;
+        ended = true;
+    };
+    let (clean_up, own) = reset_statements(&template.tables, written.as_deref().unwrap_or(""));
+    if !clean_up.is_empty() {
+        ddl.own(own, || batch(conn, &clean_up))?;
     }
     let unchanged = gone && since.is_some_and(|s| ddl::only_own_between(&s, &now));
     let clean = unchanged || fingerprint(conn, &template.check)? == template.expected;
     Ok(clean.then_some(now))
 }
 
-/// The sessions in the database `name` but `conn`'s own. `SHOW PROCESSLIST` lists them without
-/// the temporary table on disk that the information schema's `PROCESSLIST` is read through
-/// (its `INFO` column is text), a third of a millisecond of the server's time per reset.
-fn sessions_in(conn: &mut mysql::Conn, name: &str) -> Result<Vec<u64>, mysql::Error> {
-    let me = conn.connection_id();
-    let listed: Vec<mysql::Row> = conn.query("SHOW PROCESSLIST")?;
-    Ok(listed
+/// Runs statements in one round trip and reads every result set: its rows, and an error in any
+/// statement (`query_drop` reports only the first statement's).
+fn batch(conn: &mut mysql::Conn, sql: &str) -> Result<Vec<Vec<mysql::Row>>, mysql::Error> {
+    let mut result = conn.query_iter(sql)?;
+    let mut sets = Vec::new();
+    while let Some(set) = result.iter() {
+        sets.push(set.collect::<Result<_, _>>()?);
+    }
+    Ok(sets)
+}
+
+/// Ends the sessions `others` left in the database `name` and waits until they are gone (or
+/// five seconds have passed: the check then tells).
+fn end(conn: &mut mysql::Conn, name: &str, others: &[u64]) -> Result<(), mysql::Error> {
+    for id in others {
+        // Gone already is fine.
+        let _ = conn.query_drop(format!("KILL CONNECTION {id}"));
+    }
+    // KILL only flags the session; wait until its transaction is rolled back and it is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let listed = conn.query("SHOW PROCESSLIST")?;
+        if sessions_in(conn.connection_id(), listed, name).is_empty()
+            || std::time::Instant::now() > deadline
+        {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// The sessions in the database `name` but `me`, from `SHOW PROCESSLIST` rows: it lists them
+/// without the temporary table on disk that the information schema's `PROCESSLIST` is read
+/// through (its `INFO` column is text), a third of a millisecond of the server's time per reset.
+fn sessions_in(me: u32, listed: Vec<mysql::Row>, name: &str) -> Vec<u64> {
+    listed
         .into_iter()
         .filter_map(|mut row| {
             let id: u64 = row.take(0)?;
             let db: Option<String> = row.take(3)?;
             (id != u64::from(me) && db.as_deref() == Some(name)).then_some(id)
         })
-        .collect())
+        .collect()
 }
 
 /// One query naming (comma-separated) the tables a test wrote: rows where there were none,
@@ -605,12 +637,14 @@ fn written_query(tables: &[Table]) -> String {
     )
 }
 
-/// What gives the `written` tables their fresh rows (one batch, foreign key checks off, so in
-/// any order), then their `AUTO_INCREMENT` back (DDL, a statement each): a pure decision.
-fn reset_statements(tables: &[Table], written: &str) -> (String, Vec<String>) {
+/// What gives the `written` tables their fresh rows (foreign key checks off, so in any order),
+/// then their `AUTO_INCREMENT` back: one batch, and how many DDL statements it holds. A pure
+/// decision.
+fn reset_statements(tables: &[Table], written: &str) -> (String, u64) {
     let written: Vec<&str> = written.split(',').filter(|w| !w.is_empty()).collect();
     let mut rows = String::new();
-    let mut counters = Vec::new();
+    let mut counters = String::new();
+    let mut ddl = 0;
     for t in tables.iter().filter(|t| written.contains(&t.name.as_str())) {
         let name = t.name.replace('`', "``");
         rows.push_str(&format!("DELETE FROM `{name}`;"));
@@ -619,13 +653,17 @@ fn reset_statements(tables: &[Table], written: &str) -> (String, Vec<String>) {
             rows.push(';');
         }
         if let Some(n) = t.auto_increment {
-            counters.push(format!("ALTER TABLE `{name}` AUTO_INCREMENT = {n}"));
+            counters.push_str(&format!(";ALTER TABLE `{name}` AUTO_INCREMENT = {n}"));
+            ddl += 1;
         }
     }
-    if !rows.is_empty() {
-        rows = format!("SET FOREIGN_KEY_CHECKS = 0;{rows}SET FOREIGN_KEY_CHECKS = 1");
+    if rows.is_empty() {
+        return (rows, 0);
     }
-    (rows, counters)
+    (
+        format!("SET FOREIGN_KEY_CHECKS = 0;{rows}SET FOREIGN_KEY_CHECKS = 1{counters}"),
+        ddl,
+    )
 }
 
 fn load(admin: &mut mysql::Conn, hash: &str) -> Result<Option<Template>, mysql::Error> {
@@ -874,15 +912,21 @@ mod tests {
             table("b", None, false),
             table("c", Some(5), true),
         ];
-        assert_eq!(reset_statements(&tables, ""), (String::new(), vec![]));
+        assert_eq!(reset_statements(&tables, ""), (String::new(), 0));
         assert_eq!(
             reset_statements(&tables, "b,c"),
             (
                 "SET FOREIGN_KEY_CHECKS = 0;DELETE FROM `b`;DELETE FROM `c`;\
-                 INSERT INTO `c` (`x`) VALUES ('1');SET FOREIGN_KEY_CHECKS = 1"
+                 INSERT INTO `c` (`x`) VALUES ('1');SET FOREIGN_KEY_CHECKS = 1;\
+                 ALTER TABLE `c` AUTO_INCREMENT = 5"
                     .to_owned(),
-                vec!["ALTER TABLE `c` AUTO_INCREMENT = 5".to_owned()]
+                1
             )
+        );
+        assert_eq!(
+            reset_statements(&tables, "a,c").1,
+            2,
+            "one DDL statement per counter set back"
         );
     }
 
