@@ -51,22 +51,19 @@ pub(super) struct Snapshot {
 }
 
 impl Ledger {
-    /// A snapshot of the rows `read` gets from [`STATUS`] (run alone or in one batch with
-    /// other statements, whose results it returns too), with none of own DDL in flight.
-    pub(super) fn snapshot<T, E>(
+    /// A snapshot of the rows `read` gets from [`STATUS`], with none of own DDL in flight.
+    pub(super) fn snapshot<E>(
         &self,
-        read: impl FnOnce() -> Result<(Vec<(String, String)>, T), E>,
-    ) -> Result<(Snapshot, T), E> {
+        read: impl FnOnce() -> Result<Vec<(String, String)>, E>,
+    ) -> Result<Snapshot, E> {
         let _quiet = self.quiet.write().unwrap_or_else(|e| e.into_inner());
-        let (rows, other) = read()?;
-        let (server, uptime) = counts(&rows);
-        let snapshot = Snapshot {
+        let (server, uptime) = counts(&read()?);
+        Ok(Snapshot {
             server,
             uptime,
             own: self.own.load(Ordering::SeqCst),
             era: self.era.load(Ordering::SeqCst),
-        };
-        Ok((snapshot, other))
+        })
     }
 
     /// Runs statements that hold `ddl` DDL statements of this process's own.

@@ -517,8 +517,8 @@ fn claim(
 
 /// One reset of the database `conn` is in: the counts it is proven clean at, or `None` when it
 /// is not clean afterwards. The schema check is skipped when it was proven clean at `since`
-/// and the server ran no DDL but `ddl`'s since then. Two round trips in the usual case: one
-/// to look, one to clean.
+/// and the server ran no DDL but `ddl`'s since then. Four round trips in the usual case, and
+/// only the two that must are under the ledger's lock (resets run side by side).
 fn reset(
     conn: &mut mysql::Conn,
     name: &str,
@@ -526,36 +526,30 @@ fn reset(
     ddl: &Ledger,
     since: Option<Snapshot>,
 ) -> Result<Option<Snapshot>, mysql::Error> {
-    let look = format!(
-        "SHOW PROCESSLIST;{};{}",
-        ddl::STATUS,
-        written_query(&template.tables)
-    );
+    let look = format!("SHOW PROCESSLIST;{}", written_query(&template.tables));
     let mut ended = false;
-    let (now, gone, written) = loop {
-        // With the test's sessions gone: DDL from here on shows at the next reset; before, in
-        // the check below.
-        let (now, (others, written)) = ddl.snapshot(|| {
-            let mut sets = batch(conn, &look)?.into_iter();
-            let mut next = || sets.next().unwrap_or_default();
-            let others = sessions_in(conn.connection_id(), next(), name);
-            let status = next().into_iter().map(mysql::from_row).collect();
-            let written = next()
-                .into_iter()
-                .next()
-                .and_then(|mut r| r.take::<Option<String>, _>(0))
-                .flatten();
-            Ok::<_, mysql::Error>((status, (others, written)))
-        })?;
+    let (gone, written) = loop {
+        let mut sets = batch(conn, &look)?.into_iter();
+        let others = sessions_in(conn.connection_id(), sets.next().unwrap_or_default(), name);
         if others.is_empty() || ended {
-            break (now, others.is_empty(), written);
+            let written: Option<Option<String>> = sets.next().and_then(|set| {
+                let mut row = set.into_iter().next()?;
+                row.take(0)
+            });
+            break (others.is_empty(), written.flatten().unwrap_or_default());
         }
         end(conn, name, &others)?;
         ended = true;
     };
-    let (clean_up, own) = reset_statements(&template.tables, written.as_deref().unwrap_or(""));
-    if !clean_up.is_empty() {
-        ddl.own(own, || batch(conn, &clean_up))?;
+    // With the test's sessions gone: DDL from here on shows at the next reset; before, in the
+    // check below.
+    let now = ddl.snapshot(|| conn.query(ddl::STATUS))?;
+    let (rows, counters, own) = reset_statements(&template.tables, &written);
+    if !rows.is_empty() {
+        batch(conn, &rows)?;
+    }
+    if own > 0 {
+        ddl.own(own, || batch(conn, &counters))?;
     }
     let unchanged = gone && since.is_some_and(|s| ddl::only_own_between(&s, &now));
     let clean = unchanged || fingerprint(conn, &template.check)? == template.expected;
@@ -637,14 +631,13 @@ fn written_query(tables: &[Table]) -> String {
     )
 }
 
-/// What gives the `written` tables their fresh rows (foreign key checks off, so in any order),
-/// then their `AUTO_INCREMENT` back: one batch, and how many DDL statements it holds. A pure
-/// decision.
-fn reset_statements(tables: &[Table], written: &str) -> (String, u64) {
+/// What gives the `written` tables their fresh rows (one batch, foreign key checks off, so in
+/// any order), then their `AUTO_INCREMENT` back (another, of DDL statements: how many is the
+/// third value). A pure decision.
+fn reset_statements(tables: &[Table], written: &str) -> (String, String, u64) {
     let written: Vec<&str> = written.split(',').filter(|w| !w.is_empty()).collect();
     let mut rows = String::new();
-    let mut counters = String::new();
-    let mut ddl = 0;
+    let mut counters = Vec::new();
     for t in tables.iter().filter(|t| written.contains(&t.name.as_str())) {
         let name = t.name.replace('`', "``");
         rows.push_str(&format!("DELETE FROM `{name}`;"));
@@ -653,17 +646,13 @@ fn reset_statements(tables: &[Table], written: &str) -> (String, u64) {
             rows.push(';');
         }
         if let Some(n) = t.auto_increment {
-            counters.push_str(&format!(";ALTER TABLE `{name}` AUTO_INCREMENT = {n}"));
-            ddl += 1;
+            counters.push(format!("ALTER TABLE `{name}` AUTO_INCREMENT = {n}"));
         }
     }
-    if rows.is_empty() {
-        return (rows, 0);
+    if !rows.is_empty() {
+        rows = format!("SET FOREIGN_KEY_CHECKS = 0;{rows}SET FOREIGN_KEY_CHECKS = 1");
     }
-    (
-        format!("SET FOREIGN_KEY_CHECKS = 0;{rows}SET FOREIGN_KEY_CHECKS = 1{counters}"),
-        ddl,
-    )
+    (rows, counters.join(";"), counters.len() as u64)
 }
 
 fn load(admin: &mut mysql::Conn, hash: &str) -> Result<Option<Template>, mysql::Error> {
@@ -912,21 +901,24 @@ mod tests {
             table("b", None, false),
             table("c", Some(5), true),
         ];
-        assert_eq!(reset_statements(&tables, ""), (String::new(), 0));
+        assert_eq!(
+            reset_statements(&tables, ""),
+            (String::new(), String::new(), 0)
+        );
         assert_eq!(
             reset_statements(&tables, "b,c"),
             (
                 "SET FOREIGN_KEY_CHECKS = 0;DELETE FROM `b`;DELETE FROM `c`;\
-                 INSERT INTO `c` (`x`) VALUES ('1');SET FOREIGN_KEY_CHECKS = 1;\
-                 ALTER TABLE `c` AUTO_INCREMENT = 5"
+                 INSERT INTO `c` (`x`) VALUES ('1');SET FOREIGN_KEY_CHECKS = 1"
                     .to_owned(),
+                "ALTER TABLE `c` AUTO_INCREMENT = 5".to_owned(),
                 1
             )
         );
         assert_eq!(
             reset_statements(&tables, "a,c").1,
-            2,
-            "one DDL statement per counter set back"
+            "ALTER TABLE `a` AUTO_INCREMENT = 1;ALTER TABLE `c` AUTO_INCREMENT = 5",
+            "one DDL statement per counter set back, in one batch"
         );
     }
 
