@@ -8,6 +8,7 @@
 //! (CREATE DATABASE and the migrations per test; not for Redis). Rounds interleave the
 //! variants; compile time is excluded (built first).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -247,7 +248,17 @@ impl Servers {
             )?;
             urls.push((engine, ws.url(&name)?));
         }
-        let runner = Command::new("sleep").arg("infinity").spawn()?;
+        let mut runner = Command::new("sleep");
+        runner.arg("infinity");
+        // Gone with the bench however it ends, even killed (dropped, it is killed already).
+        // SAFETY: prctl is async-signal-safe and touches no state of the parent.
+        unsafe {
+            runner.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(Into::into)
+            });
+        }
+        let runner = runner.spawn()?;
         let servers = Servers { urls, runner };
         let migration = |engine: &str| crate_dir.join(format!("migrations/{engine}/001_shop.sql"));
         let url = servers.url(EngineKind::Postgres);
