@@ -403,6 +403,24 @@ fn a_runs_mariadb_server_is_disposable() {
     give_back(db);
 }
 
+/// A run's PostgreSQL server does not wait for the disk, and keeps its dynamic shared memory in
+/// its data directory, which goes with it, rather than in `/dev/shm`, where a killed server's
+/// segments would stay.
+#[test]
+fn a_runs_postgres_server_is_disposable() {
+    let db = claim(EngineKind::Postgres, "disposable");
+    let mut c = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    let setting = |c: &mut postgres::Client, name: &str| -> String {
+        c.query_one("SELECT current_setting($1)", &[&name])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(setting(&mut c, "fsync"), "off");
+    assert_eq!(setting(&mut c, "dynamic_shared_memory_type"), "mmap");
+    drop(c);
+    give_back(db);
+}
+
 /// MariaDB: a released database is emptied in place; one whose schema a test changed is made
 /// again, so the next holder sees neither the rows nor the change.
 #[test]

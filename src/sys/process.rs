@@ -461,13 +461,15 @@ pub fn running_in(dir: &Path, programs: &[PathBuf]) -> Vec<ProcessId> {
         .iter()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
         .collect();
-    let found: Vec<(ProcessId, i32)> = working_in(dir)
-        .into_iter()
-        .filter(|p| {
-            p.pid != std::process::id() as i32
-                && std::fs::read_link(format!("/proc/{}/exe", p.pid))
-                    .is_ok_and(|exe| programs.contains(&exe))
-        })
+    leaders(working_in(dir).into_iter().filter(|p| {
+        std::fs::read_link(format!("/proc/{}/exe", p.pid)).is_ok_and(|exe| programs.contains(&exe))
+    }))
+}
+
+/// Of `found`, this process aside, those whose parent is not among them.
+fn leaders(found: impl Iterator<Item = ProcessId>) -> Vec<ProcessId> {
+    let found: Vec<(ProcessId, i32)> = found
+        .filter(|p| p.pid != std::process::id() as i32)
         .filter_map(|p| Some((p, read_stat(p.pid).ok()??.parent)))
         .collect();
     found
@@ -510,10 +512,17 @@ pub fn orphans_under(root: &Path) -> Vec<(ProcessId, PathBuf)> {
         .collect()
 }
 
-/// Stops (SIGKILL) every process [`working_in`] `dir`.
+/// Stops every process [`working_in`] `dir` with SIGTERM, and SIGKILL only past a grace, so
+/// that a server removes what it keeps outside the directory: PostgreSQL's shared memory in
+/// `/dev/shm` and its System V segment, which a SIGKILL leaves behind for good once the
+/// directory is gone (a single-user `postgres` under `initdb` keeps them too). Those whose
+/// parent is not among them first (a server, a supervisor, an `initdb`), then what is left.
 pub fn stop_working_in(dir: &Path) {
+    for leader in leaders(working_in(dir).into_iter()) {
+        leader.stop(Signal::SIGTERM, Duration::from_secs(5));
+    }
     for pid in working_in(dir) {
-        pid.stop(Signal::SIGKILL, Duration::from_secs(10));
+        pid.stop(Signal::SIGTERM, Duration::from_secs(5));
     }
 }
 

@@ -165,6 +165,11 @@ fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
                 let name = format!("fault-{engine}-{backend}-{round}");
                 kill_9_after(&mut create(&project, &name, engine, backend), delay_ms);
                 kills += 1;
+                // The sandbox's servers have IPC of their own, gone with it.
+                let segments = match backend {
+                    "lightweight" => postgres_segments(project.dir.path()),
+                    _ => Vec::new(),
+                };
                 // Whatever the moment, the next command leaves nothing of it behind; a create
                 // that finished before the kill is removed by hand, as a user would.
                 let _ = cmd(&project, &["db", "destroy", &name]).output();
@@ -173,10 +178,50 @@ fn kill_9_at_any_moment_of_create_leaves_nothing_once_another_command_runs() {
                     "fault-",
                     &format!("{name} killed after {delay_ms} ms"),
                 );
+                let left: Vec<i32> = segments
+                    .into_iter()
+                    .filter(|&id| segment_exists(id))
+                    .collect();
+                assert!(
+                    left.is_empty(),
+                    "{name} killed after {delay_ms} ms: the server's shared memory is left (System V ids {left:?})"
+                );
             }
         }
     }
     assert_eq!(kills, 30);
+}
+
+/// The System V shared memory ids of the PostgreSQL servers whose data directories are under
+/// `dir` (their `postmaster.pid`'s seventh line: key, id). A server that shuts down removes its
+/// segment, and with it what it kept in `/dev/shm`; one killed with SIGKILL leaves both.
+fn postgres_segments(dir: &Path) -> Vec<i32> {
+    let mut ids = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+            } else if entry.file_name() == "postmaster.pid" {
+                let text = fs::read_to_string(&path).unwrap_or_default();
+                let id = text
+                    .lines()
+                    .nth(6)
+                    .and_then(|l| l.split_whitespace().nth(1));
+                ids.extend(id.and_then(|id| id.parse::<i32>().ok()));
+            }
+        }
+    }
+    ids
+}
+
+fn segment_exists(id: i32) -> bool {
+    // SAFETY: IPC_STAT only writes the zeroed descriptor it is given.
+    unsafe {
+        let mut ds: libc::shmid_ds = std::mem::zeroed();
+        libc::shmctl(id, libc::IPC_STAT, &mut ds) == 0
+    }
 }
 
 /// A record that cannot be used (truncated, garbage, wrong types, an unknown field, another
