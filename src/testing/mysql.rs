@@ -526,21 +526,18 @@ fn reset(
     ddl: &Ledger,
     since: Option<Snapshot>,
 ) -> Result<Option<Snapshot>, mysql::Error> {
-    let look = format!("SHOW PROCESSLIST;{}", written_query(&template.tables));
-    let mut ended = false;
-    let (gone, written) = loop {
-        let mut sets = batch(conn, &look)?.into_iter();
-        let others = sessions_in(conn.connection_id(), sets.next().unwrap_or_default(), name);
-        if others.is_empty() || ended {
-            let written: Option<Option<String>> = sets.next().and_then(|set| {
-                let mut row = set.into_iter().next()?;
-                row.take(0)
-            });
-            break (others.is_empty(), written.flatten().unwrap_or_default());
-        }
-        end(conn, name, &others)?;
-        ended = true;
+    let written_sql = written_query(&template.tables);
+    let mut look = batch(conn, &format!("SHOW PROCESSLIST;{written_sql}"))?.into_iter();
+    let others = sessions_in(conn.connection_id(), look.next().unwrap_or_default(), name);
+    // The tables written, read again once the sessions left are ended.
+    let (gone, written): (bool, Option<Option<String>>) = match others.is_empty() {
+        true => (
+            true,
+            look.next().and_then(|set| set.into_iter().next()?.take(0)),
+        ),
+        false => (end(conn, name, &others)?, conn.query_first(&written_sql)?),
     };
+    let written = written.flatten().unwrap_or_default();
     // With the test's sessions gone: DDL from here on shows at the next reset; before, in the
     // check below.
     let now = ddl.snapshot(|| conn.query(ddl::STATUS))?;
@@ -567,9 +564,9 @@ fn batch(conn: &mut mysql::Conn, sql: &str) -> Result<Vec<Vec<mysql::Row>>, mysq
     Ok(sets)
 }
 
-/// Ends the sessions `others` left in the database `name` and waits until they are gone (or
-/// five seconds have passed: the check then tells).
-fn end(conn: &mut mysql::Conn, name: &str, others: &[u64]) -> Result<(), mysql::Error> {
+/// Ends the sessions `others` left in the database `name` and waits until they are gone:
+/// whether they are (false after five seconds).
+fn end(conn: &mut mysql::Conn, name: &str, others: &[u64]) -> Result<bool, mysql::Error> {
     for id in others {
         // Gone already is fine.
         let _ = conn.query_drop(format!("KILL CONNECTION {id}"));
@@ -581,10 +578,11 @@ fn end(conn: &mut mysql::Conn, name: &str, others: &[u64]) -> Result<(), mysql::
     let mut pause = std::time::Duration::from_micros(200);
     loop {
         let listed = conn.query("SHOW PROCESSLIST")?;
-        if sessions_in(conn.connection_id(), listed, name).is_empty()
-            || std::time::Instant::now() > deadline
-        {
-            return Ok(());
+        if sessions_in(conn.connection_id(), listed, name).is_empty() {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(std::time::Duration::from_millis(2));
