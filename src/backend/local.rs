@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use super::memory;
 use super::{
     Backend, BackendKind, CreateOptions, EnvState, Host, Isolation, Started, Status, READY_TIMEOUT,
     STOP_GRACE,
@@ -16,7 +17,7 @@ use super::{
 use crate::engine::{wait_ready, Binaries, Credentials, Engine};
 use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
-use crate::sys::files::{reachable, set_mode};
+use crate::sys::files::{copy_tree, reachable, set_mode};
 use crate::sys::net;
 use crate::sys::process::{self, tail, Launch, ProcessId, ServiceUser, Switch};
 use crate::sys::secret::Secret;
@@ -58,9 +59,21 @@ pub trait Confinement: Sync {
     }
 
     /// The servers running for the environment in `dir`, recorded or not: by default the
-    /// processes working there that run the engine's `server` program.
+    /// processes working there (or in its data in memory, where servers move) that run the
+    /// engine's `server` program.
     fn servers_in(&self, dir: &Path, server: &Path) -> Vec<ProcessId> {
-        process::running_in(dir, &[server.to_owned()])
+        let servers = [server.to_owned()];
+        let mut found = process::running_in(dir, &servers);
+        if let Some(data) = memory::linked(&dir.join("data")) {
+            found.extend(process::running_in(&data, &servers));
+        }
+        found
+    }
+
+    /// Whether a disposable server's data may live in memory ([`memory`]): only where the
+    /// server sees the host's `/dev/shm`.
+    fn data_in_memory(&self) -> bool {
+        false
     }
 
     /// Whether, without root, servers may run as the invoker's subordinate ids.
@@ -128,8 +141,14 @@ impl<C: Confinement> Backend for Local<C> {
         layout
             .make()
             .context(|| format!("cannot create {}", layout.dir.display()))?;
+        let memory = match state.owner.is_some() && self.0.data_in_memory() {
+            true => memory::place(host.vars()).map_err(env_err)?,
+            false => None,
+        };
+        // A spare is on disk: memory gets a copy.
         let spare = template
             .as_deref()
+            .filter(|_| memory.is_none())
             .and_then(|t| host.take_spare(t, &layout.data));
         let (identity, user) = host.claim_user(layout, self.0.subordinate_ids(), spare.as_ref())?;
         state.identity = identity;
@@ -138,9 +157,12 @@ impl<C: Confinement> Backend for Local<C> {
         }
         let user = &user;
         let made = || -> io::Result<()> {
-            match &template {
-                Some(t) => host.copy_template(t, &layout.data, user, spare.as_ref())?,
-                None => {
+            match (&template, &memory) {
+                (Some(t), Some(m)) => {
+                    copy_tree(t, &memory::link(m, &layout.dir, &layout.data)?, user)?
+                }
+                (Some(t), None) => host.copy_template(t, &layout.data, user, spare.as_ref())?,
+                (None, _) => {
                     fs::create_dir(&layout.data)?;
                     set_mode(&layout.data, 0o700)?;
                     user.chown(&layout.data)?;

@@ -8,6 +8,7 @@ pub mod docker;
 mod lightweight;
 mod local;
 pub mod manifest;
+pub mod memory;
 mod record;
 pub mod sandbox;
 pub mod ssh_tunnel;

@@ -8,7 +8,7 @@ use std::path::Path;
 use super::policy::Action;
 use super::{spare, Workspace};
 use crate::backend::STOP_GRACE;
-use crate::backend::{self, EnvState};
+use crate::backend::{self, memory, EnvState};
 use crate::error::{Error, IoContext, Result};
 use crate::layout::Layout;
 use crate::sys::files::remove_tree;
@@ -73,6 +73,10 @@ impl Workspace {
     /// any backend left outside it: for a directory whose record names nothing.
     pub(super) fn abandon(&self, layout: &Layout) {
         stop_working_in(&layout.dir);
+        // Servers move into their data directory, which may be in memory.
+        if let Some(data) = memory::linked(&layout.data) {
+            stop_working_in(&data);
+        }
         for kind in backend::ALL {
             let _ = kind.backend().abandon(self, layout);
         }
@@ -115,7 +119,7 @@ impl Workspace {
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = named_by(&name, ".removing-").map(|(_, pid)| pid);
             if pid.is_some_and(|pid| ProcessId::of(pid).map_or(true, |p| !p.is_alive())) {
-                let _ = remove_tree(&entry.path());
+                let _ = remove_env_dir(&entry.path());
             }
         }
     }
@@ -182,8 +186,15 @@ pub(super) fn retire(dir: &Path) -> std::io::Result<()> {
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
     let aside = dir.with_file_name(format!(".removing-{name}-{}", std::process::id()));
     match fs::rename(dir, &aside) {
-        Ok(()) => remove_tree(&aside),
+        Ok(()) => remove_env_dir(&aside),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(_) => remove_tree(dir),
+        Err(_) => remove_env_dir(dir),
     }
+}
+
+/// Removes an environment's directory and its data in memory, that first: a kill -9 between
+/// the two leaves the directory, which links to nothing then.
+fn remove_env_dir(dir: &Path) -> std::io::Result<()> {
+    memory::release(&Layout::new(dir.to_owned()).data)?;
+    remove_tree(dir)
 }

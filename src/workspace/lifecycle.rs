@@ -8,7 +8,8 @@ use super::cleanup::Cleanup;
 use super::policy::Action;
 use super::root;
 use super::{check_name, EnvInfo, Workspace};
-use crate::backend::CreateOptions;
+use crate::backend::Host;
+use crate::backend::{memory, CreateOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::process::ProcessId;
 
@@ -97,16 +98,20 @@ impl Workspace {
 
     /// Makes an owned (ephemeral) environment permanent: `gc` will leave it alone. A local
     /// server was started to die with its owner and to skip what only a throwaway server may
-    /// (the disk syncs), so it is started again as a permanent one.
+    /// (the disk syncs, the disk itself), so it is started again as a permanent one, its data
+    /// moved from memory to the disk.
     pub fn disown(&self, name: &str, progress: &dyn Fn(&str)) -> Result<EnvInfo> {
-        let local = {
+        let (local, user) = {
             let (layout, _lock, mut state) = self.open_locked(name)?;
             state.owner = None;
             state.store(&layout)?;
-            state.backend.runs_locally()
+            (state.backend.runs_locally(), self.user_of(&state))
         };
         if local {
             self.stop(name)?;
+            let data = self.layout(name).data;
+            memory::to_disk(&data, &user?)
+                .context(|| format!("cannot move {} from memory to the disk", data.display()))?;
             self.start(name, progress)?;
         }
         self.inspect(name)

@@ -6,16 +6,16 @@
 mod support;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use support::Project;
 
-/// Processes whose working directory is under `dir` (servers and initializers start there).
-fn working_under(dir: &Path) -> Vec<String> {
-    let dir = fs::canonicalize(dir).unwrap();
+/// Processes whose working directory is under one of `dirs` (or was, and was deleted): servers
+/// and initializers start in their environment's directory, and servers move into their data.
+fn working_in(dirs: &[PathBuf]) -> Vec<String> {
     fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -24,7 +24,26 @@ fn working_under(dir: &Path) -> Vec<String> {
             let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let zombie = stat.rsplit(')').next()?.trim_start().starts_with('Z');
-            (cwd.starts_with(&dir) && !zombie).then(|| format!("{pid} in {}", cwd.display()))
+            let cwd = PathBuf::from(cwd.to_string_lossy().trim_end_matches(" (deleted)"));
+            let inside = dirs.iter().any(|d| cwd.starts_with(d));
+            (inside && !zombie).then(|| format!("{pid} in {}", cwd.display()))
+        })
+        .collect()
+}
+
+/// The project's data directories in memory (a test run's servers keep their data in
+/// `/dev/shm/isoenv-UID/KEY`, whose `env` names the environment), and any whose maker was
+/// killed before it said whose it is.
+fn in_memory(project: &Project) -> Vec<PathBuf> {
+    let state = project.state();
+    fs::read_dir(format!("/dev/shm/isoenv-{}", nix::unistd::geteuid()))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|d| {
+            fs::read_to_string(d.join("env"))
+                .map_or(true, |env| Path::new(&env).starts_with(&state))
         })
         .collect()
 }
@@ -95,11 +114,15 @@ fn create(project: &Project, name: &str, engine: &str, backend: &str) -> Command
 /// environments' names begin (their cgroups are named after them; the tests of this file run
 /// at once, each with names of its own).
 fn assert_nothing_left(project: &Project, names: &str, what: &str) {
+    let mut dirs = in_memory(project);
+    dirs.push(fs::canonicalize(project.dir.path()).unwrap());
     let gc = cmd(project, &["db", "gc"]).output().unwrap();
     assert!(gc.status.success(), "{}", support::text(&gc));
+    let memory = in_memory(project);
+    assert!(memory.is_empty(), "{what}: data left in memory: {memory:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let running = working_under(project.dir.path());
+        let running = working_in(&dirs);
         if running.is_empty() {
             break;
         }
