@@ -127,10 +127,13 @@ fn workspace() -> crate::Result<(PathBuf, Workspace)> {
 fn shared(engine: EngineKind, runner: ProcessId) -> crate::Result<String> {
     let (base, ws) = workspace()?;
     // Once the run's server runs, its other processes find it without the lock and without
-    // collecting again (1 ms of each test process under nextest).
+    // collecting again (1 ms of each test process under nextest). Its record names its process
+    // before the server answers: the run's tag, written once it answers, says it is ready.
+    let tag = run_tag(runner);
     let running = |n: &String| {
         ws.inspect(n)
             .is_ok_and(|i| i.owner == Some(runner) && i.status == Status::Running)
+            && fs::read_to_string(ws.layout(n).dir.join(RUN_FILE)).is_ok_and(|t| t == tag)
     };
     let name = match slots(engine).find(running) {
         Some(name) => name,
@@ -170,7 +173,7 @@ fn provide(
     let alive = ws.layout(&name).dir.join(ALIVE_FILE);
     let found = ws.inspect(&name).map(|info| info.status);
     let run = ws.layout(&name).dir.join(RUN_FILE);
-    let tag = format!("{}:{}", runner.pid, runner.start_time);
+    let tag = run_tag(runner);
     if found.as_ref().ok() != Some(&Status::Running) {
         // A previous run's is started again; one this run started already and that stopped
         // (the idle timeout, a crash) is made anew, since processes of this run may still hold
@@ -204,6 +207,11 @@ fn provide(
         }
     }
     Ok(name)
+}
+
+/// What [`RUN_FILE`] holds for the run of `runner`.
+fn run_tag(runner: ProcessId) -> String {
+    format!("{}:{}", runner.pid, runner.start_time)
 }
 
 /// Holds the state directory `base` exclusively: one process at a time makes, takes on or

@@ -152,6 +152,8 @@ pub(super) fn run(
                     "--test",
                     "suite",
                     "--no-fail-fast",
+                    // A failing test's output at the end, where the error below shows it.
+                    "--failure-output=final",
                     &filter,
                 ]),
             };
@@ -171,7 +173,7 @@ pub(super) fn run(
                 bail!(
                     "the suite failed: {}\n{}",
                     name(config),
-                    isoenv::sys::process::tail(&text, 40)
+                    isoenv::sys::process::tail(&text, 60)
                 );
             }
             seconds[i].push(elapsed);
