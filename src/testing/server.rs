@@ -21,8 +21,8 @@ use std::time::Duration;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 
-use crate::backend::BackendKind;
 use crate::backend::Status;
+use crate::backend::{memory, BackendKind};
 use crate::engine::EngineKind;
 use crate::envfile::Vars;
 use crate::sys::process::ProcessId;
@@ -112,10 +112,13 @@ fn workspace() -> crate::Result<(PathBuf, Workspace)> {
     let base = std::env::temp_dir().join(format!("isoenv-testing-{}", nix::unistd::geteuid()));
     fs::create_dir_all(&base).map_err(|e| io(&base, e))?;
     fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).map_err(|e| io(&base, e))?;
-    let vars = Vars::from_pairs([
+    let mut vars = Vars::from_pairs([
         ("WASI_SANDBOX_DIR", base.join("state").display().to_string()),
         ("ISOENV_CACHE_DIR", base.join("cache").display().to_string()),
     ]);
+    if let Ok(place) = std::env::var(memory::VAR) {
+        vars = vars.with(memory::VAR, place);
+    }
     let config = EnvironmentConfig::from_vars(&vars, &base)?;
     Ok((base, Workspace::new(&config, vars)))
 }

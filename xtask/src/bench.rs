@@ -11,7 +11,7 @@ use clap::Args;
 use isoenv::backend::BackendKind;
 use isoenv::bench::{Measurement, Report};
 use isoenv::engine::EngineKind;
-use isoenv::sys::process::ServiceUser;
+use isoenv::sys::process::{ProcessId, ServiceUser};
 use isoenv::workspace::{CreateOptions, Workspace};
 use isoenv::{EnvironmentConfig, Vars};
 
@@ -46,6 +46,55 @@ const SECTIONS: [&str; 8] = [
     "docker",
 ];
 
+/// A bench's variables: its own state root and cache in `scratch`.
+fn scratch_vars(vars: &Vars, scratch: &Path) -> Vars {
+    vars.clone()
+        .with("ENVIRONMENT", "development")
+        .with(
+            "WASI_SANDBOX_DIR",
+            scratch.join("state").display().to_string(),
+        )
+        .with(
+            "ISOENV_CACHE_DIR",
+            scratch.join("cache").display().to_string(),
+        )
+}
+
+/// Removes a bench's scratch directory, its environments destroyed first: a test run's data
+/// lives in memory, outside it.
+fn remove_scratch(ws: &Result<Workspace>, scratch: &Path) {
+    if let Ok(ws) = ws {
+        for env in ws.list().unwrap_or_default() {
+            let _ = ws.destroy(&env.name);
+        }
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+}
+
+/// Removes what benches that were killed left (`target/isoenv-bench-PID`, PID gone).
+fn remove_dead_scratches(target: &Path, vars: &Vars) {
+    let Ok(entries) = std::fs::read_dir(target) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("isoenv-bench-")
+            .and_then(|p| p.parse().ok())
+        else {
+            continue;
+        };
+        if ProcessId::of(pid).is_ok_and(|p| p.is_alive()) {
+            continue;
+        }
+        let vars = scratch_vars(vars, &entry.path());
+        let ws = EnvironmentConfig::from_vars(&vars, &project_root())
+            .map(|config| Workspace::new(&config, vars))
+            .map_err(Into::into);
+        remove_scratch(&ws, &entry.path());
+    }
+}
+
 struct Plan {
     warm: usize,
     cold: usize,
@@ -77,28 +126,20 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
         }
     };
     let target = project_root().join("target");
+    let vars = ctx.vars()?;
+    remove_dead_scratches(&target, &vars);
     let scratch = target.join(format!("isoenv-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     // Servers run as an unprivileged user, which must reach the state root.
     isoenv::sys::files::set_mode(&scratch, 0o755)?;
     let bench = Bench {
-        vars: ctx
-            .vars()?
-            .with("ENVIRONMENT", "development")
-            .with(
-                "WASI_SANDBOX_DIR",
-                scratch.join("state").display().to_string(),
-            )
-            .with(
-                "ISOENV_CACHE_DIR",
-                scratch.join("cache").display().to_string(),
-            ),
+        vars: scratch_vars(&vars, &scratch),
         scratch: scratch.clone(),
         plan,
         only: args.only,
     };
     let result = bench.all();
-    let _ = std::fs::remove_dir_all(&scratch);
+    remove_scratch(&bench.workspace(None), &scratch);
     let report = result?;
     std::fs::write(target.join("isoenv-bench.md"), report.markdown())?;
     std::fs::write(
