@@ -386,26 +386,44 @@ fn my_tables(url: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// Where a run's server keeps its data: in memory (`/dev/shm`) unless told otherwise or
+/// there is no room there, as `ISOENV_TEST_DATA` says.
+fn assert_data_placed(data_dir: &str) {
+    let shm = nix::sys::statvfs::statvfs("/dev/shm").unwrap();
+    let room = shm.blocks_available() as u64 * shm.fragment_size() as u64 >= 1 << 30;
+    let memory = std::env::var("ISOENV_TEST_DATA").as_deref() != Ok("disk") && room;
+    let real = std::fs::canonicalize(data_dir).unwrap();
+    assert_eq!(
+        real.to_string_lossy().starts_with("/dev/shm/isoenv-"),
+        memory,
+        "data in {}",
+        real.display()
+    );
+}
+
 /// A run's MariaDB server keeps nothing it does not need: no durable commits and no persistent
-/// statistics (each pool reset's `ALTER TABLE` would write them, each table reopened read them).
+/// statistics (each pool reset's `ALTER TABLE` would write them, each table reopened read them),
+/// its data in memory, where its tablespaces grow by 1 MB.
 #[test]
 fn a_runs_mariadb_server_is_disposable() {
     use mysql::prelude::Queryable;
     let db = claim(EngineKind::Mysql, "disposable");
     let mut c = mysql::Conn::new(mysql::Opts::from_url(db.url()).unwrap()).unwrap();
-    let settings: Option<(u8, u8, u8)> = c
+    let settings: Option<(u8, u8, u8, u8)> = c
         .query_first(
-            "SELECT @@innodb_flush_log_at_trx_commit, @@innodb_doublewrite, @@innodb_stats_persistent",
+            "SELECT @@innodb_flush_log_at_trx_commit, @@innodb_doublewrite, @@innodb_stats_persistent, @@innodb_autoextend_increment",
         )
         .unwrap();
-    assert_eq!(settings, Some((0, 0, 0)));
+    assert_eq!(settings, Some((0, 0, 0, 1)));
+    let data: Option<String> = c.query_first("SELECT @@datadir").unwrap();
+    assert_data_placed(&data.unwrap());
     drop(c);
     give_back(db);
 }
 
 /// A run's PostgreSQL server does not wait for the disk, and keeps its dynamic shared memory in
 /// its data directory, which goes with it, rather than in `/dev/shm`, where a killed server's
-/// segments would stay.
+/// segments would stay; its data is in memory, with a bounded WAL.
 #[test]
 fn a_runs_postgres_server_is_disposable() {
     let db = claim(EngineKind::Postgres, "disposable");
@@ -417,6 +435,8 @@ fn a_runs_postgres_server_is_disposable() {
     };
     assert_eq!(setting(&mut c, "fsync"), "off");
     assert_eq!(setting(&mut c, "dynamic_shared_memory_type"), "mmap");
+    assert_eq!(setting(&mut c, "max_wal_size"), "96MB");
+    assert_data_placed(&setting(&mut c, "data_directory"));
     drop(c);
     give_back(db);
 }

@@ -162,10 +162,14 @@ impl<C: Confinement> Backend for Local<C> {
                     copy_tree(t, &memory::link(m, &layout.dir, &layout.data)?, user)?
                 }
                 (Some(t), None) => host.copy_template(t, &layout.data, user, spare.as_ref())?,
-                (None, _) => {
-                    fs::create_dir(&layout.data)?;
-                    set_mode(&layout.data, 0o700)?;
-                    user.chown(&layout.data)?;
+                (None, memory) => {
+                    let data = match memory {
+                        Some(m) => memory::link(m, &layout.dir, &layout.data)?,
+                        None => layout.data.clone(),
+                    };
+                    fs::create_dir(&data)?;
+                    set_mode(&data, 0o700)?;
+                    user.chown(&data)?;
                 }
             }
             fs::create_dir(&layout.run)?;

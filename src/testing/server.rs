@@ -22,7 +22,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 
 use crate::backend::Status;
-use crate::backend::{memory, BackendKind};
+use crate::backend::{memory, BackendKind, Host};
 use crate::engine::EngineKind;
 use crate::envfile::Vars;
 use crate::sys::process::ProcessId;
@@ -301,11 +301,16 @@ fn take_on(
 
 /// Removes `engine`'s servers that previous runs left and that are not to be taken on: unused
 /// for [`KEPT_FOR`], or last run before the machine restarted (it skipped its disk syncs, so a
-/// crash may have torn its files). Other engines' wait until they are asked for, rather than
-/// being removed on this run's way. `gc` leaves these servers to this.
+/// crash may have torn its files), or with their data elsewhere than this run wants it
+/// (`ISOENV_TEST_DATA`). Other engines' wait until they are asked for, rather than being
+/// removed on this run's way. `gc` leaves these servers to this.
 fn remove_unusable(ws: &Workspace, engine: EngineKind) -> crate::Result<()> {
     let boot = boot_id();
+    let in_memory = matches!(memory::place(ws.vars()), Ok(Some(_)));
     let unusable = |dir: &Path| {
+        if memory::linked(&dir.join("data")).is_some() != in_memory {
+            return true;
+        }
         let last_boot = fs::read_to_string(dir.join(BOOT_FILE)).ok();
         let unused_for = fs::metadata(dir.join(ALIVE_FILE))
             .and_then(|m| m.modified())
