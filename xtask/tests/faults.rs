@@ -302,8 +302,8 @@ fn a_corrupted_record_is_shown_broken_and_destroy_still_cleans_up() {
 }
 
 /// The state root deleted by hand while servers run: the next `db gc` finds them (they work in
-/// a directory that no longer exists), stops them, removes what the sandbox's left (cgroups),
-/// and says what it stopped.
+/// a directory that no longer exists, or in data in memory that no environment links to),
+/// stops them, removes what they left (cgroups, the data in memory), and says what it stopped.
 #[test]
 fn servers_of_a_deleted_state_root_are_found_and_stopped() {
     let project = Project::new("");
@@ -313,13 +313,54 @@ fn servers_of_a_deleted_state_root_are_found_and_stopped() {
         let info = project.json(&["db", "inspect", name, "--json"]);
         ports.push(info["port"].as_u64().unwrap() as u16);
     }
+    // A test run's server, its data in memory, outside the state root.
+    let mut run = cmd(
+        &project,
+        &[
+            "run",
+            "--isolated",
+            "--engine",
+            "mysql",
+            "--",
+            "sleep",
+            "60",
+        ],
+    )
+    .current_dir(project.dir.path())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let memory = loop {
+        if let [dir] = &in_memory(&project)[..] {
+            if let Some(port) = fs::read_to_string(project.state().join(format!(
+                "{}/state.json",
+                dir.file_name().unwrap().to_string_lossy().rsplit_once('-').unwrap().0
+            )))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .filter(|s| s["process"].is_object())
+            .and_then(|s| s["port"].as_u64())
+            {
+                ports.push(port as u16);
+                break dir.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "no test run's server came up");
+        sleep(Duration::from_millis(50));
+    };
     fs::remove_dir_all(project.state()).unwrap();
     let said = project.ok(&["db", "gc"]);
     assert!(said.contains("orphan-a was deleted"), "{said}");
     assert!(said.contains("orphan-b was deleted"), "{said}");
+    assert!(said.contains(&*memory.to_string_lossy()), "{said}");
     for port in ports {
         assert_port_closes(port, &said);
     }
+    assert!(!memory.exists(), "{said}");
+    let _ = run.kill();
+    let _ = run.wait();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cgroups_named("isoenv-orphan").is_empty() {
         assert!(
