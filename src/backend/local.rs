@@ -141,10 +141,11 @@ impl<C: Confinement> Backend for Local<C> {
         layout
             .make()
             .context(|| format!("cannot create {}", layout.dir.display()))?;
-        let memory = match state.owner.is_some() && self.0.data_in_memory() {
-            true => memory::place(host.vars()).map_err(env_err)?,
-            false => None,
-        };
+        let memory =
+            match state.owner.is_some() && self.0.data_in_memory() && engine.data_in_memory() {
+                true => memory::place(host.vars()).map_err(env_err)?,
+                false => None,
+            };
         // A spare is on disk: memory gets a copy.
         let spare = template
             .as_deref()
@@ -162,14 +163,10 @@ impl<C: Confinement> Backend for Local<C> {
                     copy_tree(t, &memory::link(m, &layout.dir, &layout.data)?, user)?
                 }
                 (Some(t), None) => host.copy_template(t, &layout.data, user, spare.as_ref())?,
-                (None, memory) => {
-                    let data = match memory {
-                        Some(m) => memory::link(m, &layout.dir, &layout.data)?,
-                        None => layout.data.clone(),
-                    };
-                    fs::create_dir(&data)?;
-                    set_mode(&data, 0o700)?;
-                    user.chown(&data)?;
+                (None, _) => {
+                    fs::create_dir(&layout.data)?;
+                    set_mode(&layout.data, 0o700)?;
+                    user.chown(&layout.data)?;
                 }
             }
             fs::create_dir(&layout.run)?;

@@ -1,7 +1,7 @@
-//! Data directories in memory, for disposable local servers (a test run's): their data dies
-//! with the run, so the disk is only a cost. On an ext4 disk a MariaDB pool reset's
-//! `ALTER TABLE ... AUTO_INCREMENT`s spend half their time renaming `.frm` files, and every
-//! `CREATE DATABASE` writes and frees files the filesystem then discards.
+//! Data directories in memory, for disposable local servers (a test run's) of the engines that
+//! gain from it ([`crate::engine::Engine::data_in_memory`]): their data dies with the run, so
+//! the disk is only a cost. On an ext4 disk a MariaDB pool reset's
+//! `ALTER TABLE ... AUTO_INCREMENT`s spend half their time renaming `.frm` files.
 //!
 //! The environment's `data` is a link to `/dev/shm/isoenv-UID/KEY/data`, made before its
 //! target, and `KEY/env` names the environment's directory: whatever removes the environment

@@ -149,6 +149,10 @@ impl Engine for Mysql {
         ]
     }
 
+    fn data_in_memory(&self) -> bool {
+        true
+    }
+
     fn launch(&self, bins: &Binaries, layout: &Layout, port: u16) -> Launch {
         let l = Launch::new(&bins.server)
             .arg("--no-defaults")

@@ -110,9 +110,7 @@ impl Engine for Postgres {
     /// Besides durability: dynamic shared memory in files of the data directory
     /// (`pg_dynshmem`), not in `/dev/shm`, where a server killed with SIGKILL leaves its
     /// segments (about 1 MB each time) until the same data directory starts again, which a
-    /// test run's never does. And at most 96 MB of WAL, 32 kept for reuse, rather than up to
-    /// 1 GB and 80: a test run's data is in memory, and every pool clone writes its whole
-    /// database to the WAL (8 MB here).
+    /// test run's never does.
     fn disposable_args(&self) -> &'static [&'static str] {
         &[
             "-c",
@@ -123,10 +121,6 @@ impl Engine for Postgres {
             "full_page_writes=off",
             "-c",
             "dynamic_shared_memory_type=mmap",
-            "-c",
-            "max_wal_size=96MB",
-            "-c",
-            "min_wal_size=32MB",
         ]
     }
 

@@ -306,7 +306,8 @@ fn take_on(
 /// removed on this run's way. `gc` leaves these servers to this.
 fn remove_unusable(ws: &Workspace, engine: EngineKind) -> crate::Result<()> {
     let boot = boot_id();
-    let in_memory = matches!(memory::place(ws.vars()), Ok(Some(_)));
+    let in_memory =
+        engine.engine().data_in_memory() && matches!(memory::place(ws.vars()), Ok(Some(_)));
     let unusable = |dir: &Path| {
         if memory::linked(&dir.join("data")).is_some() != in_memory {
             return true;
