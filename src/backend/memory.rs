@@ -19,7 +19,7 @@ use nix::fcntl::{renameat2, RenameFlags};
 use crate::envfile::Vars;
 use crate::sys::files::{copy_tree, remove_tree};
 use crate::sys::hash::fnv1a;
-use crate::sys::process::ServiceUser;
+use crate::sys::process::{stop_working_in, ServiceUser};
 
 /// `memory` (the default, where possible) or `disk`.
 pub const VAR: &str = "ISOENV_TEST_DATA";
@@ -108,13 +108,19 @@ fn own_dir(dir: &Path) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
 }
 
-/// Links `data` (in the environment's directory `env`) to a new directory in `root` and returns
-/// where the data goes (not made yet: the caller copies it there).
+/// Links `data` (in the environment's directory `env`, just made) to a new directory in `root`
+/// and returns where the data goes (not made yet: the caller copies it there). What is there
+/// already was an earlier environment's of the same path, whose directory went without it (a
+/// state root deleted by hand, a temporary directory cleaned): stopped and removed.
 pub fn link(root: &Path, env: &Path, data: &Path) -> io::Result<PathBuf> {
     let name = env.file_name().unwrap_or_default().to_string_lossy();
     let key = format!("{name}-{:016x}", fnv1a(&env.to_string_lossy()));
     let dir = root.join(key);
     let target = dir.join("data");
+    if fs::symlink_metadata(&dir).is_ok() {
+        stop_working_in(&dir);
+        remove_tree(&dir)?;
+    }
     // The link first: a target exists only where a link already points to it.
     std::os::unix::fs::symlink(&target, data)?;
     fs::DirBuilder::new().mode(0o711).create(&dir)?;
@@ -200,6 +206,31 @@ mod tests {
         assert!(wanted(Some("ram"), Some(ROOMY))
             .unwrap_err()
             .contains("`memory` or `disk`"));
+    }
+
+    #[test]
+    fn an_environment_made_again_at_the_same_path_gets_fresh_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = root();
+        own_dir(&root).unwrap();
+        let env = tmp.path().join("run-mysql-0");
+        fs::create_dir(&env).unwrap();
+        let first = link(&root, &env, &env.join("data")).unwrap();
+        fs::create_dir(&first).unwrap();
+        fs::write(first.join("left"), "").unwrap();
+        // The state root deleted by hand, then the environment made again.
+        fs::remove_dir_all(&env).unwrap();
+        assert_eq!(
+            strays().iter().filter(|d| d.join("data") == first).count(),
+            1
+        );
+        fs::create_dir(&env).unwrap();
+        let second = link(&root, &env, &env.join("data")).unwrap();
+        assert_eq!(second, first);
+        assert!(!first.join("left").exists(), "the old data is gone");
+        assert!(!strays().iter().any(|d| d.join("data") == first));
+        release(&env.join("data")).unwrap();
+        assert!(!first.parent().unwrap().exists());
     }
 
     #[test]
