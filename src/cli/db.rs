@@ -439,6 +439,9 @@ fn print_inspect(e: &EnvInfo) {
     if let Some(dir) = &e.socket_dir {
         println!("socket:   {} (Unix socket directory)", dir.display());
     }
+    if let Some(data) = &e.data_in_memory {
+        println!("data:     {} (in memory: a test run's)", data.display());
+    }
     if let Some(c) = &e.container {
         println!(
             "container: {} (image {})\nvolume:   {}",

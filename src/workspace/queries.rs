@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::client_files::{self, read_credentials};
 use super::{check_name, Workspace};
 use crate::backend::docker::ContainerRecord;
-use crate::backend::{BackendKind, EnvState, Isolation, Status};
+use crate::backend::{memory, BackendKind, EnvState, Isolation, Status};
 use crate::engine::EngineKind;
 use crate::error::{Error, Result};
 use crate::layout::{validate_name, Layout};
@@ -43,6 +43,10 @@ pub struct EnvInfo {
     /// What confines the server (`inspect` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
+    /// Where the data is when a test run's server keeps it in memory
+    /// ([`crate::backend::memory`]), not in `dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_in_memory: Option<PathBuf>,
 }
 
 impl Workspace {
@@ -72,6 +76,7 @@ impl Workspace {
             container: state.container.clone(),
             owner: state.owner,
             isolation: None,
+            data_in_memory: memory::linked(&layout.data),
         }
     }
 
