@@ -575,14 +575,20 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// does, lingering a little after its tests as nextest does while it reports. Returns the
 /// runner's pid once it has exited, and whether a keeper served it meanwhile.
 fn plain_run(tests: &[&str]) -> (i32, bool) {
-    let me = std::env::current_exe().unwrap();
     let script = tests
         .iter()
         .map(|t| format!("\"$BIN\" --exact {t} --quiet >>\"$LOG\" 2>&1 || exit 1\n"))
         .collect::<String>();
+    plain_run_of(&format!("{script}sleep 2"), &[])
+}
+
+/// [`plain_run`] of a script of its own, with `env` set.
+fn plain_run_of(script: &str, env: &[(&str, &std::path::Path)]) -> (i32, bool) {
+    let me = std::env::current_exe().unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut run = std::process::Command::new("sh");
-    run.args(["-c", &format!("{script}sleep 2")])
+    run.args(["-c", script])
+        .envs(env.iter().copied())
         .env("BIN", &me)
         .env("LOG", log.path())
         .env("NEXTEST_RUN_ID", "isoenv-plain-run")
@@ -605,6 +611,44 @@ fn plain_run(tests: &[&str]) -> (i32, bool) {
         std::fs::read_to_string(log.path()).unwrap_or_default()
     );
     (runner, served)
+}
+
+/// A plain run's first server is made by one test process while the others start, and its
+/// record names its process before it answers: the others must not be handed its address
+/// before then. Redis (made in milliseconds, so that window is a large share of its making),
+/// sixteen tests started 2 ms apart, in a state root of the run's own (`TMPDIR`), so that the
+/// server is made rather than taken on; three runs. One run in fifteen of the bench's suite
+/// (fifty processes) had a test refused before this was fixed.
+#[test]
+fn a_plain_runs_processes_are_handed_its_first_server_once_it_answers() {
+    for _ in 0..3 {
+        let tmp = common::reachable_tempdir();
+        let script = (0..16)
+            .map(|i| {
+                format!("\"$BIN\" --exact redis_db::c{i:02} --quiet >>\"$LOG\" 2>&1 & p=\"$p $!\"; sleep 0.002\n")
+            })
+            .collect::<String>();
+        plain_run_of(
+            &format!("{script}for t in $p; do wait $t || exit 1; done"),
+            &[("TMPDIR", tmp.path())],
+        );
+        // The run's server stops once the runner is gone; then its directory can go.
+        let record = tmp.path().join(format!(
+            "isoenv-testing-{}/state/run-redis-0/state.json",
+            nix::unistd::geteuid()
+        ));
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(record).unwrap()).unwrap();
+        let server = record["process"]["pid"].as_i64().unwrap() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while common::pid_alive(server) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the run's server is left"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 /// The live keepers of `runner`'s PostgreSQL pool.
