@@ -21,10 +21,6 @@ impl Confinement for Lightweight {
             .spawn_detached(s.user, &s.layout.dir, &s.layout.log)
     }
 
-    fn data_in_memory(&self) -> bool {
-        true
-    }
-
     fn leftovers(&self) -> io::Result<Vec<String>> {
         Ok(memory::strays()
             .into_iter()

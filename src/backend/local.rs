@@ -70,12 +70,6 @@ pub trait Confinement: Sync {
         found
     }
 
-    /// Whether a disposable server's data may live in memory ([`memory`]): only where the
-    /// server sees the host's `/dev/shm`.
-    fn data_in_memory(&self) -> bool {
-        false
-    }
-
     /// Whether, without root, servers may run as the invoker's subordinate ids.
     fn subordinate_ids(&self) -> bool {
         true
@@ -141,11 +135,10 @@ impl<C: Confinement> Backend for Local<C> {
         layout
             .make()
             .context(|| format!("cannot create {}", layout.dir.display()))?;
-        let memory =
-            match state.owner.is_some() && self.0.data_in_memory() && engine.data_in_memory() {
-                true => memory::place(host.vars()).map_err(env_err)?,
-                false => None,
-            };
+        let memory = match state.owner.is_some() && engine.data_in_memory() {
+            true => memory::place(host.vars()).map_err(env_err)?,
+            false => None,
+        };
         // A spare is on disk: memory gets a copy.
         let spare = template
             .as_deref()
