@@ -313,43 +313,43 @@ fn servers_of_a_deleted_state_root_are_found_and_stopped() {
         let info = project.json(&["db", "inspect", name, "--json"]);
         ports.push(info["port"].as_u64().unwrap() as u16);
     }
-    // A test run's server, its data in memory, outside the state root.
+    // A test run's server, its data in memory, outside the state root. Its command runs once
+    // the server answers.
+    let ready = project.dir.path().join("ready");
     let mut run = cmd(
         &project,
-        &[
-            "run",
-            "--isolated",
-            "--engine",
-            "mysql",
-            "--",
-            "sleep",
-            "60",
-        ],
+        &["run", "--isolated", "--engine", "mysql", "--", "sh", "-c"],
     )
+    .arg(format!("touch {}; sleep 60", ready.display()))
     .current_dir(project.dir.path())
     .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
+    .stderr(fs::File::create(project.dir.path().join("run.log")).unwrap())
     .spawn()
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let memory = loop {
-        if let [dir] = &in_memory(&project)[..] {
-            if let Some(port) = fs::read_to_string(project.state().join(format!(
-                "{}/state.json",
-                dir.file_name().unwrap().to_string_lossy().rsplit_once('-').unwrap().0
-            )))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .filter(|s| s["process"].is_object())
-            .and_then(|s| s["port"].as_u64())
-            {
-                ports.push(port as u16);
-                break dir.clone();
-            }
-        }
-        assert!(Instant::now() < deadline, "no test run's server came up");
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the test run did not start its command: {}",
+            fs::read_to_string(project.dir.path().join("run.log")).unwrap_or_default()
+        );
         sleep(Duration::from_millis(50));
+    }
+    let [memory] = &in_memory(&project)[..] else {
+        panic!(
+            "not one data directory in memory: {:?}",
+            in_memory(&project)
+        );
     };
+    let memory = memory.clone();
+    let name = memory.file_name().unwrap().to_string_lossy().into_owned();
+    let record = project
+        .state()
+        .join(name.rsplit_once('-').unwrap().0)
+        .join("state.json");
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(record).unwrap()).unwrap();
+    ports.push(record["port"].as_u64().unwrap() as u16);
     fs::remove_dir_all(project.state()).unwrap();
     let said = project.ok(&["db", "gc"]);
     assert!(said.contains("orphan-a was deleted"), "{said}");
