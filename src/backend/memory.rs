@@ -19,7 +19,7 @@ use nix::fcntl::{renameat2, RenameFlags};
 use crate::envfile::Vars;
 use crate::sys::files::{copy_tree, remove_tree};
 use crate::sys::hash::fnv1a;
-use crate::sys::process::{stop_working_in, ServiceUser};
+use crate::sys::process::{named_by, stop_working_in, ProcessId, ServiceUser};
 
 /// `memory` (the default, where possible) or `disk`.
 pub const VAR: &str = "ISOENV_TEST_DATA";
@@ -29,6 +29,8 @@ const SHM: &str = "/dev/shm";
 const MIN_FREE: u64 = 1 << 30;
 /// The file in a target's directory that names its environment's directory.
 const ENV_FILE: &str = "env";
+/// How a target's directory is named while [`link`] makes it: `.new-KEY-PID`.
+const NEW: &str = ".new-";
 
 /// What `/dev/shm` offers.
 #[derive(Debug, Clone, Copy)]
@@ -121,10 +123,18 @@ pub fn link(root: &Path, env: &Path, data: &Path) -> io::Result<PathBuf> {
         stop_working_in(&dir);
         remove_tree(&dir)?;
     }
-    // The link first: a target exists only where a link already points to it.
+    // The link first: a target exists only where a link already points to it. The directory
+    // appears with the file naming its environment in it (made aside, then renamed), so that
+    // no `db gc` takes it for a stray meanwhile.
     std::os::unix::fs::symlink(&target, data)?;
-    fs::DirBuilder::new().mode(0o711).create(&dir)?;
-    fs::write(dir.join(ENV_FILE), env.as_os_str().as_encoded_bytes())?;
+    let new = root.join(format!(
+        "{NEW}{}-{}",
+        dir.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    fs::DirBuilder::new().mode(0o711).create(&new)?;
+    fs::write(new.join(ENV_FILE), env.as_os_str().as_encoded_bytes())?;
+    fs::rename(&new, &dir)?;
     Ok(target)
 }
 
@@ -160,13 +170,20 @@ pub fn to_disk(data: &Path, user: &ServiceUser) -> io::Result<()> {
     fs::remove_file(&copy)
 }
 
-/// This user's directories in memory whose environment no longer links to them.
+/// This user's directories in memory whose environment no longer links to them, and those a
+/// killed [`link`] left half-made.
 pub fn strays() -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(root()) else {
         return Vec::new();
     };
     entries
         .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            named_by(&name, NEW).map_or(true, |(_, pid)| {
+                ProcessId::of(pid).map_or(true, |p| !p.is_alive())
+            })
+        })
         .map(|e| e.path())
         .filter(|dir| {
             let env = fs::read(dir.join(ENV_FILE)).ok();

@@ -354,7 +354,12 @@ fn servers_of_a_deleted_state_root_are_found_and_stopped() {
     let said = project.ok(&["db", "gc"]);
     assert!(said.contains("orphan-a was deleted"), "{said}");
     assert!(said.contains("orphan-b was deleted"), "{said}");
-    assert!(said.contains(&*memory.to_string_lossy()), "{said}");
+    // Any `db gc` of this user removes data in memory that no environment links to: another
+    // test's (they run at once) may have come first.
+    assert!(
+        said.contains(&*memory.to_string_lossy()) || !memory.exists(),
+        "{said}"
+    );
     for port in ports {
         assert_port_closes(port, &said);
     }
