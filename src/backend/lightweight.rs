@@ -4,9 +4,7 @@
 use std::io;
 
 use super::local::{Confinement, Spawn};
-use super::{memory, BackendKind};
-use crate::sys::files::remove_tree;
-use crate::sys::process::stop_working_in;
+use super::BackendKind;
 use crate::sys::process::ProcessId;
 
 pub struct Lightweight;
@@ -19,19 +17,5 @@ impl Confinement for Lightweight {
     fn spawn(&self, s: &Spawn) -> io::Result<ProcessId> {
         s.launch
             .spawn_detached(s.user, &s.layout.dir, &s.layout.log)
-    }
-
-    fn leftovers(&self) -> io::Result<Vec<String>> {
-        Ok(memory::strays()
-            .into_iter()
-            .map(|dir| {
-                stop_working_in(&dir);
-                let _ = remove_tree(&dir);
-                format!(
-                    "{} (data in memory of an environment that is gone)",
-                    dir.display()
-                )
-            })
-            .collect())
     }
 }

@@ -120,8 +120,7 @@ pub fn link(root: &Path, env: &Path, data: &Path) -> io::Result<PathBuf> {
     let dir = root.join(key);
     let target = dir.join("data");
     if fs::symlink_metadata(&dir).is_ok() {
-        stop_working_in(&dir);
-        remove_tree(&dir)?;
+        discard(&dir)?;
     }
     // The link first: a target exists only where a link already points to it. The directory
     // appears with the file naming its environment in it (made aside, then renamed), so that
@@ -168,6 +167,13 @@ pub fn to_disk(data: &Path, user: &ServiceUser) -> io::Result<()> {
     renameat2(None, &copy, None, data, RenameFlags::RENAME_EXCHANGE)?;
     release(&copy)?;
     fs::remove_file(&copy)
+}
+
+/// Stops what works in a directory in memory that nothing accounts for (servers move into
+/// their data) and removes it.
+pub fn discard(dir: &Path) -> io::Result<()> {
+    stop_working_in(dir);
+    remove_tree(dir)
 }
 
 /// This user's directories in memory whose environment no longer links to them, and those a

@@ -154,6 +154,14 @@ impl Workspace {
                 )
             })
             .collect();
+        // Data in memory of environments that are gone, whatever the project (this user's).
+        removed.extend(memory::strays().into_iter().filter_map(|dir| {
+            memory::discard(&dir).ok()?;
+            Some(format!(
+                "{} (data in memory of an environment that is gone)",
+                dir.display()
+            ))
+        }));
         let mut unchecked = Vec::new();
         for kind in backend::ALL {
             match kind.backend().leftovers(self) {

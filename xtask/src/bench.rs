@@ -60,10 +60,16 @@ fn scratch_vars(vars: &Vars, scratch: &Path) -> Vars {
         )
 }
 
-/// Removes a bench's scratch directory, its environments destroyed first: a test run's data
-/// lives in memory, outside it.
-fn remove_scratch(ws: &Result<Workspace>, scratch: &Path) {
-    if let Ok(ws) = ws {
+/// The workspace of `vars`.
+fn workspace_of(vars: Vars) -> Result<Workspace> {
+    let config = EnvironmentConfig::from_vars(&vars, &project_root())?;
+    Ok(Workspace::new(&config, vars))
+}
+
+/// Removes the scratch directory of a bench run with `vars`, its environments destroyed first:
+/// a test run's data lives in memory, outside it.
+fn remove_scratch(vars: &Vars, scratch: &Path) {
+    if let Ok(ws) = workspace_of(scratch_vars(vars, scratch)) {
         for env in ws.list().unwrap_or_default() {
             let _ = ws.destroy(&env.name);
         }
@@ -87,11 +93,7 @@ fn remove_dead_scratches(target: &Path, vars: &Vars) {
         if ProcessId::of(pid).is_ok_and(|p| p.is_alive()) {
             continue;
         }
-        let vars = scratch_vars(vars, &entry.path());
-        let ws = EnvironmentConfig::from_vars(&vars, &project_root())
-            .map(|config| Workspace::new(&config, vars))
-            .map_err(Into::into);
-        remove_scratch(&ws, &entry.path());
+        remove_scratch(vars, &entry.path());
     }
 }
 
@@ -139,7 +141,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> Result<ExitCode> {
         only: args.only,
     };
     let result = bench.all();
-    remove_scratch(&bench.workspace(None), &scratch);
+    remove_scratch(&vars, &scratch);
     let report = result?;
     std::fs::write(target.join("isoenv-bench.md"), report.markdown())?;
     std::fs::write(
@@ -180,8 +182,7 @@ impl Bench {
         if let Some(cache) = cache {
             vars = vars.with("ISOENV_CACHE_DIR", cache.display().to_string());
         }
-        let config = EnvironmentConfig::from_vars(&vars, &project_root())?;
-        Ok(Workspace::new(&config, vars))
+        workspace_of(vars)
     }
 
     fn create(ws: &Workspace, name: &str, engine: EngineKind, backend: BackendKind) -> Result<f64> {
